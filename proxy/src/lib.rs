@@ -6,4 +6,29 @@
 //! operator snapshot) and is lowered once into a validated [`snapshot::Snapshot`].
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod approval;
+pub mod audit;
+pub mod cli;
 pub mod config;
+pub mod connect;
+pub mod demo;
+pub mod forward;
+pub mod identify;
+pub mod input;
+pub mod intercept;
+pub mod killswitch;
+pub mod metrics;
+pub mod pipeline;
+pub mod policy;
+pub mod policy_input;
+pub mod redact;
+pub mod refusal;
+pub mod reload;
+pub mod route;
+pub mod runtime;
+pub mod server;
+pub mod snapshot;
+pub mod state;
+pub mod target;
+pub mod upstream;

@@ -1,1 +1,76 @@
-fn main() {}
+//! `tollgate-proxy`: the sidecar (`run`) and its offline tools.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tollgate_proxy::cli;
+
+/// Exit code for an invalid config.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate-proxy",
+    version,
+    about = "Tollgate sidecar: identity, policy, budget and audit for every agent tool call"
+)]
+struct Cli {
+    /// Log as JSON lines (default: human-readable).
+    #[arg(long, global = true, env = "TOLLGATE_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar from a standalone config file (watched and hot-reloaded).
+    Run {
+        /// Standalone config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and compile its policies. Exit 0 if good, 64 if not.
+    Check {
+        /// Config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the guided demo: a proxy, stand-in payments and support APIs, and a scripted agent.
+    Demo,
+    /// Print the JSON Schema of the config file.
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging(cli.log_json);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(async move {
+        match cli.command {
+            Command::Run { config } => cli::run(&config).await,
+            Command::Check { config } => cli::check(&config),
+            Command::Demo => cli::demo().await,
+            Command::Schema => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tollgate_proxy::config::json_schema())
+                        .unwrap_or_default()
+                );
+                0
+            }
+        }
+    });
+    let _ = EXIT_CONFIG;
+    ExitCode::from(code)
+}

@@ -79,7 +79,11 @@ fn default_admin_addr() -> String {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { proxy: default_proxy_addr(), admin: default_admin_addr(), transparent: None }
+        Self {
+            proxy: default_proxy_addr(),
+            admin: default_admin_addr(),
+            transparent: None,
+        }
     }
 }
 
@@ -253,7 +257,11 @@ fn default_data_class() -> String {
 
 impl Default for Risk {
     fn default() -> Self {
-        Self { reversible: true, financial: false, data_class: default_data_class() }
+        Self {
+            reversible: true,
+            financial: false,
+            data_class: default_data_class(),
+        }
     }
 }
 
@@ -642,7 +650,12 @@ pub struct RedactionConfig {
 
 impl Default for RedactionConfig {
     fn default() -> Self {
-        Self { pii: true, headers: Vec::new(), fields: Vec::new(), patterns: Vec::new() }
+        Self {
+            pii: true,
+            headers: Vec::new(),
+            fields: Vec::new(),
+            patterns: Vec::new(),
+        }
     }
 }
 

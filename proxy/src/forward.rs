@@ -1,0 +1,200 @@
+//! Forward: header surgery (hop-by-hop per RFC 9110 §7.6.1, Tollgate headers, the agent's copy
+//! of an injected credential), W3C `traceparent`, the upstream call, and dry-run answers.
+
+use crate::identify::RUN_HEADER;
+use crate::snapshot::Tool;
+use crate::target::Target;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::HeaderMap;
+
+/// Hop-by-hop headers never forwarded in either direction.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(*n);
+    }
+}
+
+/// The upstream request headers for a call.
+pub fn upstream_headers(
+    agent_headers: &HeaderMap,
+    target: &Target,
+    tool: Option<&Tool>,
+    traceparent: &str,
+    body_len: usize,
+) -> HeaderMap {
+    let mut h = agent_headers.clone();
+    strip_hop_by_hop(&mut h);
+    let tollgate: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-tollgate-"))
+        .cloned()
+        .collect();
+    for k in tollgate {
+        h.remove(k);
+    }
+    h.remove(HOST);
+    h.remove(CONTENT_LENGTH);
+    h.remove(TRANSFER_ENCODING);
+    if let Ok(v) = HeaderValue::from_str(&target.authority()) {
+        h.insert(HOST, v);
+    }
+    if body_len > 0 || !matches!(target.method, http::Method::GET | http::Method::HEAD) {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    if let Some(cred) = tool.and_then(|t| t.credential.as_ref()) {
+        // Whatever the agent sent under this name is dropped first: the agent never chooses
+        // the credential, and never learns it.
+        h.remove(&cred.header);
+        h.insert(cred.header.clone(), cred.value.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(traceparent) {
+        h.insert(HeaderName::from_static("traceparent"), v);
+    }
+    h
+}
+
+/// Continue the agent's trace (new span id under the same trace id), or start one.
+/// Returns (traceparent, trace id).
+pub fn traceparent(agent_headers: &HeaderMap) -> (String, String) {
+    let span = format!("{:016x}", rand::random::<u64>() | 1);
+    if let Some(tp) = agent_headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        let parts: Vec<&str> = tp.split('-').collect();
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        if parts.len() == 4
+            && parts[0] == "00"
+            && hex(parts[1], 32)
+            && parts[1] != "0".repeat(32)
+            && hex(parts[2], 16)
+            && hex(parts[3], 2)
+        {
+            return (
+                format!("00-{}-{span}-{}", parts[1], parts[3]),
+                parts[1].to_string(),
+            );
+        }
+    }
+    let trace = format!("{:032x}", rand::random::<u128>() | 1);
+    (format!("00-{trace}-{span}-01"), trace)
+}
+
+/// Response headers for the agent: upstream headers minus hop-by-hop, plus the run id.
+pub fn response_headers(h: &mut HeaderMap, run: &str) {
+    strip_hop_by_hop(h);
+    if let Ok(v) = HeaderValue::from_str(run) {
+        h.insert(RUN_HEADER, v);
+    }
+}
+
+/// Is the method one that changes state?
+pub fn is_mutating(m: &http::Method) -> bool {
+    !matches!(
+        *m,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    )
+}
+
+/// The synthetic dry-run answer: what would have been sent, secrets removed.
+pub fn dry_run_body(
+    target: &Target,
+    tool: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    decision: &str,
+    reasons: &[String],
+) -> serde_json::Value {
+    let mut shown = serde_json::Map::new();
+    for (k, v) in headers {
+        let n = k.as_str();
+        if crate::policy_input::SECRET_HEADERS.contains(&n) {
+            shown.insert(n.into(), "[redacted]".into());
+        } else {
+            shown.insert(
+                n.into(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            );
+        }
+    }
+    serde_json::json!({
+        "dry_run": true,
+        "tool": tool,
+        "decision": decision,
+        "reasons": reasons,
+        "would_send": {
+            "method": target.method.as_str(),
+            "url": target.uri(),
+            "headers": shown,
+            "body": String::from_utf8_lossy(body),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn traceparent_continues_valid_and_replaces_invalid() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        let (tp, trace) = traceparent(&h);
+        assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+        assert!(tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && tp.ends_with("-01"));
+        assert_ne!(
+            tp,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        h.insert("traceparent", "00-zz-b7ad6b7169203331-01".parse().unwrap());
+        let (tp, trace) = traceparent(&h);
+        assert_eq!(tp.len(), 55);
+        assert_ne!(trace, "zz");
+    }
+}

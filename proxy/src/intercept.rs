@@ -1,0 +1,117 @@
+//! Intercept: turn an incoming request (forward-proxy absolute form, or base-URL `/u/<name>/…`)
+//! into the one [`Target`] shape. CONNECT and transparent mode produce the same shape from
+//! their own listeners.
+
+use crate::refusal::Refusal;
+use crate::snapshot::Snapshot;
+use crate::target::{check_query, normalise_path, parse_authority, Scheme, Target, Via};
+use http::header::HOST;
+use http::request::Parts;
+
+/// Prefix of base-URL mode paths.
+pub const BASE_URL_PREFIX: &str = "/u/";
+
+/// Derive the target of a plain (non-CONNECT) request on the proxy listener.
+pub fn target_of(parts: &Parts, snap: &Snapshot) -> Result<Target, Refusal> {
+    let hosts: Vec<_> = parts.headers.get_all(HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err(Refusal::BadRequest("more than one Host header".into()));
+    }
+    let host_header = hosts
+        .first()
+        .map(|h| {
+            h.to_str()
+                .map_err(|_| Refusal::BadRequest("Host header is not ASCII".into()))
+        })
+        .transpose()?;
+    let uri = &parts.uri;
+    if let Some(authority) = uri.authority() {
+        // Absolute form: the URI is authoritative, and a Host header that disagrees with it is
+        // a request-smuggling smell (RFC 9112 says ignore Host; we refuse instead).
+        let scheme = uri
+            .scheme_str()
+            .and_then(Scheme::parse)
+            .ok_or_else(|| Refusal::BadRequest(format!("unsupported scheme in {uri}")))?;
+        let (host, port) = parse_authority(authority.as_str(), scheme)
+            .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        if let Some(h) = host_header {
+            let hp = parse_authority(h, scheme)
+                .map_err(|e| Refusal::BadRequest(format!("Host header: {e}")))?;
+            if hp != (host.clone(), port) {
+                return Err(Refusal::BadRequest(format!(
+                    "request target authority {authority} does not match Host header {h}"
+                )));
+            }
+        }
+        let path = normalise_path(if uri.path().is_empty() {
+            "/"
+        } else {
+            uri.path()
+        })
+        .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        let query = uri.query().map(str::to_owned);
+        if let Some(q) = &query {
+            check_query(q).map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        }
+        return Ok(Target {
+            scheme,
+            host,
+            port,
+            method: parts.method.clone(),
+            path,
+            query,
+            via: Via::ForwardProxy,
+        });
+    }
+    let raw_path = uri.path();
+    if let Some(rest) = raw_path.strip_prefix(BASE_URL_PREFIX) {
+        let (name, tail) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let up = snap.upstreams.get(name).ok_or_else(|| {
+            Refusal::UnknownTool(format!(
+                "no upstream named {name:?}; configured: {}",
+                names(snap)
+            ))
+        })?;
+        let tail = normalise_path(tail).map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        let path = if up.base_path.is_empty() {
+            tail
+        } else {
+            format!("{}{}", up.base_path, if tail == "/" { "" } else { &tail })
+        };
+        let path = if path.is_empty() {
+            "/".to_string()
+        } else {
+            path
+        };
+        let query = uri.query().map(str::to_owned);
+        if let Some(q) = &query {
+            check_query(q).map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        }
+        return Ok(Target {
+            scheme: up.scheme,
+            host: up.host.clone(),
+            port: up.port,
+            method: parts.method.clone(),
+            path,
+            query,
+            via: Via::BaseUrl,
+        });
+    }
+    Err(Refusal::BadRequest(format!(
+        "not a proxy request: use an absolute URL through HTTP_PROXY, or base-URL mode {BASE_URL_PREFIX}<upstream>/… (upstreams: {})",
+        names(snap)
+    )))
+}
+
+fn names(snap: &Snapshot) -> String {
+    let mut v: Vec<&str> = snap.upstreams.keys().map(String::as_str).collect();
+    v.sort_unstable();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}

@@ -1,0 +1,121 @@
+//! Prometheus metrics of the sidecar, on the admin port's `/metrics`.
+//!
+//! Label values are bounded: tenants and tools outside the current snapshot collapse to
+//! `other`, so a hostile agent cannot grow the series count.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// All sidecar metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `tollgate_requests_total{tenant,agent,tool,decision}`.
+    pub requests: IntCounterVec,
+    /// `tollgate_request_duration_seconds{stage}`.
+    pub duration: HistogramVec,
+    /// `tollgate_policy_evaluation_seconds`.
+    pub policy_eval: Histogram,
+    /// `tollgate_policy_errors_total`.
+    pub policy_errors: IntCounter,
+    /// `tollgate_spend_usd_total{tenant,agent}`.
+    pub spend: prometheus::CounterVec,
+    /// `tollgate_budget_remaining_usd{scope,tenant}`.
+    pub budget_remaining: GaugeVec,
+    /// `tollgate_budget_cap_usd{scope,tenant}`.
+    pub budget_cap: GaugeVec,
+    /// `tollgate_rate_limited_total{tenant,scope}`.
+    pub rate_limited: IntCounterVec,
+    /// `tollgate_kill_switch_engaged{name}`.
+    pub kill_switch: GaugeVec,
+    /// `tollgate_approvals_total{result}`.
+    pub approvals: IntCounterVec,
+    /// `tollgate_approvals_pending`.
+    pub approvals_pending: IntGauge,
+    /// `tollgate_config_version`.
+    pub config_version: IntGauge,
+    /// `tollgate_config_age_seconds`.
+    pub config_age: Gauge,
+    /// `tollgate_config_stale`.
+    pub config_stale: IntGauge,
+    /// `tollgate_config_reload_errors_total`.
+    pub reload_errors: IntCounter,
+    /// `tollgate_audit_records_total`.
+    pub audit_records: IntCounter,
+    /// `tollgate_audit_errors_total`.
+    pub audit_errors: IntCounter,
+    /// `tollgate_redis_unavailable`.
+    pub redis_unavailable: IntGauge,
+    /// `tollgate_fail_open_total{reason}`: every call let through by a fail-open setting.
+    pub fail_open: IntCounterVec,
+    /// `tollgate_budget_overrun_usd_total{tenant}`: actual cost above the reserved estimate.
+    pub budget_overrun: prometheus::CounterVec,
+    /// `tollgate_upstream_errors_total{kind}`.
+    pub upstream_errors: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone()))
+        .expect("metric registers once");
+    c
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let lat_buckets = vec![
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        Self {
+            requests: reg(&r, IntCounterVec::new(Opts::new("tollgate_requests_total", "Tool calls by tenant, agent, tool and decision."), &["tenant", "agent", "tool", "decision"]).unwrap()),
+            duration: reg(
+                &r,
+                HistogramVec::new(HistogramOpts::new("tollgate_request_duration_seconds", "Call latency by stage: total, policy, upstream, overhead (total minus upstream).").buckets(lat_buckets.clone()), &["stage"]).unwrap(),
+            ),
+            policy_eval: reg(
+                &r,
+                Histogram::with_opts(HistogramOpts::new("tollgate_policy_evaluation_seconds", "Rego evaluation time per call.").buckets(vec![0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.05])).unwrap(),
+            ),
+            policy_errors: reg(&r, IntCounter::new("tollgate_policy_errors_total", "Policy evaluations that failed (each denied).").unwrap()),
+            spend: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_spend_usd_total", "Metered spend in USD."), &["tenant", "agent"]).unwrap()),
+            budget_remaining: reg(&r, GaugeVec::new(Opts::new("tollgate_budget_remaining_usd", "Remaining budget per cap."), &["scope", "tenant"]).unwrap()),
+            budget_cap: reg(&r, GaugeVec::new(Opts::new("tollgate_budget_cap_usd", "Configured budget cap."), &["scope", "tenant"]).unwrap()),
+            rate_limited: reg(&r, IntCounterVec::new(Opts::new("tollgate_rate_limited_total", "Calls refused by a rate limit."), &["tenant", "scope"]).unwrap()),
+            kill_switch: reg(&r, GaugeVec::new(Opts::new("tollgate_kill_switch_engaged", "1 while a kill switch is engaged."), &["name"]).unwrap()),
+            approvals: reg(&r, IntCounterVec::new(Opts::new("tollgate_approvals_total", "Approval gate outcomes."), &["result"]).unwrap()),
+            approvals_pending: reg(&r, IntGauge::new("tollgate_approvals_pending", "Approval requests waiting for a decision.").unwrap()),
+            config_version: reg(&r, IntGauge::new("tollgate_config_version", "Version of the active snapshot.").unwrap()),
+            config_age: reg(&r, Gauge::new("tollgate_config_age_seconds", "Seconds since the active snapshot was confirmed current.").unwrap()),
+            config_stale: reg(&r, IntGauge::new("tollgate_config_stale", "1 when the snapshot is older than maxStaleness.").unwrap()),
+            reload_errors: reg(&r, IntCounter::new("tollgate_config_reload_errors_total", "Config updates rejected (the old config stayed).").unwrap()),
+            audit_records: reg(&r, IntCounter::new("tollgate_audit_records_total", "Audit records made durable.").unwrap()),
+            audit_errors: reg(&r, IntCounter::new("tollgate_audit_errors_total", "Audit records that could not be written.").unwrap()),
+            redis_unavailable: reg(&r, IntGauge::new("tollgate_redis_unavailable", "1 while the Redis limits backend is unreachable.").unwrap()),
+            fail_open: reg(&r, IntCounterVec::new(Opts::new("tollgate_fail_open_total", "Calls let through by an explicit fail-open setting."), &["reason"]).unwrap()),
+            budget_overrun: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_budget_overrun_usd_total", "Actual cost above the reserved estimate."), &["tenant"]).unwrap()),
+            upstream_errors: reg(&r, IntCounterVec::new(Opts::new("tollgate_upstream_errors_total", "Upstream failures by kind."), &["kind"]).unwrap()),
+            registry: r,
+        }
+    }
+
+    /// Render the text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The registry, for components that register their own collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}

@@ -1,0 +1,803 @@
+//! The request path, assembled in one place in the order DESIGN.md gives:
+//!
+//! intercept → identify → match tool → read and validate input → kill switch → (rate limit →
+//! budget) → policy → approval → record → forward → meter and record.
+//!
+//! Each stage returns `Result<_, Refusal>`; [`handle`] is the single rescue point that turns a
+//! refusal into the JSON answer, the metric and the audit record. In `shadow` mode, gate
+//! refusals are recorded as `shadow_deny` and the call goes ahead; malformed requests and
+//! unknown tenants are refused in every mode.
+
+use crate::audit::{AuditApproval, AuditLatency, AuditRecord, Phase};
+use crate::config::Mode;
+use crate::forward;
+use crate::identify::{self, RUN_HEADER};
+use crate::input::{self, BodyKind, McpCall};
+use crate::policy_input::{self, BudgetFacts, CallFacts};
+use crate::refusal::{Decision, Refusal};
+use crate::route::RouteMatch;
+use crate::snapshot::{Snapshot, Tool};
+use crate::state::ProxyState;
+use crate::target::Target;
+use crate::upstream::{full, ResBody};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::Value;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything known about a call so far; carried through the stages and into the record.
+pub struct CallContext {
+    /// Unique id of this call.
+    pub call_id: String,
+    /// Run id.
+    pub run: String,
+    /// Tenant (once known).
+    pub tenant: String,
+    /// Tool index (once matched).
+    pub tool: Option<usize>,
+    /// Target (once known).
+    pub target: Option<Target>,
+    /// Tool input (once parsed).
+    pub input: Value,
+    /// Canonical input hash.
+    pub input_hash: String,
+    /// Redacted policy input, for the record.
+    pub policy_input: Value,
+    /// Approval involved, if any.
+    pub approval: Option<AuditApproval>,
+    /// Trace id.
+    pub trace_id: String,
+    /// MCP JSON-RPC id, when the call is an MCP `tools/call` (refusals answer in JSON-RPC).
+    pub mcp_id: Option<Value>,
+    /// Started.
+    pub started: Instant,
+    /// Policy time.
+    pub policy_us: u64,
+    /// Reasons a shadow-mode call would have been refused.
+    pub shadow_reasons: Vec<String>,
+}
+
+impl CallContext {
+    fn new(run: String) -> Self {
+        Self {
+            call_id: format!("call_{:016x}", rand::random::<u64>()),
+            run,
+            tenant: String::new(),
+            tool: None,
+            target: None,
+            input: Value::Null,
+            input_hash: String::new(),
+            policy_input: Value::Null,
+            approval: None,
+            trace_id: String::new(),
+            mcp_id: None,
+            started: Instant::now(),
+            policy_us: 0,
+            shadow_reasons: Vec::new(),
+        }
+    }
+}
+
+/// A call that passed every gate and is ready to forward.
+struct Admitted {
+    body: Bytes,
+    decision: Decision,
+}
+
+/// Handle one request on the proxy listener (forward-proxy or base-URL form).
+pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ResBody> {
+    let Some(snap) = state.snapshot.load_full() else {
+        let r = Refusal::Unavailable {
+            code: "config_unavailable",
+            reason: "no valid configuration has been loaded yet".into(),
+        };
+        return refusal_response(&r, None, &identify::new_run_id(), None);
+    };
+    let (parts, body) = req.into_parts();
+    let run = match identify::run_id(&parts.headers) {
+        Ok(r) => r,
+        Err(r) => return refusal_response(&r, None, &identify::new_run_id(), None),
+    };
+    let mut ctx = CallContext::new(run);
+    let (traceparent, trace_id) = forward::traceparent(&parts.headers);
+    ctx.trace_id = trace_id;
+    let target = crate::intercept::target_of(&parts, &snap);
+    let span =
+        tracing::info_span!("call", run = %ctx.run, call = %ctx.call_id, trace_id = %ctx.trace_id);
+    let _enter = span.enter();
+    drop(_enter);
+    match target {
+        Ok(t) => run_pipeline(state, snap, ctx, parts, body, t, traceparent).await,
+        Err(r) => finish_refused(&state, &snap, ctx, r).await,
+    }
+}
+
+/// Handle a request whose target was already established by another listener (CONNECT,
+/// transparent): the same pipeline from "identify" on.
+pub async fn handle_with_target(
+    state: Arc<ProxyState>,
+    req: Request<Incoming>,
+    target: Target,
+) -> Response<ResBody> {
+    let Some(snap) = state.snapshot.load_full() else {
+        let r = Refusal::Unavailable {
+            code: "config_unavailable",
+            reason: "no valid configuration has been loaded yet".into(),
+        };
+        return refusal_response(&r, None, &identify::new_run_id(), None);
+    };
+    let (parts, body) = req.into_parts();
+    let run = match identify::run_id(&parts.headers) {
+        Ok(r) => r,
+        Err(r) => return refusal_response(&r, None, &identify::new_run_id(), None),
+    };
+    let mut ctx = CallContext::new(run);
+    let (traceparent, trace_id) = forward::traceparent(&parts.headers);
+    ctx.trace_id = trace_id;
+    run_pipeline(state, snap, ctx, parts, body, target, traceparent).await
+}
+
+async fn run_pipeline(
+    state: Arc<ProxyState>,
+    snap: Arc<Snapshot>,
+    mut ctx: CallContext,
+    parts: http::request::Parts,
+    body: Incoming,
+    target: Target,
+    traceparent: String,
+) -> Response<ResBody> {
+    ctx.target = Some(target.clone());
+    match admit(&state, &snap, &mut ctx, &parts, body, &target).await {
+        Ok(admitted) => forward_call(state, snap, ctx, parts, target, admitted, traceparent).await,
+        Err(r) => finish_refused(&state, &snap, ctx, r).await,
+    }
+}
+
+/// Stages up to and including the approval gate.
+async fn admit(
+    state: &ProxyState,
+    snap: &Snapshot,
+    ctx: &mut CallContext,
+    parts: &http::request::Parts,
+    body: Incoming,
+    target: &Target,
+) -> Result<Admitted, Refusal> {
+    // Stale configuration: fail closed unless the identity opted into failOpen.
+    if state.freshness.tracked && state.freshness.age() > ProxyState::max_staleness(snap) {
+        if snap.raw.agent.fail_open {
+            state
+                .metrics
+                .fail_open
+                .with_label_values(&["config_stale"])
+                .inc();
+        } else {
+            return Err(Refusal::Unavailable {
+                code: "config_stale",
+                reason: format!(
+                    "configuration is {}s old without an operator heartbeat (maxStaleness {}s)",
+                    state.freshness.age().as_secs(),
+                    ProxyState::max_staleness(snap).as_secs()
+                ),
+            });
+        }
+    }
+    reject_smuggling(&parts.headers)?;
+    // Identify.
+    ctx.tenant = identify::tenant(&parts.headers, snap)?;
+    let shadow = snap.agent.mode == Mode::Shadow;
+    // Match the tool by target; MCP hosts are decided by the body below.
+    let route = snap.catalog.match_target(target);
+    if let RouteMatch::Tool(i) = route {
+        ctx.tool = Some(i);
+    }
+    // Read and parse the body.
+    let body = read_body(body, &parts.headers, snap.max_body, body_timeout(snap)).await?;
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let kind = input::body_kind(content_type, &body);
+    let parsed = match kind {
+        BodyKind::Empty => None,
+        BodyKind::Json => Some(input::parse_json(&body).map_err(Refusal::UnparsableBody)?),
+        BodyKind::Form => Some(input::parse_form(&body).map_err(Refusal::UnparsableBody)?),
+        BodyKind::Opaque => None,
+    };
+    let mut protocol = "http";
+    if route == RouteMatch::Mcp {
+        let msg = parsed.as_ref().ok_or_else(|| {
+            Refusal::UnparsableBody("MCP endpoint expects a JSON-RPC body".into())
+        })?;
+        match input::mcp_call(msg).map_err(Refusal::UnparsableBody)? {
+            Some(McpCall::ToolsCall {
+                name,
+                arguments,
+                id,
+            }) => {
+                ctx.mcp_id = Some(id);
+                protocol = "mcp";
+                let i = snap.catalog.match_mcp(target, &name).ok_or_else(|| {
+                    Refusal::UnknownTool(format!(
+                        "MCP tool {name:?} is not one of this agent's tools"
+                    ))
+                })?;
+                ctx.tool = Some(i);
+                ctx.input = arguments;
+            }
+            _ => {
+                return Err(Refusal::UnknownTool(
+                    "only MCP tools/call is forwarded on this endpoint".into(),
+                ))
+            }
+        }
+    } else {
+        ctx.input = match (parsed, kind) {
+            (Some(v), _) => v,
+            (None, BodyKind::Opaque) => Value::Null,
+            (None, _) => target
+                .query
+                .as_deref()
+                .and_then(|q| input::parse_form(q.as_bytes()).ok())
+                .unwrap_or_else(|| Value::Object(Default::default())),
+        };
+    }
+    let tool_idx = match ctx.tool {
+        Some(i) => i,
+        None => {
+            let r = Refusal::UnknownTool(format!(
+                "{} {}://{}{} matches none of this agent's tools",
+                target.method,
+                target.scheme.as_str(),
+                target.authority(),
+                target.path
+            ));
+            return Err(r);
+        }
+    };
+    let tool = &snap.tools[tool_idx];
+    if kind == BodyKind::Opaque && tool.schema.is_some() {
+        return Err(Refusal::UnparsableBody(format!(
+            "tool {} takes JSON or form input, not {:?}",
+            tool.name(),
+            content_type.unwrap_or("")
+        )));
+    }
+    let canonical = policy_input::canonical_json(&ctx.input);
+    ctx.input_hash = policy_input::sha256_hex(&canonical);
+    if let Some(schema) = &tool.schema {
+        input::validate(schema, &ctx.input).map_err(Refusal::InvalidInput)?;
+    }
+    // Gates. In shadow mode a gate refusal is noted and the call continues.
+    let gate = |r: Result<(), Refusal>, ctx: &mut CallContext| -> Result<(), Refusal> {
+        match r {
+            Err(r) if shadow => {
+                ctx.shadow_reasons.extend(r.reasons());
+                Ok(())
+            }
+            other => other,
+        }
+    };
+    gate(
+        crate::killswitch::check(snap, &ctx.tenant, tool.name()),
+        ctx,
+    )?;
+    // Policy.
+    let now = time::OffsetDateTime::now_utc();
+    let facts = CallFacts {
+        target,
+        headers: &parts.headers,
+        body: &ctx.input,
+        tenant: &ctx.tenant,
+        run: &ctx.run,
+        protocol,
+        budget: BudgetFacts::default(),
+    };
+    let doc = policy_input::build(snap, tool, &facts, now);
+    let t0 = Instant::now();
+    let decision = snap.policy.evaluate(&doc);
+    let elapsed = t0.elapsed();
+    ctx.policy_us = elapsed.as_micros() as u64;
+    state.metrics.policy_eval.observe(elapsed.as_secs_f64());
+    state
+        .metrics
+        .duration
+        .with_label_values(&["policy"])
+        .observe(elapsed.as_secs_f64());
+    ctx.policy_input = doc;
+    let decision = match decision {
+        Ok(d) => d,
+        Err(e) => {
+            state.metrics.policy_errors.inc();
+            tracing::warn!(error = %e, tool = tool.name(), "policy evaluation failed; denying");
+            gate(Err(Refusal::PolicyError(e.to_string())), ctx)?;
+            Default::default()
+        }
+    };
+    if !decision.deny.is_empty() {
+        gate(Err(Refusal::PolicyDenied(decision.deny.clone())), ctx)?;
+    } else if !decision.require_approval.is_empty() {
+        let key =
+            crate::approval::approval_key(&snap.agent.name, &ctx.tenant, tool.name(), &canonical);
+        let now_s = now
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        match crate::approval::gate(
+            snap,
+            &state.consumed_grants,
+            &key,
+            decision.require_approval.clone(),
+            &now_s,
+        ) {
+            Ok(g) => {
+                state
+                    .metrics
+                    .approvals
+                    .with_label_values(&["granted_used"])
+                    .inc();
+                ctx.policy_input["approval"] = serde_json::json!({"id": g.id, "approver": g.approver, "granted_at": g.decided_at});
+                ctx.approval = Some(AuditApproval {
+                    id: g.id,
+                    approver: g.approver,
+                });
+            }
+            Err(r) => {
+                let label = if matches!(r, Refusal::ApprovalRequired { .. }) {
+                    "required"
+                } else {
+                    "rejected"
+                };
+                state.metrics.approvals.with_label_values(&[label]).inc();
+                if let Refusal::ApprovalRequired { approval, .. } = &r {
+                    ctx.approval = Some(AuditApproval {
+                        id: approval.clone(),
+                        approver: String::new(),
+                    });
+                }
+                gate(Err(r), ctx)?;
+            }
+        }
+    }
+    let decision = if ctx.shadow_reasons.is_empty() {
+        Decision::Allow
+    } else {
+        Decision::ShadowDeny
+    };
+    Ok(Admitted { body, decision })
+}
+
+/// Refuse request framings that different HTTP parsers read differently.
+fn reject_smuggling(h: &http::HeaderMap) -> Result<(), Refusal> {
+    if h.contains_key(http::header::TRANSFER_ENCODING)
+        && h.contains_key(http::header::CONTENT_LENGTH)
+    {
+        return Err(Refusal::BadRequest(
+            "both Transfer-Encoding and Content-Length are set".into(),
+        ));
+    }
+    if h.get_all(http::header::CONTENT_LENGTH).iter().count() > 1 {
+        return Err(Refusal::BadRequest(
+            "more than one Content-Length header".into(),
+        ));
+    }
+    for te in h.get_all(http::header::TRANSFER_ENCODING) {
+        let v = te.to_str().unwrap_or("").trim().to_ascii_lowercase();
+        if v != "chunked" {
+            return Err(Refusal::BadRequest(format!(
+                "unsupported Transfer-Encoding {v:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn body_timeout(snap: &Snapshot) -> Duration {
+    snap.raw
+        .server
+        .body_read_timeout
+        .map(|d| d.get())
+        .unwrap_or(Duration::from_secs(30))
+}
+
+async fn read_body(
+    body: Incoming,
+    headers: &http::HeaderMap,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, Refusal> {
+    if let Some(len) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > max as u64 {
+            return Err(Refusal::PayloadTooLarge(max));
+        }
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
+        Err(_) => Err(Refusal::BadRequest(format!(
+            "request body not received within {}s",
+            timeout.as_secs()
+        ))),
+        Ok(Err(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(Refusal::PayloadTooLarge(max))
+            } else {
+                Err(Refusal::BadRequest(format!(
+                    "could not read request body: {e}"
+                )))
+            }
+        }
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+async fn forward_call(
+    state: Arc<ProxyState>,
+    snap: Arc<Snapshot>,
+    mut ctx: CallContext,
+    parts: http::request::Parts,
+    target: Target,
+    admitted: Admitted,
+    traceparent: String,
+) -> Response<ResBody> {
+    let tool = ctx.tool.map(|i| &snap.tools[i]);
+    let tool_name = tool.map(|t| t.name().to_string()).unwrap_or_default();
+    let decision = admitted.decision;
+    let reasons = ctx.shadow_reasons.clone();
+    // Dry-run: decide and record; answer mutating calls synthetically.
+    if snap.agent.mode == Mode::DryRun && forward::is_mutating(&target.method) {
+        let headers = forward::upstream_headers(
+            &parts.headers,
+            &target,
+            tool,
+            &traceparent,
+            admitted.body.len(),
+        );
+        let body = forward::dry_run_body(
+            &target,
+            &tool_name,
+            &headers,
+            &admitted.body,
+            decision.as_str(),
+            &reasons,
+        );
+        let rec = record(&snap, &ctx, Phase::Decision, decision, reasons, 200);
+        if let Err(r) = write_record(&state, &snap, rec).await {
+            return refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref());
+        }
+        count(&state, &snap, &ctx, decision);
+        return json_response(
+            StatusCode::OK,
+            &body,
+            &ctx.run,
+            &[("x-tollgate-dry-run", "true")],
+        );
+    }
+    // The decision record must be durable before anything leaves the pod.
+    let rec = record(&snap, &ctx, Phase::Decision, decision, reasons.clone(), 0);
+    if let Err(r) = write_record(&state, &snap, rec).await {
+        count(&state, &snap, &ctx, Decision::Error);
+        return refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref());
+    }
+    count(&state, &snap, &ctx, decision);
+    let headers = forward::upstream_headers(
+        &parts.headers,
+        &target,
+        tool,
+        &traceparent,
+        admitted.body.len(),
+    );
+    let mut req = Request::builder()
+        .method(target.method.clone())
+        .uri(target.uri())
+        .body(Full::new(admitted.body))
+        .expect("valid request parts");
+    *req.headers_mut() = headers;
+    let (connect, header_to, total) = tool
+        .map(|t| (t.connect_timeout, t.header_timeout, t.total_timeout))
+        .unwrap_or((
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+        ));
+    let up_start = Instant::now();
+    let result = state
+        .upstreams
+        .send(req, connect, header_to.min(total))
+        .await;
+    let upstream_us = up_start.elapsed().as_micros() as u64;
+    state
+        .metrics
+        .duration
+        .with_label_values(&["upstream"])
+        .observe(up_start.elapsed().as_secs_f64());
+    match result {
+        Err(e) => {
+            state
+                .metrics
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+            let r = match e {
+                crate::upstream::UpstreamError::Timeout(d) => Refusal::UpstreamTimeout(format!(
+                    "{} did not answer within {}ms",
+                    target.authority(),
+                    d.as_millis()
+                )),
+                crate::upstream::UpstreamError::Failed(m) => {
+                    Refusal::UpstreamFailed(format!("{}: {m}", target.authority()))
+                }
+            };
+            let mut rec = record(
+                &snap,
+                &ctx,
+                Phase::Outcome,
+                Decision::Error,
+                r.reasons(),
+                r.status().as_u16(),
+            );
+            rec.latency_us.upstream = upstream_us;
+            let _ = write_record(&state, &snap, rec).await;
+            refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref())
+        }
+        Ok(res) => {
+            let status = res.status();
+            let (mut rparts, rbody) = res.into_parts();
+            forward::response_headers(&mut rparts.headers, &ctx.run);
+            let mut rec = record(
+                &snap,
+                &ctx,
+                Phase::Outcome,
+                decision,
+                reasons,
+                status.as_u16(),
+            );
+            rec.latency_us.upstream = upstream_us;
+            observe_total(&state, &ctx, upstream_us);
+            ctx.policy_input = Value::Null;
+            // The outcome record does not gate the response: the decision record already made
+            // the call accountable. It is written in the background.
+            let st = state.clone();
+            let sn = snap.clone();
+            tokio::spawn(async move {
+                let _ = write_record(&st, &sn, rec).await;
+            });
+            let body = TotalTimeout::new(rbody, total).boxed();
+            Response::from_parts(rparts, body)
+        }
+    }
+}
+
+fn observe_total(state: &ProxyState, ctx: &CallContext, upstream_us: u64) {
+    let total = ctx.started.elapsed();
+    state
+        .metrics
+        .duration
+        .with_label_values(&["total"])
+        .observe(total.as_secs_f64());
+    let overhead = total.as_micros().saturating_sub(upstream_us as u128) as f64 / 1e6;
+    state
+        .metrics
+        .duration
+        .with_label_values(&["overhead"])
+        .observe(overhead);
+}
+
+/// Build a record from the context.
+fn record(
+    snap: &Snapshot,
+    ctx: &CallContext,
+    phase: Phase,
+    decision: Decision,
+    reasons: Vec<String>,
+    status: u16,
+) -> AuditRecord {
+    let t = ctx.target.as_ref();
+    AuditRecord {
+        phase: Some(phase),
+        call: ctx.call_id.clone(),
+        run: ctx.run.clone(),
+        agent: snap.agent.name.clone(),
+        namespace: snap.agent.namespace.clone(),
+        tenant: ctx.tenant.clone(),
+        tool: ctx
+            .tool
+            .map(|i| snap.tools[i].name().to_string())
+            .unwrap_or_default(),
+        via: t.map(|t| t.via.as_str().to_string()).unwrap_or_default(),
+        method: t.map(|t| t.method.to_string()).unwrap_or_default(),
+        scheme: t.map(|t| t.scheme.as_str().to_string()).unwrap_or_default(),
+        host: t.map(|t| t.host.clone()).unwrap_or_default(),
+        port: t.map(|t| t.port).unwrap_or(0),
+        path: t.map(|t| t.path.clone()).unwrap_or_default(),
+        input_hash: ctx.input_hash.clone(),
+        decision: decision.as_str().to_string(),
+        reasons,
+        policy_bundle: snap.policy.hash().to_string(),
+        snapshot_version: snap.version,
+        mode: snap.agent.mode.as_str().to_string(),
+        approval: ctx.approval.clone(),
+        status,
+        latency_us: AuditLatency {
+            total: ctx.started.elapsed().as_micros() as u64,
+            policy: ctx.policy_us,
+            upstream: 0,
+        },
+        trace_id: ctx.trace_id.clone(),
+        input: crate::redact::redact_input(&ctx.policy_input, &snap.raw.audit.redaction),
+        ..Default::default()
+    }
+}
+
+/// Write a record; on failure, fail closed unless `audit.failOpen` (counted).
+async fn write_record(
+    state: &ProxyState,
+    snap: &Snapshot,
+    rec: AuditRecord,
+) -> Result<(), Refusal> {
+    match state.audit.append(rec).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if snap.raw.audit.fail_open {
+                state.metrics.fail_open.with_label_values(&["audit"]).inc();
+                Ok(())
+            } else {
+                Err(Refusal::AuditUnavailable(format!(
+                    "the audit record could not be written ({e}); the call was not forwarded"
+                )))
+            }
+        }
+    }
+}
+
+fn count(state: &ProxyState, snap: &Snapshot, ctx: &CallContext, d: Decision) {
+    let tenant = if snap.agent.tenants.iter().any(|t| *t == ctx.tenant) {
+        ctx.tenant.as_str()
+    } else {
+        "other"
+    };
+    let tool = ctx.tool.map(|i| snap.tools[i].name()).unwrap_or("other");
+    state
+        .metrics
+        .requests
+        .with_label_values(&[tenant, snap.agent.name.as_str(), tool, d.as_str()])
+        .inc();
+}
+
+async fn finish_refused(
+    state: &ProxyState,
+    snap: &Snapshot,
+    ctx: CallContext,
+    r: Refusal,
+) -> Response<ResBody> {
+    let tool = ctx.tool.map(|i| snap.tools[i].name().to_string());
+    let d = r.decision();
+    if let Refusal::RateLimited { .. } = r {
+        state
+            .metrics
+            .rate_limited
+            .with_label_values(&[ctx.tenant.as_str(), "call"])
+            .inc();
+    }
+    let rec = record(
+        snap,
+        &ctx,
+        Phase::Decision,
+        d,
+        r.reasons(),
+        r.status().as_u16(),
+    );
+    count(state, snap, &ctx, d);
+    // A refusal is answered even if its record cannot be written: nothing was forwarded, and
+    // the write error is counted and logged by the writer.
+    let _ = state.audit.append(rec).await;
+    state
+        .metrics
+        .duration
+        .with_label_values(&["total"])
+        .observe(ctx.started.elapsed().as_secs_f64());
+    tracing::info!(run = %ctx.run, tenant = %ctx.tenant, tool = tool.as_deref().unwrap_or(""), decision = d.as_str(), reason = %r.reasons().join("; "), "refused");
+    refusal_response(&r, tool.as_deref(), &ctx.run, ctx.mcp_id.as_ref())
+}
+
+/// The JSON (or JSON-RPC, for MCP calls) refusal response.
+pub fn refusal_response(
+    r: &Refusal,
+    tool: Option<&str>,
+    run: &str,
+    mcp_id: Option<&Value>,
+) -> Response<ResBody> {
+    let body = r.body(tool, run);
+    let mut extra: Vec<(&str, String)> = Vec::new();
+    if let Some(s) = r.retry_after() {
+        extra.push(("retry-after", s.to_string()));
+    }
+    if let Some(id) = mcp_id {
+        // MCP clients read JSON-RPC errors; keep the same reason text and the full body as data.
+        let rpc = serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001, "message": format!("{}: {}", r.code(), body["reason"].as_str().unwrap_or("")), "data": body}});
+        let refs: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        return json_response(StatusCode::OK, &rpc, run, &refs);
+    }
+    let refs: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    json_response(r.status(), &body, run, &refs)
+}
+
+fn json_response(
+    status: StatusCode,
+    body: &Value,
+    run: &str,
+    extra: &[(&str, &str)],
+) -> Response<ResBody> {
+    let mut res = Response::new(full(serde_json::to_vec(body).unwrap_or_default()));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(run) {
+        h.insert(RUN_HEADER, v);
+    }
+    for (k, v) in extra {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    res
+}
+
+/// Tool of a context, for callers outside this module.
+pub fn tool_of<'s>(snap: &'s Snapshot, ctx: &CallContext) -> Option<&'s Tool> {
+    ctx.tool.map(|i| &snap.tools[i])
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that errors once the tool's total timeout has passed.
+    pub struct TotalTimeout<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        deadline: tokio::time::Sleep,
+    }
+}
+
+impl<B> TotalTimeout<B> {
+    fn new(inner: B, total: Duration) -> Self {
+        Self {
+            inner,
+            deadline: tokio::time::sleep(total),
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes, Error = hyper::Error>> http_body::Body for TotalTimeout<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        if this.deadline.poll(cx).is_ready() {
+            // Ending the stream early surfaces as a truncated body to the agent; the upstream
+            // connection is dropped with it.
+            return std::task::Poll::Ready(None);
+        }
+        this.inner.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,355 @@
+//! The one place a refusal becomes a status code, a JSON body, a metric label and an audit
+//! decision. Every stage that ends a call returns a [`Refusal`].
+
+use http::StatusCode;
+use serde_json::json;
+
+/// Audit/metric decision of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Forwarded (or answered by dry-run).
+    Allow,
+    /// Refused by identity or policy.
+    Deny,
+    /// Held for approval.
+    ApprovalRequired,
+    /// Rate limited.
+    RateLimited,
+    /// Over a budget cap.
+    OverBudget,
+    /// Kill switch engaged.
+    Killed,
+    /// Invalid input, stale config, upstream or internal failure.
+    Error,
+    /// Shadow mode: would have been refused, forwarded anyway.
+    ShadowDeny,
+}
+
+impl Decision {
+    /// Label used in metrics and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::ApprovalRequired => "approval_required",
+            Decision::RateLimited => "rate_limited",
+            Decision::OverBudget => "over_budget",
+            Decision::Killed => "killed",
+            Decision::Error => "error",
+            Decision::ShadowDeny => "shadow_deny",
+        }
+    }
+}
+
+/// Why a call was refused. The `error` code in the JSON body is [`Refusal::code`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Refusal {
+    /// Malformed request, host or path.
+    BadRequest(String),
+    /// Body exceeds the buffer limit.
+    PayloadTooLarge(usize),
+    /// Body does not parse as its content type says.
+    UnparsableBody(String),
+    /// Input fails the tool's JSON Schema.
+    InvalidInput(Vec<String>),
+    /// Tenant missing or not one of the agent's.
+    TenantNotAllowed(String),
+    /// No tool matches.
+    UnknownTool(String),
+    /// A `CONNECT` to a host or port no tool uses.
+    ConnectNotAllowed(String),
+    /// Rego denied.
+    PolicyDenied(Vec<String>),
+    /// Rego failed; fail closed.
+    PolicyError(String),
+    /// Approval needed.
+    ApprovalRequired {
+        /// Reasons from policy.
+        reasons: Vec<String>,
+        /// Approval request id.
+        approval: String,
+        /// Suggested retry delay.
+        retry_after_s: u64,
+    },
+    /// Approval was denied or expired.
+    ApprovalRejected(String),
+    /// Kill switch.
+    Killed {
+        /// Switch name.
+        name: String,
+        /// Why it was engaged.
+        reason: String,
+    },
+    /// Rate limit hit.
+    RateLimited {
+        /// Which limit.
+        limit: String,
+        /// Seconds until a retry can pass.
+        retry_after_s: u64,
+    },
+    /// A budget cap would be exceeded.
+    OverBudget {
+        /// Human-readable reason.
+        reason: String,
+        /// Details (cap, spent, reserved, remaining).
+        details: serde_json::Value,
+    },
+    /// Idempotency key reused with a different request.
+    IdempotencyConflict(String),
+    /// Idempotency key required but missing.
+    IdempotencyKeyRequired,
+    /// Snapshot too old, no config, or limits backend unavailable.
+    Unavailable {
+        /// Machine code, e.g. `config_stale`.
+        code: &'static str,
+        /// Reason.
+        reason: String,
+    },
+    /// The audit record could not be made durable.
+    AuditUnavailable(String),
+    /// Upstream connect/protocol failure.
+    UpstreamFailed(String),
+    /// Upstream timed out.
+    UpstreamTimeout(String),
+}
+
+impl Refusal {
+    /// HTTP status.
+    pub fn status(&self) -> StatusCode {
+        use Refusal::*;
+        match self {
+            BadRequest(_) | UnparsableBody(_) | InvalidInput(_) | IdempotencyKeyRequired => {
+                StatusCode::BAD_REQUEST
+            }
+            PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
+            | PolicyError(_) => StatusCode::FORBIDDEN,
+            ApprovalRequired { .. } | ApprovalRejected(_) => StatusCode::FORBIDDEN,
+            Killed { .. } | Unavailable { .. } | AuditUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            OverBudget { .. } => StatusCode::PAYMENT_REQUIRED,
+            IdempotencyConflict(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Machine-readable `error` code.
+    pub fn code(&self) -> &'static str {
+        use Refusal::*;
+        match self {
+            BadRequest(_) => "bad_request",
+            PayloadTooLarge(_) => "payload_too_large",
+            UnparsableBody(_) => "unparsable_body",
+            InvalidInput(_) => "invalid_input",
+            TenantNotAllowed(_) => "tenant_not_allowed",
+            UnknownTool(_) => "unknown_tool",
+            ConnectNotAllowed(_) => "connect_not_allowed",
+            PolicyDenied(_) => "policy_denied",
+            PolicyError(_) => "policy_error",
+            ApprovalRequired { .. } => "approval_required",
+            ApprovalRejected(_) => "approval_rejected",
+            Killed { .. } => "killed",
+            RateLimited { .. } => "rate_limited",
+            OverBudget { .. } => "over_budget",
+            IdempotencyConflict(_) => "idempotency_conflict",
+            IdempotencyKeyRequired => "idempotency_key_required",
+            Unavailable { code, .. } => code,
+            AuditUnavailable(_) => "audit_unavailable",
+            UpstreamFailed(_) => "upstream_failed",
+            UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// Decision recorded in audit and metrics.
+    pub fn decision(&self) -> Decision {
+        use Refusal::*;
+        match self {
+            TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
+            | PolicyError(_) | ApprovalRejected(_) => Decision::Deny,
+            ApprovalRequired { .. } => Decision::ApprovalRequired,
+            Killed { .. } => Decision::Killed,
+            RateLimited { .. } => Decision::RateLimited,
+            OverBudget { .. } => Decision::OverBudget,
+            _ => Decision::Error,
+        }
+    }
+
+    /// The reasons, as recorded and returned.
+    pub fn reasons(&self) -> Vec<String> {
+        use Refusal::*;
+        match self {
+            BadRequest(r)
+            | UnparsableBody(r)
+            | TenantNotAllowed(r)
+            | UnknownTool(r)
+            | ConnectNotAllowed(r)
+            | PolicyError(r)
+            | ApprovalRejected(r)
+            | IdempotencyConflict(r)
+            | AuditUnavailable(r)
+            | UpstreamFailed(r)
+            | UpstreamTimeout(r) => vec![r.clone()],
+            PayloadTooLarge(n) => vec![format!("request body exceeds the {n}-byte limit")],
+            InvalidInput(errs) => errs.clone(),
+            PolicyDenied(r) => r.clone(),
+            ApprovalRequired { reasons, .. } => reasons.clone(),
+            Killed { name, reason } => vec![format!("kill switch {name} is engaged: {reason}")],
+            RateLimited {
+                limit,
+                retry_after_s,
+            } => vec![format!(
+                "rate limit {limit} exceeded; retry after {retry_after_s}s"
+            )],
+            OverBudget { reason, .. } => vec![reason.clone()],
+            IdempotencyKeyRequired => vec!["this tool requires an Idempotency-Key header".into()],
+            Unavailable { reason, .. } => vec![reason.clone()],
+        }
+    }
+
+    /// What the agent should do next: short, for an LLM.
+    fn hint(&self) -> &'static str {
+        use Refusal::*;
+        match self {
+            BadRequest(_) | UnparsableBody(_) => "fix the request; it was not forwarded",
+            PayloadTooLarge(_) => "send a smaller body",
+            InvalidInput(_) => "fix the listed input errors and retry",
+            TenantNotAllowed(_) => "set X-Tollgate-Tenant to one of this agent's tenants",
+            UnknownTool(_) | ConnectNotAllowed(_) => {
+                "this call is not one of the agent's tools; do not retry"
+            }
+            PolicyDenied(_) => "this action is not permitted by policy; do not retry it as is",
+            PolicyError(_) => {
+                "policy could not be evaluated; the call was refused, escalate to a human"
+            }
+            ApprovalRequired { .. } => "wait for a human to approve, then retry the identical call",
+            ApprovalRejected(_) => {
+                "the approval was denied or expired; do not retry without a new approval"
+            }
+            Killed { .. } => "this action is switched off by an operator; do not retry",
+            RateLimited { .. } => "retry after the given delay",
+            OverBudget { .. } => "the budget is exhausted; stop or escalate",
+            IdempotencyConflict(_) => "use a new Idempotency-Key for a different request",
+            IdempotencyKeyRequired => "add an Idempotency-Key header and retry",
+            Unavailable { .. } | AuditUnavailable(_) => "retry later",
+            UpstreamFailed(_) | UpstreamTimeout(_) => {
+                "the upstream failed; retry later if the call is idempotent"
+            }
+        }
+    }
+
+    /// Seconds the agent should wait before retrying, if any.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Refusal::RateLimited { retry_after_s, .. }
+            | Refusal::ApprovalRequired { retry_after_s, .. } => Some(*retry_after_s),
+            Refusal::Unavailable { .. } | Refusal::AuditUnavailable(_) => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The JSON error body.
+    pub fn body(&self, tool: Option<&str>, run: &str) -> serde_json::Value {
+        let reasons = self.reasons();
+        let mut b = json!({
+            "error": self.code(),
+            "reason": reasons.join("; "),
+            "reasons": reasons,
+            "tool": tool,
+            "run": run,
+            "hint": self.hint(),
+        });
+        let o = b.as_object_mut().expect("object");
+        if let Some(s) = self.retry_after() {
+            o.insert("retry_after_s".into(), s.into());
+        }
+        match self {
+            Refusal::ApprovalRequired { approval, .. } => {
+                o.insert("approval".into(), approval.clone().into());
+            }
+            Refusal::OverBudget { details, .. } => {
+                o.insert("budget".into(), details.clone());
+            }
+            Refusal::InvalidInput(errs) => {
+                o.insert("schema_errors".into(), errs.clone().into());
+            }
+            _ => {}
+        }
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_design() {
+        assert_eq!(Refusal::InvalidInput(vec![]).status(), 400);
+        assert_eq!(Refusal::PolicyDenied(vec![]).status(), 403);
+        assert_eq!(
+            Refusal::ApprovalRequired {
+                reasons: vec![],
+                approval: "a".into(),
+                retry_after_s: 30
+            }
+            .status(),
+            403
+        );
+        assert_eq!(
+            Refusal::OverBudget {
+                reason: "x".into(),
+                details: json!({})
+            }
+            .status(),
+            402
+        );
+        assert_eq!(
+            Refusal::RateLimited {
+                limit: "t".into(),
+                retry_after_s: 1
+            }
+            .status(),
+            429
+        );
+        assert_eq!(
+            Refusal::Killed {
+                name: "k".into(),
+                reason: "r".into()
+            }
+            .status(),
+            503
+        );
+        assert_eq!(
+            Refusal::Unavailable {
+                code: "config_stale",
+                reason: "r".into()
+            }
+            .status(),
+            503
+        );
+        assert_eq!(Refusal::UpstreamFailed("x".into()).status(), 502);
+        assert_eq!(Refusal::UpstreamTimeout("x".into()).status(), 504);
+        assert_eq!(Refusal::PayloadTooLarge(1).status(), 413);
+    }
+
+    #[test]
+    fn body_carries_what_an_agent_needs() {
+        let r = Refusal::ApprovalRequired {
+            reasons: vec!["refund 1200 over 500".into()],
+            approval: "apr-1".into(),
+            retry_after_s: 30,
+        };
+        let b = r.body(Some("stripe.create_refund"), "run_1");
+        assert_eq!(b["error"], "approval_required");
+        assert_eq!(b["approval"], "apr-1");
+        assert_eq!(b["retry_after_s"], 30);
+        assert_eq!(b["tool"], "stripe.create_refund");
+        assert_eq!(b["run"], "run_1");
+        assert_eq!(b["reason"], "refund 1200 over 500");
+        assert_eq!(r.decision(), Decision::ApprovalRequired);
+    }
+}

@@ -1,0 +1,148 @@
+//! Starting and stopping a sidecar: bind listeners, open the audit log, install the first
+//! snapshot, serve until asked to stop, then drain in-flight calls.
+
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
+use crate::server::{serve_proxy, ConnLimits};
+use crate::snapshot::{resolve, Snapshot};
+use crate::state::ProxyState;
+use crate::upstream::Upstreams;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A running sidecar.
+pub struct Running {
+    /// Proxy listener address.
+    pub proxy_addr: SocketAddr,
+    /// Admin listener address.
+    pub admin_addr: SocketAddr,
+    /// Shared state.
+    pub state: Arc<ProxyState>,
+    /// Fire to stop.
+    pub shutdown: CancellationToken,
+    proxy_task: tokio::task::JoinHandle<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Running {
+    /// Stop accepting, finish in-flight calls, return once drained.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.proxy_task.await;
+    }
+
+    /// Wait until the proxy listener ends (after a shutdown).
+    pub async fn wait(self) {
+        let _ = self.proxy_task.await;
+    }
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Invalid config (exit 64).
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// Listener, audit or TLS setup failed (exit 1).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Start from a config file, watching it for changes.
+pub async fn start_from_file(
+    path: &Path,
+    proxy: Option<TcpListener>,
+    admin: Option<TcpListener>,
+) -> Result<Running, StartError> {
+    let snap = crate::reload::load_snapshot(path, 1)?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut running = start(snap, &base, proxy, admin, false).await?;
+    let watcher = crate::reload::watch(
+        path.to_path_buf(),
+        running.state.clone(),
+        Arc::new(AtomicU64::new(1)),
+    )
+    .map_err(|e| StartError::Setup(format!("cannot watch {}: {e}", path.display())))?;
+    running._watcher = Some(watcher);
+    Ok(running)
+}
+
+/// Start with a first snapshot. `tracked` enables staleness (operator mode).
+pub async fn start(
+    snap: Snapshot,
+    base: &Path,
+    proxy: Option<TcpListener>,
+    admin: Option<TcpListener>,
+    tracked: bool,
+) -> Result<Running, StartError> {
+    let raw = snap.raw.clone();
+    let audit_path = resolve(base, &raw.audit.path);
+    let audit = AuditLog::open(&audit_path, raw.audit.stdout, raw.audit.max_file_bytes)
+        .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
+    let extra_ca = raw.tls.extra_ca_file.as_deref().map(|p| resolve(base, p));
+    let upstreams = Upstreams::new(extra_ca.as_deref()).map_err(StartError::Setup)?;
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(ProxyState::new(
+        Some(Arc::new(snap)),
+        tracked,
+        metrics,
+        audit,
+        upstreams,
+    ));
+    start_with_state(state, &raw, proxy, admin).await
+}
+
+/// Start serving an existing state (used by operator mode, which may have no snapshot yet).
+pub async fn start_with_state(
+    state: Arc<ProxyState>,
+    raw: &crate::config::Config,
+    proxy: Option<TcpListener>,
+    admin: Option<TcpListener>,
+) -> Result<Running, StartError> {
+    let bind = |addr: &str| {
+        let addr = addr.to_string();
+        async move {
+            TcpListener::bind(&addr)
+                .await
+                .map_err(|e| StartError::Setup(format!("cannot listen on {addr}: {e}")))
+        }
+    };
+    let proxy = match proxy {
+        Some(l) => l,
+        None => bind(&raw.listen.proxy).await?,
+    };
+    let admin = match admin {
+        Some(l) => l,
+        None => bind(&raw.listen.admin).await?,
+    };
+    let proxy_addr = proxy
+        .local_addr()
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(crate::admin::serve_admin(
+        admin,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let limits = ConnLimits::from_config(&raw.server);
+    let proxy_task = tokio::spawn(serve_proxy(proxy, state.clone(), limits, shutdown.clone()));
+    tracing::info!(%proxy_addr, %admin_addr, "tollgate proxy listening");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        state,
+        shutdown,
+        proxy_task,
+        _watcher: None,
+    })
+}

@@ -1,0 +1,134 @@
+//! Process-wide state of a running sidecar: the swappable snapshot, its freshness, and the
+//! long-lived components every call uses (audit log, upstream pool, metrics).
+
+use crate::approval::ConsumedGrants;
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use crate::upstream::Upstreams;
+use arc_swap::ArcSwapOption;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Default `maxStaleness`.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(60);
+
+/// Freshness of the active snapshot. In standalone mode the file is the source of truth and
+/// never goes stale; under an operator, heartbeats keep it fresh.
+pub struct Freshness {
+    /// Whether staleness applies (operator mode).
+    pub tracked: bool,
+    last_confirmed_ms: AtomicU64,
+}
+
+impl Freshness {
+    /// New, confirmed now.
+    pub fn new(tracked: bool) -> Self {
+        Self {
+            tracked,
+            last_confirmed_ms: AtomicU64::new(now_ms()),
+        }
+    }
+    /// Record a heartbeat or a new snapshot.
+    pub fn confirm(&self) {
+        self.last_confirmed_ms.store(now_ms(), Ordering::Relaxed);
+    }
+    /// Time since the last confirmation.
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(
+            now_ms().saturating_sub(self.last_confirmed_ms.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Shared state.
+pub struct ProxyState {
+    /// Active snapshot; `None` until the first valid one arrives.
+    pub snapshot: ArcSwapOption<Snapshot>,
+    /// Freshness.
+    pub freshness: Freshness,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Audit writer.
+    pub audit: AuditLog,
+    /// Upstream clients.
+    pub upstreams: Upstreams,
+    /// Consumed single-use approvals.
+    pub consumed_grants: ConsumedGrants,
+    /// Audit records already counted into the metric.
+    audit_seen: AtomicU64,
+    audit_err_seen: AtomicU64,
+}
+
+impl ProxyState {
+    /// Assemble state.
+    pub fn new(
+        snapshot: Option<Arc<Snapshot>>,
+        tracked: bool,
+        metrics: Arc<Metrics>,
+        audit: AuditLog,
+        upstreams: Upstreams,
+    ) -> Self {
+        let s = Self {
+            snapshot: ArcSwapOption::new(None),
+            freshness: Freshness::new(tracked),
+            metrics,
+            audit,
+            upstreams,
+            consumed_grants: ConsumedGrants::default(),
+            audit_seen: AtomicU64::new(0),
+            audit_err_seen: AtomicU64::new(0),
+        };
+        if let Some(snap) = snapshot {
+            s.install(snap);
+        }
+        s
+    }
+
+    /// Atomically install a validated snapshot.
+    pub fn install(&self, snap: Arc<Snapshot>) {
+        let m = &self.metrics;
+        m.config_version.set(snap.version as i64);
+        m.kill_switch.reset();
+        for k in &snap.kill_switches {
+            m.kill_switch.with_label_values(&[k.name.as_str()]).set(1.0);
+        }
+        self.snapshot.store(Some(snap));
+        self.freshness.confirm();
+    }
+
+    /// `maxStaleness` of the active snapshot.
+    pub fn max_staleness(snap: &Snapshot) -> Duration {
+        snap.raw
+            .agent
+            .max_staleness
+            .map(|d| d.get())
+            .unwrap_or(DEFAULT_MAX_STALENESS)
+    }
+
+    /// Refresh gauges that are computed at scrape time.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let age = self.freshness.age();
+        m.config_age.set(age.as_secs_f64());
+        let stale = match &*self.snapshot.load() {
+            Some(s) => self.freshness.tracked && age > Self::max_staleness(s),
+            None => true,
+        };
+        m.config_stale.set(i64::from(stale));
+        let written = self.audit.records_written();
+        let prev = self.audit_seen.swap(written, Ordering::Relaxed);
+        m.audit_records.inc_by(written.saturating_sub(prev));
+        let errs = self.audit.write_errors();
+        let prev = self.audit_err_seen.swap(errs, Ordering::Relaxed);
+        m.audit_errors.inc_by(errs.saturating_sub(prev));
+    }
+}
