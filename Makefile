@@ -1,0 +1,38 @@
+# Tollgate developer entry points. `make demo` and `make test` are the README's two commands.
+.PHONY: demo test deps build lint generate check-generated bench load-bench
+
+# Run the standalone demo (a proxy, stand-in APIs and a scripted agent).
+demo:
+	cargo run -p tollgate-proxy --bin tollgate-proxy -- demo
+
+# Everything the tests need, then the whole suite. CI runs exactly this (see .ci/run).
+test: deps build
+	cargo nextest run --workspace --no-fail-fast
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# System tools the tests talk to (redis, prometheus, helm, iptables, ...). Idempotent.
+deps:
+	bash .ci/install-tools.sh
+
+# The end-to-end tests run the real binaries.
+build:
+	cargo build --workspace --bins
+
+# Regenerate generated files (config schema, CRDs and their chart copies).
+generate:
+	cargo run -q -p tollgate-proxy --bin tollgate-proxy -- schema > proxy/config.schema.json
+	@if cargo run -q -p tollgate-operator --bin tollgate-operator -- crds --help >/dev/null 2>&1; then \
+		cargo run -q -p tollgate-operator --bin tollgate-operator -- crds --out-dir crds; \
+		mkdir -p charts/tollgate/files/crds && cp crds/*.yaml charts/tollgate/files/crds/; \
+	fi
+	@mkdir -p charts/tollgate/files/policies && find policies -maxdepth 1 -name '*.rego' ! -name '*_test.rego' -exec cp {} charts/tollgate/files/policies/ \;
+
+# Criterion micro-benchmarks.
+bench:
+	cargo bench -p tollgate-proxy
+
+# The side-by-side load benchmark (direct vs nginx vs Tollgate).
+load-bench: deps
+	cargo build --release --workspace --bins
+	cargo run --release -p tollgate-tests --bin load-bench
