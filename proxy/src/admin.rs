@@ -78,10 +78,124 @@ async fn route(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Resp
             }
             None => text(503, "application/json", r#"{"error":"config_unavailable"}"#),
         },
+        (_, path) if path == "/approvals" || path.starts_with("/approvals/") => {
+            approvals(state, req).await
+        }
         _ => text(
             404,
             "application/json",
             r#"{"error":"not_found","reason":"admin endpoints: /metrics /healthz /readyz /config"}"#,
         ),
+    }
+}
+
+/// Who is calling the approval API, from `Authorization: Bearer <token>`.
+fn approver(
+    state: &ProxyState,
+    req: &hyper::Request<Incoming>,
+) -> Result<String, hyper::Response<ResBody>> {
+    let Some(snap) = state.snapshot.load_full() else {
+        return Err(text(
+            503,
+            "application/json",
+            r#"{"error":"config_unavailable"}"#,
+        ));
+    };
+    if snap.admin_tokens.is_empty() {
+        return Err(text(
+            403,
+            "application/json",
+            r#"{"error":"approvals_api_disabled","reason":"configure approvals.adminTokens to decide approvals on the admin port"}"#,
+        ));
+    }
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    snap.admin_tokens
+        .iter()
+        .find(|(t, _)| constant_time_eq(t.as_bytes(), given.as_bytes()))
+        .map(|(_, a)| a.clone())
+        .ok_or_else(|| {
+            text(
+                401,
+                "application/json",
+                r#"{"error":"unauthorized","reason":"send Authorization: Bearer <admin token>"}"#,
+            )
+        })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /approvals`, `POST /approvals/<id>/approve`, `POST /approvals/<id>/deny` (body
+/// `{"reason": "..."}` optional). The approver is the name bound to the token, never a field
+/// the client sends.
+async fn approvals(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Response<ResBody> {
+    let who = match approver(state, &req) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if method == http::Method::GET && path == "/approvals" {
+        let list = state.approvals.list();
+        return text(
+            200,
+            "application/json",
+            serde_json::to_vec(&serde_json::json!({"approvals": list})).unwrap_or_default(),
+        );
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if method != http::Method::POST || parts.len() != 3 || !matches!(parts[2], "approve" | "deny") {
+        return text(
+            404,
+            "application/json",
+            r#"{"error":"not_found","reason":"use GET /approvals, POST /approvals/<id>/approve or /deny"}"#,
+        );
+    }
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(req.into_body(), 16 * 1024)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let reason = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["reason"].as_str().map(str::to_owned));
+    let approve = parts[2] == "approve";
+    match state.approvals.decide(parts[1], approve, &who, reason) {
+        Ok(r) => {
+            state
+                .metrics
+                .approvals
+                .with_label_values(&[if approve { "approved" } else { "denied" }])
+                .inc();
+            tracing::info!(approval = %r.id, approver = %who, approved = approve, "approval decided");
+            text(
+                200,
+                "application/json",
+                serde_json::to_vec(&r).unwrap_or_default(),
+            )
+        }
+        Err(e) => {
+            let status = if matches!(e, crate::approval::DecideError::NotFound(_)) {
+                404
+            } else {
+                409
+            };
+            text(
+                status,
+                "application/json",
+                serde_json::json!({"error": "approval_conflict", "reason": e.to_string()})
+                    .to_string(),
+            )
+        }
     }
 }

@@ -1,13 +1,21 @@
 //! The approval gate: a call that policy sends for approval goes ahead only with a granted,
 //! unexpired approval bound to the sha256 of this exact call (agent, tenant, tool, canonical
-//! input). Otherwise it is refused with `approval_required` and the approval id.
+//! input). Otherwise an approval request is opened (or the pending one is reused) and the call
+//! is refused with `approval_required` and the request id.
+//!
+//! Decisions arrive two ways: in Kubernetes, as `approvals.granted` in the operator snapshot;
+//! standalone, through the admin API (`/approvals`, bearer token bound to an approver name).
+//! Both are checked here, and single-use grants are consumed here, once.
 
 use crate::config::ApprovalGrant;
 use crate::refusal::Refusal;
 use crate::snapshot::Snapshot;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::watch;
 
 /// The approval key of a call.
 pub fn approval_key(agent: &str, tenant: &str, tool: &str, canonical_input: &[u8]) -> String {
@@ -25,9 +33,61 @@ pub fn approval_id(key: &str) -> String {
     format!("apr-{}", &key[..12])
 }
 
-/// Single-use grants already consumed by this sidecar.
-#[derive(Default)]
-pub struct ConsumedGrants(Mutex<HashSet<String>>);
+/// State of a locally held approval request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalState {
+    /// Waiting for a human.
+    Pending,
+    /// Approved.
+    Approved,
+    /// Denied.
+    Denied,
+}
+
+/// What a human sees about a held call.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApprovalSummary {
+    /// Agent.
+    pub agent: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Run.
+    pub run: String,
+    /// Tool.
+    pub tool: String,
+    /// `METHOD url`.
+    pub target: String,
+    /// Policy reasons.
+    pub reasons: Vec<String>,
+    /// Redacted input preview.
+    pub input_preview: serde_json::Value,
+}
+
+/// A locally held approval request.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApprovalRequest {
+    /// Id (`apr-…`).
+    pub id: String,
+    /// Approval key.
+    pub key: String,
+    /// State.
+    pub state: ApprovalState,
+    /// What it is for.
+    pub summary: ApprovalSummary,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 expiry.
+    pub expires_at: String,
+    /// Who decided.
+    pub approver: Option<String>,
+    /// When.
+    pub decided_at: Option<String>,
+    /// Reason given with the decision.
+    pub reason: Option<String>,
+    /// A single-use grant was used.
+    pub used: bool,
+}
 
 /// A grant that lets the call through.
 #[derive(Clone, Debug)]
@@ -40,37 +100,250 @@ pub struct Granted {
     pub decided_at: String,
 }
 
-/// Decide the gate for a call whose policy asked for approval.
-pub fn gate(
-    snap: &Snapshot,
-    consumed: &ConsumedGrants,
-    key: &str,
-    reasons: Vec<String>,
-    now_rfc3339: &str,
-) -> Result<Granted, Refusal> {
-    let grant = snap.raw.approvals.granted.iter().find(|g| g.key == key);
-    let Some(g) = grant else {
-        return Err(Refusal::ApprovalRequired {
-            reasons,
-            approval: approval_id(key),
-            retry_after_s: 30,
-        });
-    };
-    check_grant(g, now_rfc3339)?;
-    if snap.raw.approvals.single_use {
-        let mut used = consumed.0.lock().expect("consumed grants lock");
-        if !used.insert(g.id.clone()) {
-            return Err(Refusal::ApprovalRejected(format!(
-                "approval {} was single-use and has already been used",
-                g.id
-            )));
+/// Why a decision through the admin API was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecideError {
+    /// Unknown id.
+    #[error("no approval request {0}")]
+    NotFound(String),
+    /// Already decided (decisions are final).
+    #[error("approval request {0} was already decided")]
+    AlreadyDecided(String),
+    /// Expired.
+    #[error("approval request {0} has expired")]
+    Expired(String),
+}
+
+/// Approval requests held by this sidecar, and single-use grants it has consumed.
+pub struct ApprovalStore {
+    inner: Mutex<HashMap<String, ApprovalRequest>>,
+    used_grants: Mutex<std::collections::HashSet<String>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for ApprovalStore {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            used_grants: Mutex::default(),
+            changed: watch::channel(0).0,
         }
     }
-    Ok(Granted {
-        id: g.id.clone(),
-        approver: g.approver.clone(),
-        decided_at: g.decided_at.clone(),
-    })
+}
+
+/// Facts about the call being gated.
+pub struct GateCall<'a> {
+    /// Approval key.
+    pub key: &'a str,
+    /// Policy reasons.
+    pub reasons: Vec<String>,
+    /// Summary for a new request.
+    pub summary: ApprovalSummary,
+    /// Now, RFC 3339 UTC.
+    pub now: time::OffsetDateTime,
+    /// `Prefer: wait=N`, already capped.
+    pub wait: Option<Duration>,
+}
+
+fn rfc(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl ApprovalStore {
+    /// Pending requests.
+    pub fn pending(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("approvals lock")
+            .values()
+            .filter(|r| r.state == ApprovalState::Pending)
+            .count()
+    }
+
+    /// All requests, newest first.
+    pub fn list(&self) -> Vec<ApprovalRequest> {
+        let mut v: Vec<_> = self
+            .inner
+            .lock()
+            .expect("approvals lock")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        v
+    }
+
+    /// Approve or deny a pending request.
+    pub fn decide(
+        &self,
+        id: &str,
+        approve: bool,
+        approver: &str,
+        reason: Option<String>,
+    ) -> Result<ApprovalRequest, DecideError> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut map = self.inner.lock().expect("approvals lock");
+        let r = map
+            .values_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| DecideError::NotFound(id.into()))?;
+        if r.state != ApprovalState::Pending {
+            return Err(DecideError::AlreadyDecided(id.into()));
+        }
+        if r.expires_at <= rfc(now) {
+            return Err(DecideError::Expired(id.into()));
+        }
+        r.state = if approve {
+            ApprovalState::Approved
+        } else {
+            ApprovalState::Denied
+        };
+        r.approver = Some(approver.to_string());
+        r.decided_at = Some(rfc(now));
+        r.reason = reason;
+        let out = r.clone();
+        drop(map);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(out)
+    }
+
+    /// Decide the gate for a call whose policy asked for approval. With `Prefer: wait=N` a
+    /// pending call is held until it is decided or the wait runs out. The second element is the
+    /// request this call opened, if it opened one (for notifications).
+    pub async fn gate(
+        &self,
+        snap: &Snapshot,
+        call: GateCall<'_>,
+    ) -> (Result<Granted, Refusal>, Option<ApprovalRequest>) {
+        let deadline = call.wait.map(|w| tokio::time::Instant::now() + w);
+        let mut rx = self.changed.subscribe();
+        let mut opened = false;
+        loop {
+            match self.check(snap, &call, &mut opened) {
+                Err(Refusal::ApprovalRequired { .. })
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
+                {
+                    let d = deadline.expect("checked");
+                    let _ = tokio::time::timeout_at(d, rx.changed()).await;
+                }
+                other => {
+                    let new = if opened {
+                        self.inner
+                            .lock()
+                            .expect("approvals lock")
+                            .get(call.key)
+                            .cloned()
+                    } else {
+                        None
+                    };
+                    return (other, new);
+                }
+            }
+        }
+    }
+
+    fn check(
+        &self,
+        snap: &Snapshot,
+        call: &GateCall<'_>,
+        opened: &mut bool,
+    ) -> Result<Granted, Refusal> {
+        let now = rfc(call.now);
+        // Operator-delivered decisions first.
+        if let Some(g) = snap
+            .raw
+            .approvals
+            .granted
+            .iter()
+            .find(|g| g.key == call.key)
+        {
+            check_grant(g, &now)?;
+            if snap.raw.approvals.single_use
+                && !self
+                    .used_grants
+                    .lock()
+                    .expect("grants lock")
+                    .insert(g.id.clone())
+            {
+                return Err(Refusal::ApprovalRejected(format!(
+                    "approval {} was single-use and has already been used",
+                    g.id
+                )));
+            }
+            return Ok(Granted {
+                id: g.id.clone(),
+                approver: g.approver.clone(),
+                decided_at: g.decided_at.clone(),
+            });
+        }
+        let mut map = self.inner.lock().expect("approvals lock");
+        let ttl = snap
+            .raw
+            .approvals
+            .ttl
+            .map(|d| d.get())
+            .unwrap_or(Duration::from_secs(15 * 60));
+        let fresh = || ApprovalRequest {
+            id: approval_id(call.key),
+            key: call.key.to_string(),
+            state: ApprovalState::Pending,
+            summary: call.summary.clone(),
+            created_at: now.clone(),
+            expires_at: rfc(call.now + ttl),
+            approver: None,
+            decided_at: None,
+            reason: None,
+            used: false,
+        };
+        let entry = map.entry(call.key.to_string()).or_insert_with(|| {
+            *opened = true;
+            fresh()
+        });
+        if entry.expires_at <= now {
+            if entry.state == ApprovalState::Pending || entry.used {
+                // An expired or spent request is replaced by a new one for the retry.
+                *entry = fresh();
+                *opened = true;
+            } else {
+                return Err(Refusal::ApprovalRejected(format!(
+                    "approval {} expired at {}",
+                    entry.id, entry.expires_at
+                )));
+            }
+        }
+        match entry.state {
+            ApprovalState::Pending => Err(Refusal::ApprovalRequired {
+                reasons: call.reasons.clone(),
+                approval: entry.id.clone(),
+                retry_after_s: 30,
+            }),
+            ApprovalState::Denied => Err(Refusal::ApprovalRejected(format!(
+                "approval {} was denied by {}{}",
+                entry.id,
+                entry.approver.as_deref().unwrap_or("?"),
+                entry
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ))),
+            ApprovalState::Approved => {
+                if entry.used && snap.raw.approvals.single_use {
+                    return Err(Refusal::ApprovalRejected(format!(
+                        "approval {} was single-use and has already been used",
+                        entry.id
+                    )));
+                }
+                entry.used = true;
+                Ok(Granted {
+                    id: entry.id.clone(),
+                    approver: entry.approver.clone().unwrap_or_default(),
+                    decided_at: entry.decided_at.clone().unwrap_or_default(),
+                })
+            }
+        }
+    }
 }
 
 fn check_grant(g: &ApprovalGrant, now: &str) -> Result<(), Refusal> {
@@ -95,4 +368,81 @@ fn check_grant(g: &ApprovalGrant, now: &str) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// Parse `Prefer: wait=N` (RFC 7240), capped at `max`.
+pub fn prefer_wait(headers: &http::HeaderMap, max: Duration) -> Option<Duration> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.trim().strip_prefix("wait="))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .map(|n| Duration::from_secs(n).min(max))
+        .next()
+}
+
+/// Post a Slack-compatible notification for a new request (best effort, in the background).
+pub fn notify(url: &str, req: &ApprovalRequest, upstreams: &crate::upstream::Upstreams) {
+    let text = format!(
+        "Tollgate approval needed: {} for tenant {} wants {} ({}). Reasons: {}. Approve: `kubectl tollgate approve {}` or `tollgate-proxy approvals approve {}`",
+        req.summary.agent,
+        req.summary.tenant,
+        req.summary.tool,
+        req.summary.target,
+        req.summary.reasons.join("; "),
+        req.id,
+        req.id
+    );
+    let body = serde_json::json!({"text": text, "approval": req});
+    let Ok(request) = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+    else {
+        return;
+    };
+    let up = upstreams.clone();
+    tokio::spawn(async move {
+        if let Err(e) = up
+            .send(request, Duration::from_secs(2), Duration::from_secs(5))
+            .await
+        {
+            tracing::warn!(error = %e, "approval notification failed");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefer_wait_is_parsed_and_capped() {
+        let mut h = http::HeaderMap::new();
+        h.insert("prefer", "respond-async, wait=10".parse().unwrap());
+        assert_eq!(
+            prefer_wait(&h, Duration::from_secs(60)),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            prefer_wait(&h, Duration::from_secs(3)),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            prefer_wait(&http::HeaderMap::new(), Duration::from_secs(3)),
+            None
+        );
+    }
+
+    #[test]
+    fn keys_separate_their_parts() {
+        assert_ne!(
+            approval_key("ab", "c", "t", b"{}"),
+            approval_key("a", "bc", "t", b"{}")
+        );
+        assert_eq!(approval_id(&approval_key("a", "b", "c", b"{}")).len(), 16);
+    }
 }

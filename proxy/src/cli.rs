@@ -86,3 +86,107 @@ pub async fn demo() -> u8 {
         }
     }
 }
+
+/// `approvals list|approve|deny` against a sidecar's admin port.
+pub async fn approvals(
+    admin: &str,
+    token: &str,
+    action: &str,
+    id: Option<&str>,
+    reason: Option<&str>,
+) -> u8 {
+    let (method, path, body) = match (action, id) {
+        ("list", _) => ("GET", "/approvals".to_string(), String::new()),
+        ("approve" | "deny", Some(id)) => (
+            "POST",
+            format!("/approvals/{id}/{action}"),
+            serde_json::json!({"reason": reason}).to_string(),
+        ),
+        _ => {
+            eprintln!("usage: tollgate-proxy approvals list|approve ID|deny ID --admin URL");
+            return 2;
+        }
+    };
+    match admin_request(admin, token, method, &path, body).await {
+        Ok((status, json)) if (200..300).contains(&status) => {
+            if action == "list" {
+                let items = json["approvals"].as_array().cloned().unwrap_or_default();
+                if items.is_empty() {
+                    println!("no approval requests");
+                }
+                for a in items {
+                    println!(
+                        "{}  {:<8}  {}  tenant={}  run={}  {}\n    reasons: {}{}",
+                        a["id"].as_str().unwrap_or(""),
+                        a["state"].as_str().unwrap_or(""),
+                        a["summary"]["tool"].as_str().unwrap_or(""),
+                        a["summary"]["tenant"].as_str().unwrap_or(""),
+                        a["summary"]["run"].as_str().unwrap_or(""),
+                        a["summary"]["target"].as_str().unwrap_or(""),
+                        a["summary"]["reasons"]
+                            .as_array()
+                            .map(|r| r
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join("; "))
+                            .unwrap_or_default(),
+                        a["approver"]
+                            .as_str()
+                            .map(|x| format!("\n    decided by {x}"))
+                            .unwrap_or_default(),
+                    );
+                }
+            } else {
+                println!(
+                    "{} {} by {}",
+                    json["id"].as_str().unwrap_or(""),
+                    json["state"].as_str().unwrap_or(""),
+                    json["approver"].as_str().unwrap_or("")
+                );
+            }
+            0
+        }
+        Ok((status, json)) => {
+            eprintln!(
+                "{status}: {}",
+                json["reason"].as_str().unwrap_or(&json.to_string())
+            );
+            1
+        }
+        Err(e) => {
+            eprintln!("cannot reach the admin API at {admin}: {e}");
+            1
+        }
+    }
+}
+
+/// One request to the admin API (plain HTTP on the pod's loopback).
+pub async fn admin_request(
+    admin: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: String,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    use http_body_util::BodyExt;
+    let authority = admin.trim_start_matches("http://").trim_end_matches('/');
+    let stream = tokio::net::TcpStream::connect(authority).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", authority)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let res = sender.send_request(req).await?;
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    ))
+}

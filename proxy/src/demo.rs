@@ -108,6 +108,8 @@ pub async fn run() -> anyhow::Result<()> {
             "sk_test_demo_injected_by_tollgate",
         );
     }
+    let admin_token = format!("demo-admin-{:016x}", rand::random::<u64>());
+    std::env::set_var("TOLLGATE_DEMO_ADMIN_TOKEN", &admin_token);
     let proxy_l = TcpListener::bind("127.0.0.1:0").await?;
     let admin_l = TcpListener::bind("127.0.0.1:0").await?;
     let running = crate::runtime::start_from_file(&path, Some(proxy_l), Some(admin_l))
@@ -198,6 +200,69 @@ pub async fn run() -> anyhow::Result<()> {
         }
         println!();
     }
+    // The approval cycle: a human approves the held refund, the identical retry goes through
+    // once, and a different amount is not covered.
+    println!("Approval cycle for the $1,200 refund");
+    let admin = format!("http://{}", running.admin_addr);
+    let (_, list) =
+        crate::cli::admin_request(&admin, &admin_token, "GET", "/approvals", String::new()).await?;
+    let pending = list["approvals"].as_array().cloned().unwrap_or_default();
+    let id = pending
+        .iter()
+        .find(|a| a["state"] == "pending")
+        .and_then(|a| a["id"].as_str())
+        .context("no pending approval")?
+        .to_string();
+    println!(
+        "   pending: {id}  ({})",
+        pending[0]["summary"]["reasons"][0].as_str().unwrap_or("")
+    );
+    let (status, decided) = crate::cli::admin_request(
+        &admin,
+        &admin_token,
+        "POST",
+        &format!("/approvals/{id}/approve"),
+        r#"{"reason":"customer verified"}"#.into(),
+    )
+    .await?;
+    println!(
+        "   {status}: {id} {} by {}  (tollgate-proxy approvals approve {id})",
+        decided["state"].as_str().unwrap_or("?"),
+        decided["approver"].as_str().unwrap_or("?")
+    );
+    let refund = format!("{p}/v1/refunds");
+    for (title, body) in [
+        ("identical retry", "charge=ch_123&amount=1200"),
+        (
+            "the same call again (approval is single-use)",
+            "charge=ch_123&amount=1200",
+        ),
+        (
+            "a different amount (not covered by the approval)",
+            "charge=ch_123&amount=1300",
+        ),
+    ] {
+        let (status, json) = call(
+            proxy,
+            "POST",
+            &refund,
+            "acme_co",
+            run_id,
+            Some((form, body)),
+        )
+        .await?;
+        let what = if (200..300).contains(&status) {
+            "allowed".to_string()
+        } else {
+            format!(
+                "{}: {}",
+                json["error"].as_str().unwrap_or("?"),
+                json["reason"].as_str().unwrap_or("")
+            )
+        };
+        println!("   {title}: {status} {what}");
+    }
+    println!();
     running.stop().await;
     let records = std::fs::read_to_string(dir.join("audit.jsonl"))
         .unwrap_or_default()

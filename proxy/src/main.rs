@@ -41,6 +41,23 @@ enum Command {
     Demo,
     /// Print the JSON Schema of the config file.
     Schema,
+    /// List and decide approval requests held by a standalone sidecar (admin API).
+    Approvals {
+        /// `list`, `approve` or `deny`.
+        #[arg(value_parser = ["list", "approve", "deny"])]
+        action: String,
+        /// Approval id (`apr-…`) for approve/deny.
+        id: Option<String>,
+        /// Admin URL of the sidecar.
+        #[arg(long, default_value = "http://127.0.0.1:15090")]
+        admin: String,
+        /// Admin token (bound to your approver name in the sidecar's config).
+        #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Reason recorded with the decision.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +78,13 @@ fn main() -> ExitCode {
             Command::Run { config } => cli::run(&config).await,
             Command::Check { config } => cli::check(&config),
             Command::Demo => cli::demo().await,
+            Command::Approvals {
+                action,
+                id,
+                admin,
+                token,
+                reason,
+            } => cli::approvals(&admin, &token, &action, id.as_deref(), reason.as_deref()).await,
             Command::Schema => {
                 println!(
                     "{}",

@@ -320,18 +320,25 @@ async fn admit(
     if !decision.deny.is_empty() {
         gate(Err(Refusal::PolicyDenied(decision.deny.clone())), ctx)?;
     } else if !decision.require_approval.is_empty() {
+        // Approval gate (see approval.rs): a granted approval for this exact call lets it
+        // through; otherwise a request is opened and the call is refused or held.
         let key =
             crate::approval::approval_key(&snap.agent.name, &ctx.tenant, tool.name(), &canonical);
-        let now_s = now
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        match crate::approval::gate(
+        let call = approval_call(
             snap,
-            &state.consumed_grants,
+            ctx,
+            parts,
+            target,
+            tool,
             &key,
-            decision.require_approval.clone(),
-            &now_s,
-        ) {
+            &decision.require_approval,
+            now,
+        );
+        let (outcome, opened) = state.approvals.gate(snap, call).await;
+        if let (Some(req), Some(url)) = (&opened, snap.raw.approvals.notify_url.as_deref()) {
+            crate::approval::notify(url, req, &state.upstreams);
+        }
+        match outcome {
             Ok(g) => {
                 state
                     .metrics
@@ -367,6 +374,36 @@ async fn admit(
         Decision::ShadowDeny
     };
     Ok(Admitted { body, decision })
+}
+
+/// The approval gate's view of a call.
+#[allow(clippy::too_many_arguments)]
+fn approval_call<'k>(
+    snap: &Snapshot,
+    ctx: &CallContext,
+    parts: &http::request::Parts,
+    target: &Target,
+    tool: &Tool,
+    key: &'k str,
+    reasons: &[String],
+    now: time::OffsetDateTime,
+) -> crate::approval::GateCall<'k> {
+    let max_wait = Duration::from_secs(snap.raw.approvals.max_wait_s.unwrap_or(60));
+    crate::approval::GateCall {
+        key,
+        summary: crate::approval::ApprovalSummary {
+            agent: snap.agent.name.clone(),
+            tenant: ctx.tenant.clone(),
+            run: ctx.run.clone(),
+            tool: tool.name().to_string(),
+            target: format!("{} {}", target.method, target.uri()),
+            reasons: reasons.to_vec(),
+            input_preview: crate::redact::redact_input(&ctx.input, &snap.raw.audit.redaction),
+        },
+        reasons: reasons.to_vec(),
+        now,
+        wait: crate::approval::prefer_wait(&parts.headers, max_wait),
+    }
 }
 
 /// Refuse request framings that different HTTP parsers read differently.

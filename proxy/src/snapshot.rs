@@ -110,6 +110,8 @@ pub struct Snapshot {
     pub kill_switches: Vec<KillSwitchConfig>,
     /// Body limit.
     pub max_body: usize,
+    /// Admin approval API tokens: (token, approver name).
+    pub admin_tokens: Vec<(String, String)>,
     /// The raw config this came from.
     pub raw: Config,
     /// When it was built.
@@ -194,6 +196,18 @@ impl Snapshot {
         let policy = PolicyBundle::compile(&modules, &raw.policies.data, timeout)
             .map_err(|e| ConfigError::Policy(e.to_string()))?;
         let hash = hex::encode(Sha256::digest(serde_json::to_vec(&raw).unwrap_or_default()));
+        let mut admin_tokens = Vec::new();
+        for (i, t) in raw.approvals.admin_tokens.iter().enumerate() {
+            let field = format!("approvals.adminTokens[{i}]");
+            let token = read_secret(&t.value_from, &field, base_dir)?;
+            if token.len() < 16 {
+                return Err(ConfigError::invalid(
+                    field,
+                    "token must be at least 16 characters",
+                ));
+            }
+            admin_tokens.push((token, t.approver.clone()));
+        }
         Ok(Self {
             version,
             hash,
@@ -210,6 +224,7 @@ impl Snapshot {
                 .cloned()
                 .collect(),
             max_body: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+            admin_tokens,
             raw,
             loaded_at: SystemTime::now(),
         })

@@ -1,7 +1,7 @@
 //! Process-wide state of a running sidecar: the swappable snapshot, its freshness, and the
 //! long-lived components every call uses (audit log, upstream pool, metrics).
 
-use crate::approval::ConsumedGrants;
+use crate::approval::ApprovalStore;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -61,8 +61,8 @@ pub struct ProxyState {
     pub audit: AuditLog,
     /// Upstream clients.
     pub upstreams: Upstreams,
-    /// Consumed single-use approvals.
-    pub consumed_grants: ConsumedGrants,
+    /// Approval requests and consumed single-use grants.
+    pub approvals: ApprovalStore,
     /// Audit records already counted into the metric.
     audit_seen: AtomicU64,
     audit_err_seen: AtomicU64,
@@ -83,7 +83,7 @@ impl ProxyState {
             metrics,
             audit,
             upstreams,
-            consumed_grants: ConsumedGrants::default(),
+            approvals: ApprovalStore::default(),
             audit_seen: AtomicU64::new(0),
             audit_err_seen: AtomicU64::new(0),
         };
@@ -124,6 +124,7 @@ impl ProxyState {
             None => true,
         };
         m.config_stale.set(i64::from(stale));
+        m.approvals_pending.set(self.approvals.pending() as i64);
         let written = self.audit.records_written();
         let prev = self.audit_seen.swap(written, Ordering::Relaxed);
         m.audit_records.inc_by(written.saturating_sub(prev));

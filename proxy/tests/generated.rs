@@ -36,5 +36,6 @@ fn the_demo_config_is_valid() {
         .replace("{support}", "127.0.0.1:2");
     let cfg = tollgate_proxy::config::parse_str(&text).unwrap();
     std::env::set_var("TOLLGATE_DEMO_STRIPE_KEY", "k");
+    std::env::set_var("TOLLGATE_DEMO_ADMIN_TOKEN", "0123456789abcdef0123");
     tollgate_proxy::snapshot::Snapshot::build(cfg, 1, std::path::Path::new(".")).unwrap();
 }
