@@ -93,18 +93,13 @@ async fn route(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Resp
 fn approver(
     state: &ProxyState,
     req: &hyper::Request<Incoming>,
-) -> Result<String, hyper::Response<ResBody>> {
+) -> Result<String, (u16, &'static str)> {
     let Some(snap) = state.snapshot.load_full() else {
-        return Err(text(
-            503,
-            "application/json",
-            r#"{"error":"config_unavailable"}"#,
-        ));
+        return Err((503, r#"{"error":"config_unavailable"}"#));
     };
     if snap.admin_tokens.is_empty() {
-        return Err(text(
+        return Err((
             403,
-            "application/json",
             r#"{"error":"approvals_api_disabled","reason":"configure approvals.adminTokens to decide approvals on the admin port"}"#,
         ));
     }
@@ -118,13 +113,10 @@ fn approver(
         .iter()
         .find(|(t, _)| constant_time_eq(t.as_bytes(), given.as_bytes()))
         .map(|(_, a)| a.clone())
-        .ok_or_else(|| {
-            text(
-                401,
-                "application/json",
-                r#"{"error":"unauthorized","reason":"send Authorization: Bearer <admin token>"}"#,
-            )
-        })
+        .ok_or((
+            401,
+            r#"{"error":"unauthorized","reason":"send Authorization: Bearer <admin token>"}"#,
+        ))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -140,7 +132,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn approvals(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Response<ResBody> {
     let who = match approver(state, &req) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err((status, body)) => return text(status, "application/json", body),
     };
     let path = req.uri().path().to_string();
     let method = req.method().clone();

@@ -124,7 +124,14 @@ pub async fn run() -> anyhow::Result<()> {
     let p = format!("http://{payments}");
     let s = format!("http://{support}");
     let form = "application/x-www-form-urlencoded";
-    let steps: Vec<(&str, &str, String, &str, Option<(&str, &str)>)> = vec![
+    type Step<'a> = (
+        &'a str,
+        &'a str,
+        String,
+        &'a str,
+        Option<(&'a str, &'a str)>,
+    );
+    let steps: Vec<Step<'_>> = vec![
         (
             "Look up a charge (allowed)",
             "GET",

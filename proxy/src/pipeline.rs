@@ -694,7 +694,7 @@ async fn write_record(
 }
 
 fn count(state: &ProxyState, snap: &Snapshot, ctx: &CallContext, d: Decision) {
-    let tenant = if snap.agent.tenants.iter().any(|t| *t == ctx.tenant) {
+    let tenant = if snap.agent.tenants.contains(&ctx.tenant) {
         ctx.tenant.as_str()
     } else {
         "other"

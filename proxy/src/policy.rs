@@ -139,14 +139,9 @@ impl PolicyBundle {
 }
 
 fn read_set(engine: &mut regorus::Engine, rule: &'static str) -> Result<Vec<String>, PolicyError> {
-    let v = engine.eval_rule(rule.to_string()).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("error:") && msg.contains("-->") && !msg.contains("execution") {
-            PolicyError::Eval(msg)
-        } else {
-            PolicyError::Eval(msg)
-        }
-    })?;
+    let v = engine
+        .eval_rule(rule.to_string())
+        .map_err(|e| PolicyError::Eval(e.to_string()))?;
     let set = v.as_set().map_err(|_| PolicyError::Malformed {
         rule,
         got: short(&v),
@@ -231,7 +226,7 @@ require_approval contains sprintf("amount %v over %v", [input.amount, data.tollg
             Err(PolicyError::Malformed { .. })
         ));
         let b = bundle("package tollgate\nimport rego.v1\ndeny := 1\n");
-        assert!(b.is_err() || matches!(b.unwrap().evaluate(&serde_json::json!({})), Err(_)));
+        assert!(b.is_err() || b.unwrap().evaluate(&serde_json::json!({})).is_err());
     }
 
     #[test]

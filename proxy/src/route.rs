@@ -225,7 +225,7 @@ impl Catalog {
                 (k, Arc::from(v))
             })
             .collect();
-        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Self { exact, wildcard }
     }
 

@@ -150,7 +150,15 @@ fn every_refusal_class_answers_with_the_documented_status_and_json() {
         r#"{{"charge":"ch_1","amount":1,"pad":"{}"}}"#,
         "x".repeat(4096)
     );
-    let cases: Vec<(&str, u16, &str, Vec<(&str, &str)>, String, Option<String>)> = vec![
+    type Case<'a> = (
+        &'a str,
+        u16,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        String,
+        Option<String>,
+    );
+    let cases: Vec<Case<'_>> = vec![
         (
             "missing tenant",
             403,
@@ -571,7 +579,7 @@ fn https_upstreams_are_verified_against_the_extra_ca() {
     let p2dir = tempfile::tempdir().unwrap();
     std::fs::write(p2dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
     let p2 = TestProxy::start_in(p2dir, &format!("{tools}upstreams: {{sec: \"https://localhost:{port}\"}}\ntls: {{extraCaFile: ca.pem}}\n"), &[]);
-    let r = raw(p2.proxy, format!("GET /u/sec/things HTTP/1.1\r\nHost: x\r\nX-Tollgate-Tenant: acme\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let r = raw(p2.proxy, b"GET /u/sec/things HTTP/1.1\r\nHost: x\r\nX-Tollgate-Tenant: acme\r\nConnection: close\r\n\r\n").unwrap();
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(up.count(), 1);
     // Without the CA, verification fails closed.
