@@ -190,3 +190,115 @@ pub async fn admin_request(
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
     ))
 }
+
+/// `audit verify FILE...`.
+pub fn audit_verify(files: &[std::path::PathBuf]) -> u8 {
+    let files = crate::audit::verify::order_files(files);
+    match crate::audit::verify::verify(&files) {
+        Err(e) => {
+            eprintln!("cannot read audit files: {e}");
+            1
+        }
+        Ok(r) => {
+            if let Some((f, line)) = &r.torn_tail {
+                eprintln!("warning: {}:{line}: incomplete final line (a crash mid-write); verified up to the last complete record", f.display());
+            }
+            match &r.broken {
+                Some(b) => {
+                    println!("BROKEN after {} good records: {b}", r.records);
+                    1
+                }
+                None => {
+                    let head = r
+                        .head
+                        .as_ref()
+                        .map(|(s, h)| format!("; head seq {s} sha256 {h}"))
+                        .unwrap_or_default();
+                    let from = r
+                        .started_at
+                        .map(|s| format!(" (from seq {s}; earlier files not given)"))
+                        .unwrap_or_default();
+                    println!("ok: {} records chain correctly{from}{head}", r.records);
+                    0
+                }
+            }
+        }
+    }
+}
+
+/// `audit runs FILE... [--json]`.
+pub fn audit_runs(files: &[std::path::PathBuf], json: bool) -> u8 {
+    let files = crate::audit::verify::order_files(files);
+    let records = match crate::audit::read_records(&files) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot read audit files: {e}");
+            return 1;
+        }
+    };
+    let runs = crate::audit::runs::summarise(&records);
+    if json {
+        for r in &runs {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        }
+    } else {
+        print!("{}", crate::audit::runs::render_text(&runs));
+    }
+    0
+}
+
+/// `replay --audit FILE... --policies DIR [--data FILE] [--fail-on-change]`.
+pub fn replay(
+    files: &[std::path::PathBuf],
+    policies: &Path,
+    data: Option<&Path>,
+    fail_on_change: bool,
+    json: bool,
+) -> u8 {
+    let data = match data {
+        None => serde_json::json!({}),
+        Some(p) => match std::fs::read_to_string(p)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_yaml::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("--data {}: {e}", p.display());
+                return EXIT_CONFIG;
+            }
+        },
+    };
+    let bundle = match crate::audit::replay::load_bundle(policies, data) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{}: {e}", policies.display());
+            return EXIT_CONFIG;
+        }
+    };
+    let files = crate::audit::verify::order_files(files);
+    let records = match crate::audit::read_records(&files) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot read audit files: {e}");
+            return 1;
+        }
+    };
+    let rep = crate::audit::replay::replay(&records, &bundle);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rep).unwrap_or_default());
+    } else {
+        for c in &rep.changes {
+            println!(
+                "seq {} run {} {}: {} -> {}  {}",
+                c.seq,
+                c.run,
+                c.tool,
+                c.old,
+                c.new,
+                c.reasons.join("; ")
+            );
+        }
+        println!("{} decision records: {} replayed, {} changed, {} refused before policy (not replayable)", rep.records, rep.replayed, rep.changes.len(), rep.not_replayable);
+    }
+    u8::from(fail_on_change && !rep.changes.is_empty())
+}

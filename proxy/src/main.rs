@@ -41,6 +41,29 @@ enum Command {
     Demo,
     /// Print the JSON Schema of the config file.
     Schema,
+    /// Offline audit tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Re-decide recorded calls under other policies; print each decision that would change.
+    Replay {
+        /// Audit file(s); a rotated set is ordered automatically.
+        #[arg(long, required = true, num_args = 1..)]
+        audit: Vec<PathBuf>,
+        /// Directory (or file) of Rego policies to replay against.
+        #[arg(long)]
+        policies: PathBuf,
+        /// YAML or JSON file with `data.tollgate_config`.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Exit 1 if any decision would change (the release gate).
+        #[arg(long)]
+        fail_on_change: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List and decide approval requests held by a standalone sidecar (admin API).
     Approvals {
         /// `list`, `approve` or `deny`.
@@ -57,6 +80,25 @@ enum Command {
         /// Reason recorded with the decision.
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; report the first broken link and exit 1.
+    Verify {
+        /// Audit file(s); a rotated set is ordered automatically.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Summarise runs in the shape of the run record.
+    Runs {
+        /// Audit file(s).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -78,6 +120,19 @@ fn main() -> ExitCode {
             Command::Run { config } => cli::run(&config).await,
             Command::Check { config } => cli::check(&config),
             Command::Demo => cli::demo().await,
+            Command::Audit {
+                command: AuditCommand::Verify { files },
+            } => cli::audit_verify(&files),
+            Command::Audit {
+                command: AuditCommand::Runs { files, json },
+            } => cli::audit_runs(&files, json),
+            Command::Replay {
+                audit,
+                policies,
+                data,
+                fail_on_change,
+                json,
+            } => cli::replay(&audit, &policies, data.as_deref(), fail_on_change, json),
             Command::Approvals {
                 action,
                 id,

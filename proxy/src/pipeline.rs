@@ -59,6 +59,8 @@ pub struct CallContext {
     pub policy_us: u64,
     /// Reasons a shadow-mode call would have been refused.
     pub shadow_reasons: Vec<String>,
+    /// What Rego decided, once it ran.
+    pub policy_decision: &'static str,
 }
 
 impl CallContext {
@@ -78,6 +80,7 @@ impl CallContext {
             started: Instant::now(),
             policy_us: 0,
             shadow_reasons: Vec::new(),
+            policy_decision: "",
         }
     }
 }
@@ -308,6 +311,12 @@ async fn admit(
         .with_label_values(&["policy"])
         .observe(elapsed.as_secs_f64());
     ctx.policy_input = doc;
+    ctx.policy_decision = match &decision {
+        Err(_) => "error",
+        Ok(d) if !d.deny.is_empty() => "deny",
+        Ok(d) if !d.require_approval.is_empty() => "approval_required",
+        Ok(_) => "allow",
+    };
     let decision = match decision {
         Ok(d) => d,
         Err(e) => {
@@ -656,6 +665,7 @@ fn record(
         input_hash: ctx.input_hash.clone(),
         decision: decision.as_str().to_string(),
         reasons,
+        policy_decision: ctx.policy_decision.to_string(),
         policy_bundle: snap.policy.hash().to_string(),
         snapshot_version: snap.version,
         mode: snap.agent.mode.as_str().to_string(),

@@ -1,8 +1,26 @@
 //! The audit trail: one hash-chained JSONL record per call (refusals included), group-committed
 //! with an fsync per batch. A call is forwarded only after its decision record is durable.
+//! Offline: [`verify`] checks the chain, [`runs`] summarises runs, [`replay`] re-decides calls
+//! under other policies.
 
 mod record;
+pub mod replay;
+pub mod runs;
+pub mod verify;
 mod writer;
 
 pub use record::{AuditApproval, AuditCost, AuditLatency, AuditRecord, Phase};
-pub use writer::{AuditError, AuditLog, GENESIS};
+pub use writer::{line_hash, rotated_name, AuditError, AuditLog, GENESIS};
+
+/// Read records from files (in order); a torn final line is skipped.
+pub fn read_records(files: &[std::path::PathBuf]) -> std::io::Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for f in files {
+        for line in std::fs::read_to_string(f)?.lines() {
+            if let Ok(v) = serde_json::from_str(line) {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -91,6 +91,10 @@ pub struct AuditRecord {
     pub decision: String,
     /// Reasons.
     pub reasons: Vec<String>,
+    /// What Rego alone decided (`allow`, `deny`, `approval_required`, `error`), or empty when
+    /// the call was refused before policy ran. Replay compares against this.
+    #[serde(default)]
+    pub policy_decision: String,
     /// sha256 of the policy bundle.
     pub policy_bundle: String,
     /// Snapshot version.
