@@ -302,3 +302,17 @@ pub fn replay(
     }
     u8::from(fail_on_change && !rep.changes.is_empty())
 }
+
+/// `policy test DIR`.
+pub fn policy_test(dir: &Path) -> u8 {
+    match crate::policy_test::run(dir) {
+        Ok(report) => {
+            print!("{report}");
+            u8::from(report.failed() > 0)
+        }
+        Err(e) => {
+            eprintln!("{}: {e:#}", dir.display());
+            1
+        }
+    }
+}

@@ -32,3 +32,4 @@ pub mod snapshot;
 pub mod state;
 pub mod target;
 pub mod upstream;
+pub mod policy_test;

@@ -41,6 +41,11 @@ enum Command {
     Demo,
     /// Print the JSON Schema of the config file.
     Schema,
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Offline audit tools.
     Audit {
         #[command(subcommand)]
@@ -84,6 +89,15 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run `test_*` rules in `*_test.rego` and the scenario bank under DIR/scenarios, with coverage.
+    Test {
+        /// Policy directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuditCommand {
     /// Check the hash chain; report the first broken link and exit 1.
     Verify {
@@ -120,6 +134,7 @@ fn main() -> ExitCode {
             Command::Run { config } => cli::run(&config).await,
             Command::Check { config } => cli::check(&config),
             Command::Demo => cli::demo().await,
+            Command::Policy { command: PolicyCommand::Test { dir } } => cli::policy_test(&dir),
             Command::Audit {
                 command: AuditCommand::Verify { files },
             } => cli::audit_verify(&files),

@@ -9,7 +9,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 /// Always loaded, so both partial sets are defined even when no module adds to them.
-const BASE_MODULE: &str = r#"package tollgate
+pub const BASE_MODULE: &str = r#"package tollgate
 import rego.v1
 
 deny contains "tollgate: unreachable" if { false }
