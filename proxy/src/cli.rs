@@ -192,7 +192,7 @@ pub async fn admin_request(
 }
 
 /// `audit verify FILE...`.
-pub fn audit_verify(files: &[std::path::PathBuf]) -> u8 {
+pub fn audit_verify(files: &[std::path::PathBuf], allow_torn_tail: bool) -> u8 {
     let files = crate::audit::verify::order_files(files);
     match crate::audit::verify::verify(&files) {
         Err(e) => {
@@ -201,6 +201,10 @@ pub fn audit_verify(files: &[std::path::PathBuf]) -> u8 {
         }
         Ok(r) => {
             if let Some((f, line)) = &r.torn_tail {
+                if !allow_torn_tail {
+                    println!("TRUNCATED: {}:{line}: the final line is incomplete (truncated, or a crash mid-write); the {} records before it chain correctly (use --allow-torn-tail after a crash)", f.display(), r.records);
+                    return 1;
+                }
                 eprintln!("warning: {}:{line}: incomplete final line (a crash mid-write); verified up to the last complete record", f.display());
             }
             match &r.broken {

@@ -104,6 +104,10 @@ enum AuditCommand {
         /// Audit file(s); a rotated set is ordered automatically.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Accept an incomplete final line (what a crash mid-write leaves) and verify up to the
+        /// last complete record. Without it, truncation is reported and exits 1.
+        #[arg(long)]
+        allow_torn_tail: bool,
     },
     /// Summarise runs in the shape of the run record.
     Runs {
@@ -134,10 +138,16 @@ fn main() -> ExitCode {
             Command::Run { config } => cli::run(&config).await,
             Command::Check { config } => cli::check(&config),
             Command::Demo => cli::demo().await,
-            Command::Policy { command: PolicyCommand::Test { dir } } => cli::policy_test(&dir),
+            Command::Policy {
+                command: PolicyCommand::Test { dir },
+            } => cli::policy_test(&dir),
             Command::Audit {
-                command: AuditCommand::Verify { files },
-            } => cli::audit_verify(&files),
+                command:
+                    AuditCommand::Verify {
+                        files,
+                        allow_torn_tail,
+                    },
+            } => cli::audit_verify(&files, allow_torn_tail),
             Command::Audit {
                 command: AuditCommand::Runs { files, json },
             } => cli::audit_runs(&files, json),

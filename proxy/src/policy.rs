@@ -90,6 +90,12 @@ impl PolicyBundle {
                 .add_policy(name.clone(), rego.clone())
                 .map_err(|e| PolicyError::Compile(e.to_string()))?;
         }
+        // Absent data is an empty object, so `object.get(data.tollgate_config, ...)` defaults work.
+        let data = if data.is_null() {
+            &serde_json::json!({})
+        } else {
+            data
+        };
         let data_obj = serde_json::json!({ "tollgate_config": data });
         hasher.update(serde_json::to_vec(&data_obj).unwrap_or_default());
         engine

@@ -251,13 +251,36 @@ impl TestProxy {
 
     /// Start in an existing directory (which may already hold policy files).
     pub fn start_in(dir: tempfile::TempDir, config: &str, envs: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(dir, config, envs, None)
+    }
+
+    /// Start under a wrapper script: `sh -c '<wrapper>; exec "$@"'` runs first, e.g. to mount
+    /// a tmpfs inside a private mount namespace (`unshare -m`).
+    pub fn start_wrapped(
+        dir: tempfile::TempDir,
+        config: &str,
+        envs: &[(&str, &str)],
+        wrapper: Option<&str>,
+    ) -> Self {
         let (pp, ap) = (free_port(), free_port());
         let full =
             format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\n{config}");
         let path = dir.path().join("tollgate.yaml");
         std::fs::write(&path, full).unwrap();
         let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
-        let mut cmd = Command::new(bin("tollgate-proxy"));
+        let mut cmd = match wrapper {
+            None => Command::new(bin("tollgate-proxy")),
+            Some(w) => {
+                let mut c = Command::new("unshare");
+                c.arg("-m")
+                    .arg("sh")
+                    .arg("-c")
+                    .arg(format!("{w}; exec \"$@\""))
+                    .arg("sh")
+                    .arg(bin("tollgate-proxy"));
+                c
+            }
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&path)

@@ -50,7 +50,10 @@ impl Report {
     }
     /// Overall line coverage in percent.
     pub fn coverage_percent(&self) -> f64 {
-        let (c, n) = self.coverage.iter().fold((0, 0), |(c, n), f| (c + f.covered, n + f.not_covered));
+        let (c, n) = self
+            .coverage
+            .iter()
+            .fold((0, 0), |(c, n), f| (c + f.covered, n + f.not_covered));
         if c + n == 0 {
             100.0
         } else {
@@ -71,8 +74,16 @@ impl fmt::Display for Report {
         writeln!(f, "coverage:")?;
         for cov in &self.coverage {
             let total = cov.covered + cov.not_covered;
-            let pct = if total == 0 { 100.0 } else { cov.covered as f64 * 100.0 / total as f64 };
-            writeln!(f, "  {:<40} {:>5.1}% ({} of {} lines)", cov.path, pct, cov.covered, total)?;
+            let pct = if total == 0 {
+                100.0
+            } else {
+                cov.covered as f64 * 100.0 / total as f64
+            };
+            writeln!(
+                f,
+                "  {:<40} {:>5.1}% ({} of {} lines)",
+                cov.path, pct, cov.covered, total
+            )?;
         }
         writeln!(f, "total coverage {:.1}%", self.coverage_percent())?;
         writeln!(f, "{} passed, {} failed", self.passed(), self.failed())
@@ -93,7 +104,11 @@ pub fn collect(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>, Vec<P
                 tests.push(p);
             } else if name.ends_with(".rego") {
                 modules.push(p);
-            } else if (name.ends_with(".yaml") || name.ends_with(".yml")) && p.parent().and_then(|x| x.file_name()).is_some_and(|x| x == "scenarios") {
+            } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
+                && p.parent()
+                    .and_then(|x| x.file_name())
+                    .is_some_and(|x| x == "scenarios")
+            {
                 scenarios.push(p);
             }
         }
@@ -110,7 +125,9 @@ pub fn run(dir: &Path) -> anyhow::Result<Report> {
     if modules.is_empty() {
         anyhow::bail!("no .rego policy modules under {}", dir.display());
     }
-    let read = |p: &PathBuf| -> anyhow::Result<(String, String)> { Ok((p.display().to_string(), std::fs::read_to_string(p)?)) };
+    let read = |p: &PathBuf| -> anyhow::Result<(String, String)> {
+        Ok((p.display().to_string(), std::fs::read_to_string(p)?))
+    };
     let modules: Vec<(String, String)> = modules.iter().map(read).collect::<anyhow::Result<_>>()?;
     let tests: Vec<(String, String)> = tests.iter().map(read).collect::<anyhow::Result<_>>()?;
     let mut report = Report::default();

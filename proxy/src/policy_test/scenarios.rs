@@ -61,15 +61,22 @@ pub fn merge(base: &mut Value, over: &Value) {
 }
 
 /// Run one scenario file.
-pub fn run(file: &Path, modules: &[(String, String)], out: &mut Vec<CaseResult>) -> anyhow::Result<()> {
-    let cases: Vec<Case> = serde_yaml::from_str(&std::fs::read_to_string(file)?).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+pub fn run(
+    file: &Path,
+    modules: &[(String, String)],
+    out: &mut Vec<CaseResult>,
+) -> anyhow::Result<()> {
+    let cases: Vec<Case> = serde_yaml::from_str(&std::fs::read_to_string(file)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let short = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
     for c in cases {
         let name = format!("scenarios/{short}: {}", c.name);
         let data = if c.data.is_null() { json!({}) } else { c.data };
         let mut input = default_input();
         merge(&mut input, &c.input);
-        let outcome = PolicyBundle::compile(modules, &data, Duration::from_secs(1)).map_err(|e| e.to_string()).and_then(|b| b.evaluate(&input).map_err(|e| e.to_string()));
+        let outcome = PolicyBundle::compile(modules, &data, Duration::from_secs(1))
+            .map_err(|e| e.to_string())
+            .and_then(|b| b.evaluate(&input).map_err(|e| e.to_string()));
         let (passed, message) = match outcome {
             Err(e) => (false, format!("error: {e}")),
             Ok(d) => {
@@ -80,17 +87,36 @@ pub fn run(file: &Path, modules: &[(String, String)], out: &mut Vec<CaseResult>)
                 } else {
                     ("allow", Vec::new())
                 };
-                let missing: Vec<&String> = c.expect.reasons_contain.iter().filter(|want| !reasons.iter().any(|r| r.contains(want.as_str()))).collect();
+                let missing: Vec<&String> = c
+                    .expect
+                    .reasons_contain
+                    .iter()
+                    .filter(|want| !reasons.iter().any(|r| r.contains(want.as_str())))
+                    .collect();
                 if decision != c.expect.decision {
-                    (false, format!("expected {}, got {decision} ({})", c.expect.decision, reasons.join("; ")))
+                    (
+                        false,
+                        format!(
+                            "expected {}, got {decision} ({})",
+                            c.expect.decision,
+                            reasons.join("; ")
+                        ),
+                    )
                 } else if !missing.is_empty() {
-                    (false, format!("reasons {reasons:?} do not mention {missing:?}"))
+                    (
+                        false,
+                        format!("reasons {reasons:?} do not mention {missing:?}"),
+                    )
                 } else {
                     (true, String::new())
                 }
             }
         };
-        out.push(CaseResult { name, passed, message });
+        out.push(CaseResult {
+            name,
+            passed,
+            message,
+        });
     }
     Ok(())
 }

@@ -10,7 +10,8 @@ fn dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     d
 }
 
-const POLICY: &str = "package tollgate\nimport rego.v1\ndeny contains \"big\" if input.request.body.amount > 10\n";
+const POLICY: &str =
+    "package tollgate\nimport rego.v1\ndeny contains \"big\" if input.request.body.amount > 10\n";
 
 #[test]
 fn passing_and_failing_tests_are_reported() {
@@ -23,7 +24,12 @@ fn passing_and_failing_tests_are_reported() {
     assert_eq!(r.passed(), 3, "{r}");
     assert_eq!(r.failed(), 2, "{r}");
     let text = r.to_string();
-    assert!(text.contains("FAIL") && text.contains("test_wrong") && text.contains("expected allow, got deny"), "{text}");
+    assert!(
+        text.contains("FAIL")
+            && text.contains("test_wrong")
+            && text.contains("expected allow, got deny"),
+        "{text}"
+    );
     assert!(text.contains("3 passed, 2 failed"));
     assert!(r.coverage_percent() > 0.0);
 }
