@@ -320,3 +320,50 @@ pub fn policy_test(dir: &Path) -> u8 {
         }
     }
 }
+
+/// `ca init --out DIR`: create the interception CA and say how to trust it.
+pub fn ca_init(out: &Path, days: i64, force: bool) -> u8 {
+    match crate::tls::init(out, days, force) {
+        Ok(files) => {
+            let ca = files.cert.display();
+            println!("interception CA written:\n  certificate {ca}\n  private key {} (mode 0600; only the sidecar reads it)", files.key.display());
+            println!(
+                "\nsidecar config:\n  tls:\n    intercept: {{caCert: {ca}, caKey: {}}}",
+                files.key.display()
+            );
+            println!("\nmake the agent's runtime trust it (the CA alone, or appended to the system bundle):");
+            println!(
+                "  SSL_CERT_FILE={ca}          # OpenSSL, Go, Ruby, Rust (rustls-native-certs)"
+            );
+            println!("  REQUESTS_CA_BUNDLE={ca}     # Python requests");
+            println!("  NODE_EXTRA_CA_CERTS={ca}    # Node.js (added to the defaults)");
+            println!("  CURL_CA_BUNDLE={ca}         # curl");
+            0
+        }
+        Err(e) => {
+            eprintln!("ca init: {e}");
+            1
+        }
+    }
+}
+
+/// `iptables [--apply]`: print or install the transparent-mode redirect rules.
+pub fn iptables(rules: &crate::transparent::RedirectRules, apply: bool) -> u8 {
+    if !apply {
+        print!("{}", rules.script());
+        return 0;
+    }
+    match rules.apply() {
+        Ok(()) => {
+            eprintln!(
+                "transparent redirect installed: tcp ports {:?} -> :{} (uid {} exempt)",
+                rules.ports, rules.to_port, rules.proxy_uid
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("iptables --apply failed: {e}");
+            1
+        }
+    }
+}

@@ -1,20 +1,29 @@
-//! `CONNECT host:port` on the proxy listener. A CONNECT to a host or port no tool uses is
-//! refused before any TLS. TLS interception (terminating with a minted leaf and running the
-//! decrypted requests through the pipeline) needs `tls.intercept`; without it every CONNECT is
-//! refused, because an opaque tunnel would carry calls no policy saw.
+//! `CONNECT host:port` on the proxy listener (`HTTPS_PROXY` clients).
+//!
+//! A CONNECT to a port outside `server.connectPorts` or to a host no tool serves is refused
+//! with 403 before any TLS. Otherwise the tunnel is accepted and its TLS intercepted (see
+//! [`crate::tunnel`]): the SNI must agree with the CONNECT host, and every decrypted request
+//! runs the ordinary pipeline. Without `tls.intercept` the CONNECT is refused, since an opaque
+//! tunnel would carry calls no policy saw. A host whose tools are all `passthrough` gets an
+//! opaque tunnel after host-level checks (tenant, kill switch), recorded as passthrough.
 
-use crate::pipeline::refusal_response;
+use crate::intercept::Tunnel;
+use crate::pipeline::{self, refusal_response};
 use crate::refusal::Refusal;
+use crate::server::ConnLimits;
 use crate::state::ProxyState;
-use crate::target::{parse_authority, Scheme};
+use crate::target::{parse_authority, Scheme, Via};
+use crate::tunnel::{self, Expect};
 use crate::upstream::ResBody;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Handle a CONNECT request.
 pub async fn handle_connect(
     state: Arc<ProxyState>,
-    req: hyper::Request<Incoming>,
+    mut req: hyper::Request<Incoming>,
 ) -> hyper::Response<ResBody> {
     let run = crate::identify::new_run_id();
     let Some(snap) = state.snapshot.load_full() else {
@@ -34,7 +43,7 @@ pub async fn handle_connect(
         .map(|a| a.as_str().to_string())
         .unwrap_or_default();
     let (host, port) = match parse_authority(&authority, Scheme::Https) {
-        Ok(hp) if authority.contains(':') => hp,
+        Ok(hp) if authority.contains(':') && !authority.contains('@') => hp,
         _ => {
             return refusal_response(
                 &Refusal::BadRequest(format!("CONNECT target {authority:?} must be host:port")),
@@ -44,25 +53,114 @@ pub async fn handle_connect(
             )
         }
     };
+    let tunnel = Tunnel {
+        scheme: Scheme::Https,
+        host: host.clone(),
+        port,
+        via: Via::Connect,
+    };
+    // The tenant is read again from every decrypted request; here it labels the tunnel's
+    // own records and gates passthrough.
+    let tenant = crate::identify::tenant(req.headers(), &snap);
+    let label = tenant.clone().unwrap_or_default();
     let allowed_ports = if snap.raw.server.connect_ports.is_empty() {
         vec![443]
     } else {
         snap.raw.server.connect_ports.clone()
     };
-    if !allowed_ports.contains(&port) || !snap.catalog.host_known(&host, port, Scheme::Https) {
-        return refusal_response(
-            &Refusal::ConnectNotAllowed(format!(
-                "CONNECT {host}:{port} matches none of this agent's tools"
-            )),
-            None,
-            &run,
-            None,
-        );
+    let refuse = |r: Refusal| {
+        let state = state.clone();
+        let snap = snap.clone();
+        let tunnel = tunnel.clone();
+        let label = label.clone();
+        async move {
+            state
+                .metrics
+                .tunnels_refused
+                .with_label_values(&["connect", r.code()])
+                .inc();
+            pipeline::refuse_tunnel(&state, &snap, &tunnel, label, r).await
+        }
+    };
+    if !allowed_ports.contains(&port) {
+        return refuse(Refusal::ConnectNotAllowed(format!(
+            "CONNECT to port {port} is not allowed (server.connectPorts: {allowed_ports:?})"
+        )))
+        .await;
     }
-    refusal_response(
-        &Refusal::ConnectNotAllowed(format!("CONNECT {host}:{port}: TLS interception is not configured (set tls.intercept), so the tunnel would bypass policy")),
-        None,
-        &run,
-        None,
-    )
+    if !snap.catalog.host_known(&host, port, Scheme::Https) {
+        return refuse(Refusal::ConnectNotAllowed(format!(
+            "CONNECT {host}:{port} matches none of this agent's tools"
+        )))
+        .await;
+    }
+    let limits = ConnLimits::from_config(&snap.raw.server);
+    if let Some(tool) = tunnel::passthrough_tool(&snap, &host, port) {
+        let tenant = match tenant {
+            Ok(t) => t,
+            Err(r) => return refuse(r).await,
+        };
+        let name = snap.tools[tool].name().to_string();
+        if let Err(r) = crate::killswitch::check(&snap, &tenant, &name) {
+            return refuse(r).await;
+        }
+        let up = tokio::time::timeout(
+            snap.tools[tool]
+                .connect_timeout
+                .max(Duration::from_millis(100)),
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await;
+        let mut up = match up {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return refuse(Refusal::UpstreamFailed(format!("{host}:{port}: {e}"))).await
+            }
+            Err(_) => {
+                return refuse(Refusal::UpstreamTimeout(format!(
+                    "{host}:{port} did not accept the connection in time"
+                )))
+                .await
+            }
+        };
+        if let Err(r) =
+            pipeline::record_passthrough(&state, &snap, &tunnel, tenant, run.clone(), tool).await
+        {
+            return refusal_response(&r, Some(&name), &run, None);
+        }
+        tokio::spawn(async move {
+            match hyper::upgrade::on(&mut req).await {
+                Ok(upgraded) => {
+                    let mut io = TokioIo::new(upgraded);
+                    let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        return established(&run);
+    }
+    if snap.intercept.is_none() {
+        return refuse(Refusal::ConnectNotAllowed(format!(
+            "CONNECT {host}:{port}: TLS interception is not configured (set tls.intercept), so the tunnel would bypass policy"
+        )))
+        .await;
+    }
+    tokio::spawn(async move {
+        match hyper::upgrade::on(&mut req).await {
+            Ok(upgraded) => {
+                let expect = Expect::Connect { host, port };
+                tunnel::serve_tls(state, snap, TokioIo::new(upgraded), expect, label, limits).await
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    established(&run)
+}
+
+fn established(run: &str) -> hyper::Response<ResBody> {
+    let mut res = hyper::Response::new(crate::upstream::full(bytes::Bytes::new()));
+    if let Ok(v) = http::HeaderValue::from_str(run) {
+        res.headers_mut().insert(crate::identify::RUN_HEADER, v);
+    }
+    res
 }

@@ -115,3 +115,142 @@ fn names(snap: &Snapshot) -> String {
         v.join(", ")
     }
 }
+
+/// The destination a tunnel (CONNECT or transparent) was opened for. Every request inside it
+/// must be for this host and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    /// `https` for intercepted TLS, `http` for plain transparent connections.
+    pub scheme: Scheme,
+    /// Normalised host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// CONNECT or transparent.
+    pub via: Via,
+}
+
+/// Derive the target of a request that arrived inside a tunnel. The request's authority
+/// (`:authority`, absolute form or `Host`) must name the tunnel's own host and port: a tunnel
+/// opened for one host cannot carry calls to another.
+pub fn tunnel_target(parts: &Parts, tunnel: &Tunnel) -> Result<Target, Refusal> {
+    let hosts: Vec<_> = parts.headers.get_all(HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err(Refusal::BadRequest("more than one Host header".into()));
+    }
+    let host_header = hosts
+        .first()
+        .map(|h| {
+            h.to_str()
+                .map_err(|_| Refusal::BadRequest("Host header is not ASCII".into()))
+        })
+        .transpose()?;
+    let uri = &parts.uri;
+    if let Some(s) = uri.scheme_str() {
+        if Scheme::parse(s) != Some(tunnel.scheme) {
+            return Err(Refusal::BadRequest(format!(
+                "a {} tunnel cannot carry a {s}:// request",
+                tunnel.scheme.as_str()
+            )));
+        }
+    }
+    let mut named = Vec::new();
+    if let Some(a) = uri.authority() {
+        named.push(a.as_str());
+    }
+    if let Some(h) = host_header {
+        named.push(h);
+    }
+    if named.is_empty() {
+        return Err(Refusal::BadRequest(
+            "request names no host (no Host header or :authority)".into(),
+        ));
+    }
+    for authority in named {
+        let hp = parse_authority(authority, tunnel.scheme)
+            .map_err(|e| Refusal::BadRequest(format!("request authority: {e}")))?;
+        if hp != (tunnel.host.clone(), tunnel.port) {
+            return Err(Refusal::Misdirected(format!(
+                "this tunnel was opened for {}:{}; a request for {authority} must open its own",
+                tunnel.host, tunnel.port
+            )));
+        }
+    }
+    let path = normalise_path(if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    })
+    .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+    let query = uri.query().map(str::to_owned);
+    if let Some(q) = &query {
+        check_query(q).map_err(|e| Refusal::BadRequest(e.to_string()))?;
+    }
+    Ok(Target {
+        scheme: tunnel.scheme,
+        host: tunnel.host.clone(),
+        port: tunnel.port,
+        method: parts.method.clone(),
+        path,
+        query,
+        via: tunnel.via,
+    })
+}
+
+#[cfg(test)]
+mod tunnel_tests {
+    use super::*;
+
+    fn parts(uri: &str, hosts: &[&str]) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for h in hosts {
+            b = b.header(HOST, *h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn tunnel() -> Tunnel {
+        Tunnel {
+            scheme: Scheme::Https,
+            host: "api.example.com".into(),
+            port: 443,
+            via: Via::Connect,
+        }
+    }
+
+    #[test]
+    fn requests_inside_a_tunnel_must_name_its_host() {
+        let t = tunnel_target(&parts("/v1/x?a=1", &["API.example.com."]), &tunnel()).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("api.example.com", 443, "/v1/x")
+        );
+        assert_eq!(t.via, Via::Connect);
+        let t = tunnel_target(&parts("https://api.example.com:443/v1/x", &[]), &tunnel()).unwrap();
+        assert_eq!(t.path, "/v1/x");
+        for (uri, hosts) in [
+            ("/v1/x", vec!["evil.example.com"]),
+            ("/v1/x", vec!["api.example.com:8443"]),
+            ("https://evil.example.com/v1/x", vec![]),
+            ("https://api.example.com/v1/x", vec!["evil.example.com"]),
+        ] {
+            let r = tunnel_target(&parts(uri, &hosts), &tunnel()).unwrap_err();
+            assert!(
+                matches!(r, Refusal::Misdirected(_)),
+                "{uri} {hosts:?}: {r:?}"
+            );
+        }
+        for (uri, hosts) in [
+            ("/v1/x", vec![]),
+            ("/v1/x", vec!["api.example.com", "api.example.com"]),
+            ("http://api.example.com/v1/x", vec![]),
+            ("/v1/%2e%2e/%2e%2e/admin", vec!["api.example.com"]),
+        ] {
+            let r = tunnel_target(&parts(uri, &hosts), &tunnel()).unwrap_err();
+            assert!(
+                matches!(r, Refusal::BadRequest(_)),
+                "{uri} {hosts:?}: {r:?}"
+            );
+        }
+    }
+}

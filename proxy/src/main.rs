@@ -69,6 +69,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Interception CA tools (CONNECT and transparent TLS interception).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Print (or `--apply`) the nat OUTPUT rules of transparent mode: outbound TCP to the given
+    /// ports, from every UID but the sidecar's, is redirected to the transparent listener.
+    Iptables {
+        /// Install the rules (idempotent) instead of printing them.
+        #[arg(long)]
+        apply: bool,
+        /// UID the sidecar runs as (its own traffic is not redirected).
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// Destination ports to redirect.
+        #[arg(long, value_delimiter = ',', default_values_t = [80u16, 443])]
+        ports: Vec<u16>,
+        /// Transparent listener port (`listen.transparent`).
+        #[arg(long, default_value_t = 15006)]
+        to_port: u16,
+        /// Admin port, never redirected.
+        #[arg(long, default_value_t = 15090)]
+        admin_port: u16,
+        /// Skip the ip6tables rules (only where the pod has no IPv6).
+        #[arg(long)]
+        no_ipv6: bool,
+    },
     /// List and decide approval requests held by a standalone sidecar (admin API).
     Approvals {
         /// `list`, `approve` or `deny`.
@@ -85,6 +112,22 @@ enum Command {
         /// Reason recorded with the decision.
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the interception CA (`ca.crt`, `ca.key`) in DIR.
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -165,6 +208,26 @@ fn main() -> ExitCode {
                 token,
                 reason,
             } => cli::approvals(&admin, &token, &action, id.as_deref(), reason.as_deref()).await,
+            Command::Ca {
+                command: CaCommand::Init { out, days, force },
+            } => cli::ca_init(&out, days, force),
+            Command::Iptables {
+                apply,
+                proxy_uid,
+                ports,
+                to_port,
+                admin_port,
+                no_ipv6,
+            } => {
+                let rules = tollgate_proxy::transparent::RedirectRules {
+                    proxy_uid,
+                    ports,
+                    to_port,
+                    admin_port,
+                    ipv6: !no_ipv6,
+                };
+                cli::iptables(&rules, apply)
+            }
             Command::Schema => {
                 println!(
                     "{}",

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub budget_remaining: GaugeVec,
     /// `tollgate_budget_cap_usd{scope,tenant}`.
     pub budget_cap: GaugeVec,
+    /// `tollgate_tunnels_refused_total{via,reason}`: CONNECT/transparent tunnels refused
+    /// before any request (bad ClientHello, SNI mismatch, unknown host, not TLS).
+    pub tunnels_refused: IntCounterVec,
     /// `tollgate_rate_limited_total{tenant,scope}`.
     pub rate_limited: IntCounterVec,
     /// `tollgate_kill_switch_engaged{name}`.
@@ -89,6 +92,7 @@ impl Metrics {
             spend: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_spend_usd_total", "Metered spend in USD."), &["tenant", "agent"]).unwrap()),
             budget_remaining: reg(&r, GaugeVec::new(Opts::new("tollgate_budget_remaining_usd", "Remaining budget per cap."), &["scope", "tenant"]).unwrap()),
             budget_cap: reg(&r, GaugeVec::new(Opts::new("tollgate_budget_cap_usd", "Configured budget cap."), &["scope", "tenant"]).unwrap()),
+            tunnels_refused: reg(&r, IntCounterVec::new(Opts::new("tollgate_tunnels_refused_total", "Tunnels refused before any request inside them."), &["via", "reason"]).unwrap()),
             rate_limited: reg(&r, IntCounterVec::new(Opts::new("tollgate_rate_limited_total", "Calls refused by a rate limit."), &["tenant", "scope"]).unwrap()),
             kill_switch: reg(&r, GaugeVec::new(Opts::new("tollgate_kill_switch_engaged", "1 while a kill switch is engaged."), &["name"]).unwrap()),
             approvals: reg(&r, IntCounterVec::new(Opts::new("tollgate_approvals_total", "Approval gate outcomes."), &["result"]).unwrap()),

@@ -12,7 +12,8 @@ use crate::audit::{AuditApproval, AuditLatency, AuditRecord, Phase};
 use crate::config::Mode;
 use crate::forward;
 use crate::identify::{self, RUN_HEADER};
-use crate::input::{self, BodyKind, McpCall};
+use crate::input::{self, BodyKind};
+use crate::intercept::Tunnel;
 use crate::policy_input::{self, BudgetFacts, CallFacts};
 use crate::refusal::{Decision, Refusal};
 use crate::route::RouteMatch;
@@ -53,6 +54,8 @@ pub struct CallContext {
     pub trace_id: String,
     /// MCP JSON-RPC id, when the call is an MCP `tools/call` (refusals answer in JSON-RPC).
     pub mcp_id: Option<Value>,
+    /// The MCP message includes `tools/list`: its response is filtered to this agent's tools.
+    pub mcp_list: bool,
     /// Started.
     pub started: Instant,
     /// Policy time.
@@ -77,6 +80,7 @@ impl CallContext {
             approval: None,
             trace_id: String::new(),
             mcp_id: None,
+            mcp_list: false,
             started: Instant::now(),
             policy_us: 0,
             shadow_reasons: Vec::new(),
@@ -93,38 +97,23 @@ struct Admitted {
 
 /// Handle one request on the proxy listener (forward-proxy or base-URL form).
 pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ResBody> {
-    let Some(snap) = state.snapshot.load_full() else {
-        let r = Refusal::Unavailable {
-            code: "config_unavailable",
-            reason: "no valid configuration has been loaded yet".into(),
-        };
-        return refusal_response(&r, None, &identify::new_run_id(), None);
-    };
-    let (parts, body) = req.into_parts();
-    let run = match identify::run_id(&parts.headers) {
-        Ok(r) => r,
-        Err(r) => return refusal_response(&r, None, &identify::new_run_id(), None),
-    };
-    let mut ctx = CallContext::new(run);
-    let (traceparent, trace_id) = forward::traceparent(&parts.headers);
-    ctx.trace_id = trace_id;
-    let target = crate::intercept::target_of(&parts, &snap);
-    let span =
-        tracing::info_span!("call", run = %ctx.run, call = %ctx.call_id, trace_id = %ctx.trace_id);
-    let _enter = span.enter();
-    drop(_enter);
-    match target {
-        Ok(t) => run_pipeline(state, snap, ctx, parts, body, t, traceparent).await,
-        Err(r) => finish_refused(&state, &snap, ctx, r).await,
-    }
+    handle_with(state, req, None).await
 }
 
-/// Handle a request whose target was already established by another listener (CONNECT,
-/// transparent): the same pipeline from "identify" on.
-pub async fn handle_with_target(
+/// Handle one request that arrived inside a tunnel (decrypted CONNECT, transparent): the same
+/// pipeline, with the target pinned to the tunnel's host.
+pub async fn handle_in_tunnel(
     state: Arc<ProxyState>,
     req: Request<Incoming>,
-    target: Target,
+    tunnel: &Tunnel,
+) -> Response<ResBody> {
+    handle_with(state, req, Some(tunnel)).await
+}
+
+async fn handle_with(
+    state: Arc<ProxyState>,
+    req: Request<Incoming>,
+    tunnel: Option<&Tunnel>,
 ) -> Response<ResBody> {
     let Some(snap) = state.snapshot.load_full() else {
         let r = Refusal::Unavailable {
@@ -141,7 +130,76 @@ pub async fn handle_with_target(
     let mut ctx = CallContext::new(run);
     let (traceparent, trace_id) = forward::traceparent(&parts.headers);
     ctx.trace_id = trace_id;
-    run_pipeline(state, snap, ctx, parts, body, target, traceparent).await
+    let target = match tunnel {
+        None => crate::intercept::target_of(&parts, &snap),
+        Some(t) => crate::intercept::tunnel_target(&parts, t),
+    };
+    match target {
+        Ok(t) => run_pipeline(state, snap, ctx, parts, body, t, traceparent).await,
+        Err(r) => {
+            if let Some(t) = tunnel {
+                ctx.target = Some(Target {
+                    scheme: t.scheme,
+                    host: t.host.clone(),
+                    port: t.port,
+                    method: parts.method.clone(),
+                    path: String::new(),
+                    query: None,
+                    via: t.via,
+                });
+            }
+            finish_refused(&state, &snap, ctx, r).await
+        }
+    }
+}
+
+/// Refuse a tunnel before any request inside it (a CONNECT or transparent connection to a
+/// host no tool serves, a bad ClientHello): recorded and counted like any refused call.
+pub async fn refuse_tunnel(
+    state: &ProxyState,
+    snap: &Snapshot,
+    tunnel: &Tunnel,
+    tenant: String,
+    r: Refusal,
+) -> Response<ResBody> {
+    let mut ctx = CallContext::new(identify::new_run_id());
+    ctx.target = Some(tunnel_target_stub(tunnel));
+    ctx.tenant = tenant;
+    finish_refused(state, snap, ctx, r).await
+}
+
+/// Record a TLS passthrough tunnel before it opens: host-level policy only, marked as such.
+pub async fn record_passthrough(
+    state: &ProxyState,
+    snap: &Snapshot,
+    tunnel: &Tunnel,
+    tenant: String,
+    run: String,
+    tool: usize,
+) -> Result<(), Refusal> {
+    let mut ctx = CallContext::new(run);
+    ctx.target = Some(tunnel_target_stub(tunnel));
+    ctx.tenant = tenant;
+    ctx.tool = Some(tool);
+    let reasons =
+        vec!["TLS passthrough: the tunnel is not decrypted; host-level policy only".into()];
+    let mut rec = record(snap, &ctx, Phase::Decision, Decision::Allow, reasons, 200);
+    rec.passthrough = true;
+    write_record(state, snap, rec).await?;
+    count(state, snap, &ctx, Decision::Allow);
+    Ok(())
+}
+
+fn tunnel_target_stub(t: &Tunnel) -> Target {
+    Target {
+        scheme: t.scheme,
+        host: t.host.clone(),
+        port: t.port,
+        method: http::Method::CONNECT,
+        path: String::new(),
+        query: None,
+        via: t.via,
+    }
 }
 
 async fn run_pipeline(
@@ -211,32 +269,37 @@ async fn admit(
         BodyKind::Opaque => None,
     };
     let mut protocol = "http";
+    let mut batch_head: Vec<(usize, Value)> = Vec::new();
     if route == RouteMatch::Mcp {
-        let msg = parsed.as_ref().ok_or_else(|| {
+        protocol = "mcp";
+        let msg = parsed.ok_or_else(|| {
             Refusal::UnparsableBody("MCP endpoint expects a JSON-RPC body".into())
         })?;
-        match input::mcp_call(msg).map_err(Refusal::UnparsableBody)? {
-            Some(McpCall::ToolsCall {
-                name,
-                arguments,
-                id,
-            }) => {
-                ctx.mcp_id = Some(id);
-                protocol = "mcp";
-                let i = snap.catalog.match_mcp(target, &name).ok_or_else(|| {
-                    Refusal::UnknownTool(format!(
-                        "MCP tool {name:?} is not one of this agent's tools"
-                    ))
-                })?;
-                ctx.tool = Some(i);
-                ctx.input = arguments;
+        let mcp = crate::mcp::classify(&msg, snap, target)?;
+        ctx.mcp_id = Some(mcp.reply_id);
+        ctx.mcp_list = mcp.lists_tools;
+        ctx.input = msg;
+        let Some(((last_tool, last_input), head)) = mcp.tool_calls.split_last() else {
+            // Session methods only (initialize, ping, tools/list, notifications): no tool
+            // decides them; an engaged kill switch for the agent still does.
+            let gate_result = crate::killswitch::check(snap, &ctx.tenant, "");
+            if let Err(r) = gate_result {
+                if !shadow {
+                    return Err(r);
+                }
+                ctx.shadow_reasons.extend(r.reasons());
             }
-            _ => {
-                return Err(Refusal::UnknownTool(
-                    "only MCP tools/call is forwarded on this endpoint".into(),
-                ))
-            }
-        }
+            ctx.input_hash = policy_input::sha256_hex(&policy_input::canonical_json(&ctx.input));
+            let decision = if ctx.shadow_reasons.is_empty() {
+                Decision::Allow
+            } else {
+                Decision::ShadowDeny
+            };
+            return Ok(Admitted { body, decision });
+        };
+        batch_head = head.to_vec();
+        ctx.tool = Some(*last_tool);
+        ctx.input = last_input.clone();
     } else {
         ctx.input = match (parsed, kind) {
             (Some(v), _) => v,
@@ -261,6 +324,63 @@ async fn admit(
             return Err(r);
         }
     };
+    // A JSON-RPC batch is decided element by element; one refused element refuses the batch.
+    let (last_tool, last_input) = (tool_idx, std::mem::take(&mut ctx.input));
+    for (i, input) in batch_head {
+        ctx.tool = Some(i);
+        ctx.input = input;
+        gate_tool(
+            state,
+            snap,
+            ctx,
+            parts,
+            target,
+            i,
+            kind,
+            content_type,
+            protocol,
+            shadow,
+        )
+        .await?;
+    }
+    ctx.tool = Some(last_tool);
+    ctx.input = last_input;
+    gate_tool(
+        state,
+        snap,
+        ctx,
+        parts,
+        target,
+        tool_idx,
+        kind,
+        content_type,
+        protocol,
+        shadow,
+    )
+    .await?;
+    let decision = if ctx.shadow_reasons.is_empty() {
+        Decision::Allow
+    } else {
+        Decision::ShadowDeny
+    };
+    Ok(Admitted { body, decision })
+}
+
+/// The per-tool gates: input schema, kill switch, Rego policy, approval. In shadow mode a
+/// refusal is noted in the context and the call continues.
+#[allow(clippy::too_many_arguments)]
+async fn gate_tool(
+    state: &ProxyState,
+    snap: &Snapshot,
+    ctx: &mut CallContext,
+    parts: &http::request::Parts,
+    target: &Target,
+    tool_idx: usize,
+    kind: BodyKind,
+    content_type: Option<&str>,
+    protocol: &'static str,
+    shadow: bool,
+) -> Result<(), Refusal> {
     let tool = &snap.tools[tool_idx];
     if kind == BodyKind::Opaque && tool.schema.is_some() {
         return Err(Refusal::UnparsableBody(format!(
@@ -377,12 +497,7 @@ async fn admit(
             }
         }
     }
-    let decision = if ctx.shadow_reasons.is_empty() {
-        Decision::Allow
-    } else {
-        Decision::ShadowDeny
-    };
-    Ok(Admitted { body, decision })
+    Ok(())
 }
 
 /// The approval gate's view of a call.
@@ -614,10 +729,46 @@ async fn forward_call(
             tokio::spawn(async move {
                 let _ = write_record(&st, &sn, rec).await;
             });
+            if ctx.mcp_list {
+                return filtered_tools_list(&snap, &target, rparts, rbody, total).await;
+            }
             let body = TotalTimeout::new(rbody, total).boxed();
             Response::from_parts(rparts, body)
         }
     }
+}
+
+/// Buffer a `tools/list` answer (bounded) and filter it to the agent's MCP tools.
+async fn filtered_tools_list(
+    snap: &Snapshot,
+    target: &Target,
+    mut parts: http::response::Parts,
+    body: Incoming,
+    total: Duration,
+) -> Response<ResBody> {
+    const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+    let sse = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let bytes =
+        match tokio::time::timeout(total, Limited::new(body, MAX_LIST_BYTES).collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => {
+                let mut res = Response::new(full(Bytes::new()));
+                *res.status_mut() = StatusCode::BAD_GATEWAY;
+                return res;
+            }
+        };
+    let allowed = snap.catalog.mcp_tools_on(target);
+    let (filtered, removed) = crate::mcp::filter_tools_list(&bytes, sse, &allowed);
+    if removed > 0 {
+        tracing::debug!(removed, "tools/list filtered to this agent's tools");
+    }
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.remove(http::header::TRANSFER_ENCODING);
+    Response::from_parts(parts, full(filtered))
 }
 
 fn observe_total(state: &ProxyState, ctx: &CallContext, upstream_us: u64) {
@@ -767,7 +918,12 @@ pub fn refusal_response(
     }
     if let Some(id) = mcp_id {
         // MCP clients read JSON-RPC errors; keep the same reason text and the full body as data.
-        let rpc = serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001, "message": format!("{}: {}", r.code(), body["reason"].as_str().unwrap_or("")), "data": body}});
+        // A batch (ids as an array; JSON-RPC ids are never arrays) gets one error per element.
+        let error = |id: &Value| serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001, "message": format!("{}: {}", r.code(), body["reason"].as_str().unwrap_or("")), "data": body}});
+        let rpc = match id {
+            Value::Array(ids) => Value::Array(ids.iter().map(error).collect()),
+            id => error(id),
+        };
         let refs: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
         return json_response(StatusCode::OK, &rpc, run, &refs);
     }

@@ -59,6 +59,8 @@ pub enum Refusal {
     UnknownTool(String),
     /// A `CONNECT` to a host or port no tool uses.
     ConnectNotAllowed(String),
+    /// A request inside a tunnel names a different host than the tunnel was opened for.
+    Misdirected(String),
     /// Rego denied.
     PolicyDenied(Vec<String>),
     /// Rego failed; fail closed.
@@ -123,6 +125,7 @@ impl Refusal {
                 StatusCode::BAD_REQUEST
             }
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
             | PolicyError(_) => StatusCode::FORBIDDEN,
             ApprovalRequired { .. } | ApprovalRejected(_) => StatusCode::FORBIDDEN,
@@ -148,6 +151,7 @@ impl Refusal {
             TenantNotAllowed(_) => "tenant_not_allowed",
             UnknownTool(_) => "unknown_tool",
             ConnectNotAllowed(_) => "connect_not_allowed",
+            Misdirected(_) => "misdirected_request",
             PolicyDenied(_) => "policy_denied",
             PolicyError(_) => "policy_error",
             ApprovalRequired { .. } => "approval_required",
@@ -168,8 +172,8 @@ impl Refusal {
     pub fn decision(&self) -> Decision {
         use Refusal::*;
         match self {
-            TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
-            | PolicyError(_) | ApprovalRejected(_) => Decision::Deny,
+            TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | Misdirected(_)
+            | PolicyDenied(_) | PolicyError(_) | ApprovalRejected(_) => Decision::Deny,
             ApprovalRequired { .. } => Decision::ApprovalRequired,
             Killed { .. } => Decision::Killed,
             RateLimited { .. } => Decision::RateLimited,
@@ -187,6 +191,7 @@ impl Refusal {
             | TenantNotAllowed(r)
             | UnknownTool(r)
             | ConnectNotAllowed(r)
+            | Misdirected(r)
             | PolicyError(r)
             | ApprovalRejected(r)
             | IdempotencyConflict(r)
@@ -216,6 +221,7 @@ impl Refusal {
         match self {
             BadRequest(_) | UnparsableBody(_) => "fix the request; it was not forwarded",
             PayloadTooLarge(_) => "send a smaller body",
+            Misdirected(_) => "open a new connection for each host",
             InvalidInput(_) => "fix the listed input errors and retry",
             TenantNotAllowed(_) => "set X-Tollgate-Tenant to one of this agent's tenants",
             UnknownTool(_) | ConnectNotAllowed(_) => {

@@ -248,6 +248,19 @@ impl Catalog {
         })
     }
 
+    /// Indices of the tools served on this host and port.
+    pub fn tools_on(&self, host: &str, port: u16, scheme: Scheme) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .rules_for(host)
+            .filter(|r| r.port.unwrap_or(scheme.default_port()) == port)
+            .filter(|r| r.scheme.is_none_or(|s| s == scheme))
+            .map(|r| r.tool)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Match a target to a tool by host, port, method and path.
     pub fn match_target(&self, t: &Target) -> RouteMatch {
         let mut mcp = false;

@@ -136,6 +136,15 @@ pub async fn start_with_state(
     ));
     let limits = ConnLimits::from_config(&raw.server);
     let proxy_task = tokio::spawn(serve_proxy(proxy, state.clone(), limits, shutdown.clone()));
+    if let Some(addr) = &raw.listen.transparent {
+        let transparent = bind(addr).await?;
+        tracing::info!(addr = %addr, "transparent listener (iptables REDIRECT target)");
+        tokio::spawn(crate::transparent::serve_transparent(
+            transparent,
+            state.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(%proxy_addr, %admin_addr, "tollgate proxy listening");
     Ok(Running {
         proxy_addr,

@@ -112,6 +112,8 @@ pub struct Snapshot {
     pub max_body: usize,
     /// Admin approval API tokens: (token, approver name).
     pub admin_tokens: Vec<(String, String)>,
+    /// Interception CA (`tls.intercept`), for CONNECT and transparent mode.
+    pub intercept: Option<Arc<crate::tls::InterceptCa>>,
     /// The raw config this came from.
     pub raw: Config,
     /// When it was built.
@@ -187,6 +189,16 @@ impl Snapshot {
                 }
             }
         }
+        let intercept = match &raw.tls.intercept {
+            None => None,
+            Some(ic) => Some(Arc::new(
+                crate::tls::InterceptCa::load(
+                    &resolve(base_dir, &ic.ca_cert),
+                    &resolve(base_dir, &ic.ca_key),
+                )
+                .map_err(|e| ConfigError::invalid("tls.intercept", e.to_string()))?,
+            )),
+        };
         let modules = load_policy_modules(&raw.policies, base_dir)?;
         let timeout = raw
             .policies
@@ -225,6 +237,7 @@ impl Snapshot {
                 .collect(),
             max_body: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             admin_tokens,
+            intercept,
             raw,
             loaded_at: SystemTime::now(),
         })

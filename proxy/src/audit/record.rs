@@ -61,6 +61,9 @@ pub struct AuditRecord {
     pub prev: String,
     /// `decision` or `outcome`.
     pub phase: Option<Phase>,
+    /// The call went through a TLS passthrough tunnel: only host-level policy applied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
     /// Call id, shared by a call's decision and outcome records.
     pub call: String,
     /// Run id.
