@@ -31,10 +31,23 @@ pub fn watch(
     let t2 = tx.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
-            if ev
-                .paths
-                .iter()
-                .any(|p| p.file_name() == file_name.as_deref())
+            // Reading the file (our own reload does) raises access events; reacting to them
+            // would rebuild the snapshot in a loop.
+            use notify::event::{EventKind, ModifyKind};
+            let relevant = matches!(
+                ev.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(
+                        ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any
+                    )
+                    | EventKind::Any
+            );
+            if relevant
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == file_name.as_deref())
             {
                 let _ = tx.send(());
             }

@@ -89,8 +89,13 @@ pub struct TestPki {
 }
 
 impl TestPki {
-    /// Generate a fresh CA and leaf.
+    /// Generate a fresh CA and leaf for `localhost` and 127.0.0.1.
     pub fn new() -> Self {
+        Self::with_names(&["localhost"])
+    }
+
+    /// Generate a fresh CA and a leaf for these DNS names (and 127.0.0.1).
+    pub fn with_names(names: &[&str]) -> Self {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -100,7 +105,8 @@ impl TestPki {
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf_params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut leaf_params = rcgen::CertificateParams::new(names).unwrap();
         leaf_params
             .subject_alt_names
             .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
@@ -122,15 +128,20 @@ impl Default for TestPki {
 impl Upstream {
     /// Plain HTTP upstream.
     pub fn start() -> Self {
-        Self::start_inner(None)
+        Self::start_inner(None, "127.0.0.1:0")
+    }
+
+    /// Upstream bound to `addr` (e.g. a veth address), HTTPS if `pki` is given.
+    pub fn start_on(addr: &str, pki: Option<&TestPki>) -> Self {
+        Self::start_inner(pki, addr)
     }
 
     /// HTTPS upstream with a leaf from `pki`.
     pub fn start_tls(pki: &TestPki) -> Self {
-        Self::start_inner(Some(pki))
+        Self::start_inner(Some(pki), "127.0.0.1:0")
     }
 
-    fn start_inner(pki: Option<&TestPki>) -> Self {
+    fn start_inner(pki: Option<&TestPki>, bind: &str) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -138,9 +149,7 @@ impl Upstream {
             .unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let behaviour = Arc::new(Mutex::new(Behaviour::Echo));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(bind)).unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = pki.map(|p| {
             let certs = rustls_pemfile::certs(&mut p.leaf_pem.as_bytes())
@@ -295,6 +304,45 @@ impl TestProxy {
         let mut p = Self {
             proxy: format!("127.0.0.1:{pp}").parse().unwrap(),
             admin: format!("127.0.0.1:{ap}").parse().unwrap(),
+            dir,
+            child,
+        };
+        p.wait_ready();
+        p
+    }
+
+    /// Start `prefix… tollgate-proxy run --config` with a complete config (including its own
+    /// `listen:` block), e.g. under `ip netns exec NAME`. `proxy` and `admin` are where the
+    /// test reaches the listeners.
+    pub fn start_custom(
+        dir: tempfile::TempDir,
+        full_config: &str,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        prefix: &[&str],
+    ) -> Self {
+        let path = dir.path().join("tollgate.yaml");
+        std::fs::write(&path, full_config).unwrap();
+        let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+        let mut cmd = match prefix.split_first() {
+            None => Command::new(bin("tollgate-proxy")),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("tollgate-proxy"));
+                c
+            }
+        };
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("TOLLGATE_LOG", "info");
+        let child = cmd.spawn().unwrap();
+        let mut p = Self {
+            proxy,
+            admin,
             dir,
             child,
         };
