@@ -23,13 +23,31 @@ pub struct McpMessage {
     pub tool_calls: Vec<(usize, Value)>,
     /// The message includes `tools/list`.
     pub lists_tools: bool,
-    /// The id a refusal answers: the message's id, or an array of ids for a batch.
-    pub reply_id: Value,
 }
 
 /// Is this a session method that needs no tool?
 fn session_method(m: &str) -> bool {
     matches!(m, "initialize" | "ping" | "tools/list") || m.starts_with("notifications/")
+}
+
+/// The id(s) a refusal of this message answers, read before anything is checked so even a
+/// malformed or refused message gets a JSON-RPC error: the message's id, or an array of ids for
+/// a batch. `None` when the body is not JSON-RPC at all.
+pub fn reply_id(msg: &Value) -> Option<Value> {
+    let id_of = |m: &Value| {
+        m.as_object()
+            .filter(|o| o.get("jsonrpc").and_then(Value::as_str) == Some("2.0"))
+            .map(|o| o.get("id").cloned().unwrap_or(Value::Null))
+    };
+    match msg {
+        Value::Array(items) => Some(Value::Array(
+            items
+                .iter()
+                .map(|m| id_of(m).unwrap_or(Value::Null))
+                .collect(),
+        )),
+        m => id_of(m),
+    }
 }
 
 /// Classify a posted JSON-RPC message (or batch) against the agent's MCP tools on `target`.
@@ -50,9 +68,7 @@ pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMess
     let mut out = McpMessage {
         tool_calls: Vec::new(),
         lists_tools: false,
-        reply_id: Value::Null,
     };
-    let mut ids = Vec::new();
     for item in items {
         let call = mcp_call(item)
             .map_err(Refusal::UnparsableBody)?
@@ -63,9 +79,8 @@ pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMess
             McpCall::ToolsCall {
                 name,
                 arguments,
-                id,
+                id: _,
             } => {
-                ids.push(id);
                 let i = snap.catalog.match_mcp(target, &name).ok_or_else(|| {
                     Refusal::UnknownTool(format!(
                         "MCP tool {name:?} is not one of this agent's tools"
@@ -80,25 +95,18 @@ pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMess
                 }
                 out.tool_calls.push((i, arguments));
             }
-            McpCall::ToolsList { id } => {
-                ids.push(id);
+            McpCall::ToolsList { .. } => {
                 out.lists_tools = true;
             }
-            McpCall::Other { method, id } => {
+            McpCall::Other { method, .. } => {
                 if !session_method(&method) {
                     return Err(Refusal::UnknownTool(format!(
                         "MCP method {method:?} is not forwarded: only tools/call and session methods (initialize, ping, tools/list, notifications) are"
                     )));
                 }
-                ids.push(id);
             }
         }
     }
-    out.reply_id = if batch {
-        Value::Array(ids)
-    } else {
-        ids.pop().unwrap_or(Value::Null)
-    };
     Ok(out)
 }
 

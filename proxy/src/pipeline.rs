@@ -275,8 +275,8 @@ async fn admit(
         let msg = parsed.ok_or_else(|| {
             Refusal::UnparsableBody("MCP endpoint expects a JSON-RPC body".into())
         })?;
+        ctx.mcp_id = crate::mcp::reply_id(&msg);
         let mcp = crate::mcp::classify(&msg, snap, target)?;
-        ctx.mcp_id = Some(mcp.reply_id);
         ctx.mcp_list = mcp.lists_tools;
         ctx.input = msg;
         let Some(((last_tool, last_input), head)) = mcp.tool_calls.split_last() else {

@@ -34,7 +34,7 @@ pub enum Hello {
     /// A TLS ClientHello, parsed; `seen` holds the raw bytes (replayed for passthrough).
     Tls {
         /// The parsed hello, ready to continue the handshake.
-        accepted: rustls::server::Accepted,
+        accepted: Box<rustls::server::Accepted>,
         /// Normalised SNI, if sent.
         sni: Option<String>,
         /// Every byte read so far.
@@ -83,7 +83,7 @@ pub async fn read_client_hello<IO: AsyncRead + Unpin>(io: &mut IO) -> std::io::R
                     .server_name()
                     .map(|s| normalise_host(s).unwrap_or_else(|_| s.to_ascii_lowercase()));
                 return Ok(Hello::Tls {
-                    accepted,
+                    accepted: Box::new(accepted),
                     sni,
                     seen,
                 });
@@ -286,7 +286,7 @@ pub async fn serve_tls<IO>(
             return;
         }
     };
-    let start = tokio_rustls::StartHandshake::from_parts(accepted, io);
+    let start = tokio_rustls::StartHandshake::from_parts(*accepted, io);
     let tls =
         match tokio::time::timeout(limits.header_read_timeout, start.into_stream(config)).await {
             Ok(Ok(s)) => s,
