@@ -56,6 +56,12 @@ pub struct CallContext {
     pub mcp_id: Option<Value>,
     /// The MCP message includes `tools/list`: its response is filtered to this agent's tools.
     pub mcp_list: bool,
+    /// Request body length.
+    pub body_len: usize,
+    /// Estimated cost.
+    pub estimate: crate::metering::Estimate,
+    /// Budget held until the call settles.
+    pub reservation: Option<crate::limits::Reservation>,
     /// Started.
     pub started: Instant,
     /// Policy time.
@@ -81,6 +87,9 @@ impl CallContext {
             trace_id: String::new(),
             mcp_id: None,
             mcp_list: false,
+            body_len: 0,
+            estimate: Default::default(),
+            reservation: None,
             started: Instant::now(),
             policy_us: 0,
             shadow_reasons: Vec::new(),
@@ -257,6 +266,7 @@ async fn admit(
     }
     // Read and parse the body.
     let body = read_body(body, &parts.headers, snap.max_body, body_timeout(snap)).await?;
+    ctx.body_len = body.len();
     let content_type = parts
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -358,6 +368,20 @@ async fn admit(
         shadow,
     )
     .await?;
+    if shadow {
+        // Shadow mode notes what the budget would have said, and holds nothing.
+        let (caps, amounts) = caps_and_amounts(snap, ctx);
+        let usage = state.limits.usage(&caps).await;
+        for ((cap, amount), usage) in caps.into_iter().zip(amounts).zip(usage) {
+            if usage.spent + usage.reserved + amount > cap.cap {
+                let e = crate::limits::Exceeded { cap, usage, amount };
+                ctx.shadow_reasons
+                    .extend(crate::limits::over_budget(&e).reasons());
+            }
+        }
+    } else {
+        reserve(state, snap, ctx, parts, target).await?;
+    }
     let decision = if ctx.shadow_reasons.is_empty() {
         Decision::Allow
     } else {
@@ -408,8 +432,22 @@ async fn gate_tool(
         crate::killswitch::check(snap, &ctx.tenant, tool.name()),
         ctx,
     )?;
-    // Policy.
+    // Rate limits.
+    let checks = crate::limits::rate_checks(snap, &ctx.tenant, tool.name());
+    if !checks.is_empty() {
+        gate(state.limits.check_rates(&checks).await, ctx)?;
+    }
+    // Cost estimate and budget facts (the reservation follows policy and approval).
     let now = time::OffsetDateTime::now_utc();
+    ctx.estimate = match &tool.config.cost {
+        Some(cost) => crate::metering::estimate(cost, &ctx.input, ctx.body_len)
+            .map_err(|m| Refusal::InvalidInput(vec![m]))?,
+        None => Default::default(),
+    };
+    let caps = crate::limits::caps(snap, &ctx.tenant, &ctx.run, now);
+    let usage = state.limits.usage(&caps).await;
+    let budget = budget_facts(&caps, &usage);
+    // Policy.
     let facts = CallFacts {
         target,
         headers: &parts.headers,
@@ -417,9 +455,13 @@ async fn gate_tool(
         tenant: &ctx.tenant,
         run: &ctx.run,
         protocol,
-        budget: BudgetFacts::default(),
+        budget,
     };
-    let doc = policy_input::build(snap, tool, &facts, now);
+    let mut doc = policy_input::build(snap, tool, &facts, now);
+    doc["cost"] = serde_json::json!({
+        "estimate_usd": crate::limits::to_usd(ctx.estimate.spend),
+        "exposure_usd": crate::limits::to_usd(ctx.estimate.exposure),
+    });
     let t0 = Instant::now();
     let decision = snap.policy.evaluate(&doc);
     let elapsed = t0.elapsed();
@@ -449,55 +491,189 @@ async fn gate_tool(
     if !decision.deny.is_empty() {
         gate(Err(Refusal::PolicyDenied(decision.deny.clone())), ctx)?;
     } else if !decision.require_approval.is_empty() {
-        // Approval gate (see approval.rs): a granted approval for this exact call lets it
-        // through; otherwise a request is opened and the call is refused or held.
-        let key =
-            crate::approval::approval_key(&snap.agent.name, &ctx.tenant, tool.name(), &canonical);
-        let call = approval_call(
+        let r = approval_gate(
+            state,
             snap,
             ctx,
             parts,
             target,
             tool,
-            &key,
+            &canonical,
             &decision.require_approval,
             now,
-        );
-        let (outcome, opened) = state.approvals.gate(snap, call).await;
-        if let (Some(req), Some(url)) = (&opened, snap.raw.approvals.notify_url.as_deref()) {
-            crate::approval::notify(url, req, &state.upstreams);
-        }
-        match outcome {
-            Ok(g) => {
-                state
-                    .metrics
-                    .approvals
-                    .with_label_values(&["granted_used"])
-                    .inc();
-                ctx.policy_input["approval"] = serde_json::json!({"id": g.id, "approver": g.approver, "granted_at": g.decided_at});
-                ctx.approval = Some(AuditApproval {
-                    id: g.id,
-                    approver: g.approver,
-                });
-            }
-            Err(r) => {
-                let label = if matches!(r, Refusal::ApprovalRequired { .. }) {
-                    "required"
-                } else {
-                    "rejected"
-                };
-                state.metrics.approvals.with_label_values(&[label]).inc();
-                if let Refusal::ApprovalRequired { approval, .. } = &r {
-                    ctx.approval = Some(AuditApproval {
-                        id: approval.clone(),
-                        approver: String::new(),
-                    });
-                }
-                gate(Err(r), ctx)?;
-            }
-        }
+        )
+        .await;
+        gate(r, ctx)?;
     }
     Ok(())
+}
+
+/// Budget facts for the policy input from the caps that apply and their usage.
+fn budget_facts(caps: &[crate::limits::Cap], usage: &[crate::limits::Usage]) -> BudgetFacts {
+    let mut f = BudgetFacts::default();
+    for (c, u) in caps.iter().zip(usage) {
+        let spent = crate::limits::to_usd(u.spent);
+        match c.scope {
+            "run" => {
+                f.run_spent_usd = spent;
+                f.run_budget_usd = Some(crate::limits::to_usd(c.cap));
+            }
+            "tenant_day" => {
+                f.tenant_spent_today_usd = spent;
+                f.tenant_budget_today_usd = Some(crate::limits::to_usd(c.cap));
+            }
+            _ => {}
+        }
+    }
+    f
+}
+
+/// The caps that apply to the call in `ctx`, with this call's amount for each (caps it adds
+/// nothing to are left out).
+fn caps_and_amounts(snap: &Snapshot, ctx: &CallContext) -> (Vec<crate::limits::Cap>, Vec<i64>) {
+    use crate::limits::CapKind;
+    let now = time::OffsetDateTime::now_utc();
+    let est = &ctx.estimate;
+    crate::limits::caps(snap, &ctx.tenant, &ctx.run, now)
+        .into_iter()
+        .map(|c| {
+            let a = match c.kind {
+                CapKind::Spend => est.spend,
+                CapKind::Exposure => est.exposure,
+            };
+            (c, a)
+        })
+        .filter(|(_, a)| *a > 0)
+        .unzip()
+}
+
+/// Reserve the call's estimated cost against every cap that applies. Over a cap, the agent's
+/// `overBudget` decides: `deny` (402) or `escalate` (an approval request for this call).
+async fn reserve(
+    state: &ProxyState,
+    snap: &Snapshot,
+    ctx: &mut CallContext,
+    parts: &http::request::Parts,
+    target: &Target,
+) -> Result<(), Refusal> {
+    let (caps, amounts) = caps_and_amounts(snap, ctx);
+    if caps.is_empty() {
+        return Ok(());
+    }
+    let exceeded = match state.limits.reserve(&caps, &amounts).await? {
+        Ok(r) => {
+            ctx.reservation = Some(r);
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    let refusal = crate::limits::over_budget(&exceeded);
+    if snap.raw.agent.over_budget != crate::config::OverBudget::Escalate {
+        return Err(refusal);
+    }
+    let Some(tool_idx) = ctx.tool else {
+        return Err(refusal);
+    };
+    let tool = &snap.tools[tool_idx];
+    // The approval covers this exact call over budget; once granted, the call is charged past
+    // the cap.
+    let mut canonical = b"over_budget:".to_vec();
+    canonical.extend_from_slice(&policy_input::canonical_json(&ctx.input));
+    let now = time::OffsetDateTime::now_utc();
+    approval_gate(
+        state,
+        snap,
+        ctx,
+        parts,
+        target,
+        tool,
+        &canonical,
+        &refusal.reasons(),
+        now,
+    )
+    .await?;
+    let uncapped: Vec<_> = caps
+        .into_iter()
+        .map(|mut c| {
+            c.cap = i64::MAX / 4;
+            c
+        })
+        .collect();
+    if let Ok(r) = state.limits.reserve(&uncapped, &amounts).await? {
+        ctx.reservation = Some(r);
+    }
+    Ok(())
+}
+
+/// Settle the call's reservation: `Some(spend)` charges that spend (and the estimated
+/// exposure), `None` releases it.
+async fn settle(state: &ProxyState, ctx: &CallContext, spend: Option<i64>) {
+    let Some(r) = &ctx.reservation else {
+        return;
+    };
+    let actual: Vec<i64> = r
+        .entries
+        .iter()
+        .map(|(c, _)| match (spend, c.kind) {
+            (None, _) => 0,
+            (Some(s), crate::limits::CapKind::Spend) => s,
+            (Some(_), crate::limits::CapKind::Exposure) => ctx.estimate.exposure,
+        })
+        .collect();
+    state.limits.settle(r, &actual).await;
+}
+
+/// The approval gate (see approval.rs): a granted approval for this exact call lets it
+/// through; otherwise a request is opened and the call is refused or held.
+#[allow(clippy::too_many_arguments)]
+async fn approval_gate(
+    state: &ProxyState,
+    snap: &Snapshot,
+    ctx: &mut CallContext,
+    parts: &http::request::Parts,
+    target: &Target,
+    tool: &Tool,
+    canonical: &[u8],
+    reasons: &[String],
+    now: time::OffsetDateTime,
+) -> Result<(), Refusal> {
+    let key = crate::approval::approval_key(&snap.agent.name, &ctx.tenant, tool.name(), canonical);
+    let call = approval_call(snap, ctx, parts, target, tool, &key, reasons, now);
+    let (outcome, opened) = state.approvals.gate(snap, call).await;
+    if let (Some(req), Some(url)) = (&opened, snap.raw.approvals.notify_url.as_deref()) {
+        crate::approval::notify(url, req, &state.upstreams);
+    }
+    match outcome {
+        Ok(g) => {
+            state
+                .metrics
+                .approvals
+                .with_label_values(&["granted_used"])
+                .inc();
+            ctx.policy_input["approval"] =
+                serde_json::json!({"id": g.id, "approver": g.approver, "granted_at": g.decided_at});
+            ctx.approval = Some(AuditApproval {
+                id: g.id,
+                approver: g.approver,
+            });
+            Ok(())
+        }
+        Err(r) => {
+            let label = if matches!(r, Refusal::ApprovalRequired { .. }) {
+                "required"
+            } else {
+                "rejected"
+            };
+            state.metrics.approvals.with_label_values(&[label]).inc();
+            if let Refusal::ApprovalRequired { approval, .. } = &r {
+                ctx.approval = Some(AuditApproval {
+                    id: approval.clone(),
+                    approver: String::new(),
+                });
+            }
+            Err(r)
+        }
+    }
 }
 
 /// The approval gate's view of a call.
@@ -628,6 +804,8 @@ async fn forward_call(
             decision.as_str(),
             &reasons,
         );
+        // Nothing is spent when nothing is sent.
+        settle(&state, &ctx, None).await;
         let rec = record(&snap, &ctx, Phase::Decision, decision, reasons, 200);
         if let Err(r) = write_record(&state, &snap, rec).await {
             return refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref());
@@ -643,21 +821,29 @@ async fn forward_call(
     // The decision record must be durable before anything leaves the pod.
     let rec = record(&snap, &ctx, Phase::Decision, decision, reasons.clone(), 0);
     if let Err(r) = write_record(&state, &snap, rec).await {
+        settle(&state, &ctx, None).await;
         count(&state, &snap, &ctx, Decision::Error);
         return refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref());
     }
     count(&state, &snap, &ctx, decision);
-    let headers = forward::upstream_headers(
-        &parts.headers,
-        &target,
-        tool,
-        &traceparent,
-        admitted.body.len(),
-    );
+    // Streamed LLM calls are asked to report usage, when the tool says so.
+    let inject = tool
+        .and_then(|t| t.config.cost.as_ref())
+        .and_then(|c| c.llm.as_ref())
+        .is_some_and(|l| l.inject_stream_usage);
+    let body = match inject
+        .then(|| crate::metering::inject_stream_usage(&ctx.input))
+        .flatten()
+    {
+        Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+        None => admitted.body,
+    };
+    let headers =
+        forward::upstream_headers(&parts.headers, &target, tool, &traceparent, body.len());
     let mut req = Request::builder()
         .method(target.method.clone())
         .uri(target.uri())
-        .body(Full::new(admitted.body))
+        .body(Full::new(body))
         .expect("valid request parts");
     *req.headers_mut() = headers;
     let (connect, header_to, total) = tool
@@ -704,6 +890,7 @@ async fn forward_call(
                 r.status().as_u16(),
             );
             rec.latency_us.upstream = upstream_us;
+            settle(&state, &ctx, None).await;
             let _ = write_record(&state, &snap, rec).await;
             refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref())
         }
@@ -722,6 +909,37 @@ async fn forward_call(
             rec.latency_us.upstream = upstream_us;
             observe_total(&state, &ctx, upstream_us);
             ctx.policy_input = Value::Null;
+            if ctx.estimate.llm.is_some() {
+                // LLM usage is known at the end of the body: the outcome record and the
+                // settlement wait for it, the stream does not.
+                let sse = rparts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("text/event-stream"));
+                let (st, sn) = (state.clone(), snap.clone());
+                let done: crate::metering::OnDone = Box::new(move |tokens| {
+                    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                        return;
+                    };
+                    rt.spawn(async move {
+                        // No usage reported: charge the estimate, the bound we reserved.
+                        let t = tokens.unwrap_or(ctx.estimate.tokens);
+                        let spend = ctx.estimate.llm_spend(t);
+                        charge(&st, &sn, &ctx, spend).await;
+                        rec.cost.usd = crate::limits::to_usd(spend);
+                        rec.cost.prompt_tokens = t.prompt;
+                        rec.cost.completion_tokens = t.completion;
+                        let _ = write_record(&st, &sn, rec).await;
+                    });
+                });
+                let metered = crate::metering::MeteredBody::new(rbody, sse, done);
+                let body = TotalTimeout::new(metered, total).boxed();
+                return Response::from_parts(rparts, body);
+            }
+            let spend = ctx.estimate.spend;
+            rec.cost.usd = crate::limits::to_usd(spend);
+            charge(&state, &snap, &ctx, spend).await;
             // The outcome record does not gate the response: the decision record already made
             // the call accountable. It is written in the background.
             let st = state.clone();
@@ -769,6 +987,44 @@ async fn filtered_tools_list(
     parts.headers.remove(http::header::CONTENT_LENGTH);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     Response::from_parts(parts, full(filtered))
+}
+
+/// Settle the call at `spend` and account it: spend and overrun metrics, budget gauges.
+async fn charge(state: &ProxyState, snap: &Snapshot, ctx: &CallContext, spend: i64) {
+    settle(state, ctx, Some(spend)).await;
+    let m = &state.metrics;
+    let tenant = if snap.agent.tenants.contains(&ctx.tenant) {
+        ctx.tenant.as_str()
+    } else {
+        "other"
+    };
+    if spend > 0 {
+        m.spend
+            .with_label_values(&[tenant, snap.agent.name.as_str()])
+            .inc_by(crate::limits::to_usd(spend));
+    }
+    if ctx.reservation.is_some() && spend > ctx.estimate.spend {
+        m.budget_overrun
+            .with_label_values(&[tenant])
+            .inc_by(crate::limits::to_usd(spend - ctx.estimate.spend));
+    }
+    if let Some(r) = &ctx.reservation {
+        let caps: Vec<_> = r
+            .entries
+            .iter()
+            .map(|(c, _)| c.clone())
+            .filter(|c| c.scope != "run")
+            .collect();
+        let usage = state.limits.usage(&caps).await;
+        for (c, u) in caps.iter().zip(usage) {
+            let cap = crate::limits::to_usd(c.cap);
+            let remaining = crate::limits::to_usd(c.cap - u.spent - u.reserved);
+            m.budget_cap.with_label_values(&[c.scope, tenant]).set(cap);
+            m.budget_remaining
+                .with_label_values(&[c.scope, tenant])
+                .set(remaining);
+        }
+    }
 }
 
 fn observe_total(state: &ProxyState, ctx: &CallContext, upstream_us: u64) {

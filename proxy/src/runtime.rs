@@ -89,12 +89,15 @@ pub async fn start(
     let extra_ca = raw.tls.extra_ca_file.as_deref().map(|p| resolve(base, p));
     let upstreams = Upstreams::new(extra_ca.as_deref()).map_err(StartError::Setup)?;
     let metrics = Arc::new(Metrics::new());
+    let limits =
+        crate::limits::Limits::new(&raw.limits, metrics.clone()).map_err(StartError::Setup)?;
     let state = Arc::new(ProxyState::new(
         Some(Arc::new(snap)),
         tracked,
         metrics,
         audit,
         upstreams,
+        Arc::new(limits),
     ));
     start_with_state(state, &raw, proxy, admin).await
 }

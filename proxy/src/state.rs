@@ -63,6 +63,8 @@ pub struct ProxyState {
     pub upstreams: Upstreams,
     /// Approval requests and consumed single-use grants.
     pub approvals: ApprovalStore,
+    /// Rate limits and budget counters (outlive snapshots).
+    pub limits: Arc<crate::limits::Limits>,
     /// Audit records already counted into the metric.
     audit_seen: AtomicU64,
     audit_err_seen: AtomicU64,
@@ -76,6 +78,7 @@ impl ProxyState {
         metrics: Arc<Metrics>,
         audit: AuditLog,
         upstreams: Upstreams,
+        limits: Arc<crate::limits::Limits>,
     ) -> Self {
         let s = Self {
             snapshot: ArcSwapOption::new(None),
@@ -84,6 +87,7 @@ impl ProxyState {
             audit,
             upstreams,
             approvals: ApprovalStore::default(),
+            limits,
             audit_seen: AtomicU64::new(0),
             audit_err_seen: AtomicU64::new(0),
         };

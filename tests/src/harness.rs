@@ -558,3 +558,79 @@ pub async fn hyper_call(
 
 /// Infallible helper type alias for services.
 pub type Never = Infallible;
+
+/// A private `redis-server` on a free loopback port (Debian's redis-server, installed by
+/// `.ci/install-tools.sh`), killed on drop.
+pub struct RedisServer {
+    /// Port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start and wait until it answers PING.
+    pub fn start() -> Self {
+        let mut r = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kill the server (simulating an outage); [`RedisServer::restart`] brings it back on the
+    /// same port.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// (Re)start on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by .ci/install-tools.sh");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        eventually("redis-server answers PING", || {
+            std::net::TcpStream::connect(addr)
+                .and_then(|mut s| {
+                    use std::io::{Read, Write};
+                    s.write_all(b"PING\r\n")?;
+                    let mut b = [0u8; 7];
+                    s.read_exact(&mut b)?;
+                    Ok(&b == b"+PONG\r\n")
+                })
+                .unwrap_or(false)
+        });
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
