@@ -1,8 +1,548 @@
-//! Operator run loop (filled below).
+//! `tollgate-operator run`: watch every Tollgate kind into reflector caches; on any change,
+//! dereference, validate and build every identity's snapshot (see [`crate::build`]) and
+//! publish the changed ones to the hub, which wakes the sidecars' long-polls; the leader
+//! (a `coordination.k8s.io` Lease) writes status. Every replica serves snapshots from its own
+//! caches.
+
+use crate::build::{self, World};
+use crate::crd::{
+    AgentIdentity, AgentIdentityStatus, AgentPolicy, ApprovalRequest, CommonStatus, Condition,
+    KillSwitch, KillSwitchStatus, Tenant, Tool,
+};
+use crate::hub::Hub;
+use crate::server::{Authenticator, OperatorMetrics, ServerState};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashSet;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
 /// Arguments of `tollgate-operator run`.
-#[derive(clap::Args, Debug)]
-pub struct RunArgs {}
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Snapshot API, health and metrics listener.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// This replica's name in the leader Lease.
+    #[arg(long, env = "POD_NAME", default_value = "tollgate-operator")]
+    pub identity: String,
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tollgate-system")]
+    pub lease_namespace: String,
+    /// Do not elect a leader: this replica writes status (single-replica setups, tests).
+    #[arg(long)]
+    pub no_leader_elect: bool,
+}
+
 /// Entry point.
-pub fn main(_a: RunArgs) -> std::process::ExitCode {
-    std::process::ExitCode::FAILURE
+pub fn main(args: RunArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Stores {
+    identities: Store<AgentIdentity>,
+    tools: Store<Tool>,
+    policies: Store<AgentPolicy>,
+    tenants: Store<Tenant>,
+    kill_switches: Store<KillSwitch>,
+    approvals: Store<ApprovalRequest>,
+}
+
+impl Stores {
+    fn world(&self) -> World {
+        fn all<K: Clone + kube::Resource>(s: &Store<K>) -> Vec<K>
+        where
+            K::DynamicType: std::hash::Hash + Eq + Clone,
+        {
+            s.state().iter().map(|o| (**o).clone()).collect()
+        }
+        World {
+            identities: all(&self.identities),
+            tools: all(&self.tools),
+            policies: all(&self.policies),
+            tenants: all(&self.tenants),
+            kill_switches: all(&self.kill_switches),
+            approvals: all(&self.approvals),
+        }
+    }
+}
+
+fn watch_kind<K>(client: &Client, dirty: Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => dirty.notify_one(),
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch error (retrying)")
+                }
+            }
+        }
+    });
+    reader
+}
+
+async fn check_crds(client: &Client) -> Result<(), String> {
+    async fn one<K>(client: &Client) -> Result<(), String>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::all(client.clone());
+        match api.list(&kube::api::ListParams::default().limit(1)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Err(format!(
+                "the {} CRD is not installed; run `kubectl apply -f crds/` (or install the Helm chart) first",
+                K::kind(&())
+            )),
+            Err(e) => Err(format!("cannot list {}: {e}", K::kind(&()))),
+        }
+    }
+    one::<AgentIdentity>(client).await?;
+    one::<Tool>(client).await?;
+    one::<AgentPolicy>(client).await?;
+    one::<Tenant>(client).await?;
+    one::<KillSwitch>(client).await?;
+    one::<ApprovalRequest>(client).await
+}
+
+/// Run the operator until killed.
+pub async fn run(args: RunArgs) -> Result<(), String> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes client configuration: {e}"))?;
+    check_crds(&client).await?;
+    let hub = Arc::new(Hub::default());
+    let metrics = Arc::new(OperatorMetrics::default());
+    let st = Arc::new(ServerState {
+        hub: hub.clone(),
+        auth: Authenticator::new(client.clone()),
+        metrics: metrics.clone(),
+        ready: false.into(),
+        leader: args.no_leader_elect.into(),
+    });
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(addr = %args.listen, "snapshot API listening");
+    tokio::spawn(crate::server::serve(listener, st.clone()));
+    let dirty = Arc::new(Notify::new());
+    let stores = Stores {
+        identities: watch_kind(&client, dirty.clone()),
+        tools: watch_kind(&client, dirty.clone()),
+        policies: watch_kind(&client, dirty.clone()),
+        tenants: watch_kind(&client, dirty.clone()),
+        kill_switches: watch_kind(&client, dirty.clone()),
+        approvals: watch_kind(&client, dirty.clone()),
+    };
+    for ready in [
+        stores.identities.wait_until_ready().await,
+        stores.tools.wait_until_ready().await,
+        stores.policies.wait_until_ready().await,
+        stores.tenants.wait_until_ready().await,
+        stores.kill_switches.wait_until_ready().await,
+        stores.approvals.wait_until_ready().await,
+    ] {
+        ready.map_err(|e| format!("watch caches did not sync: {e}"))?;
+    }
+    st.ready.store(true, Ordering::SeqCst);
+    tracing::info!("caches synced; serving snapshots");
+    if !args.no_leader_elect {
+        tokio::spawn(lead(client.clone(), args.clone(), st.clone()));
+    }
+    let mut published: HashSet<String> = HashSet::new();
+    loop {
+        let t0 = Instant::now();
+        let world = stores.world();
+        let statuses = recompute(&world, &hub, &mut published);
+        metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .last_reconcile_us
+            .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        metrics.approvals_pending.store(
+            world
+                .approvals
+                .iter()
+                .filter(|a| {
+                    a.status
+                        .as_ref()
+                        .and_then(|s| s.phase.as_deref())
+                        .unwrap_or("Pending")
+                        == "Pending"
+                })
+                .count() as i64,
+            Ordering::Relaxed,
+        );
+        if st.leader.load(Ordering::SeqCst) {
+            let errors = write_statuses(&client, &world, statuses).await;
+            metrics
+                .reconcile_errors
+                .fetch_add(errors, Ordering::Relaxed);
+        }
+        dirty.notified().await;
+    }
+}
+
+/// Statuses computed by a recompute, to be written by the leader.
+#[derive(Default)]
+pub struct Statuses {
+    identities: Vec<(String, String, AgentIdentityStatus)>,
+    policies: Vec<(String, String, CommonStatus)>,
+    tools: Vec<(String, String, CommonStatus)>,
+    kill_switches: Vec<(String, KillSwitchStatus)>,
+}
+
+/// Build every identity, publish what changed, and compute every status.
+pub fn recompute(world: &World, hub: &Hub, published: &mut HashSet<String>) -> Statuses {
+    let mut out = Statuses::default();
+    let mut live = HashSet::new();
+    for id in &world.identities {
+        let key = build::key_of(id);
+        let ns = id.namespace().unwrap_or_default();
+        let generation = id.meta().generation.unwrap_or(0);
+        live.insert(key.clone());
+        let (cond, version) = match build::build_agent(world, id) {
+            Ok(config) => {
+                if let Some(v) = hub.publish(&key, &ns, &id.spec.service_account, &config) {
+                    tracing::info!(agent = %key, version = v, "snapshot published");
+                }
+                published.insert(key.clone());
+                let v = hub.get(&key).map(|s| s.version).unwrap_or(0);
+                (
+                    build::condition(
+                        "Ready",
+                        true,
+                        "SnapshotServed",
+                        &format!("snapshot version {v}"),
+                        generation,
+                    ),
+                    v,
+                )
+            }
+            Err(problems) => {
+                // The last good snapshot stays served; status says why the new one is not.
+                tracing::warn!(agent = %key, problems = ?problems, "identity does not build; keeping its last good snapshot");
+                let v = hub.get(&key).map(|s| s.version).unwrap_or(0);
+                (
+                    build::condition(
+                        "Ready",
+                        false,
+                        "InvalidReferences",
+                        &problems.join("; "),
+                        generation,
+                    ),
+                    v,
+                )
+            }
+        };
+        out.identities.push((
+            ns,
+            id.name_any(),
+            AgentIdentityStatus {
+                conditions: vec![cond],
+                observed_generation: generation,
+                snapshot_version: version,
+                spend_today_usd: id.status.as_ref().map(|s| s.spend_today_usd).unwrap_or(0.0),
+            },
+        ));
+    }
+    for gone in published
+        .iter()
+        .filter(|k| !live.contains(*k))
+        .cloned()
+        .collect::<Vec<_>>()
+    {
+        hub.remove(&gone);
+        published.remove(&gone);
+    }
+    for p in &world.policies {
+        let g = p.meta().generation.unwrap_or(0);
+        let cond = match build::validate_policy(p) {
+            Ok(()) => build::condition("Compiled", true, "Compiled", "", g),
+            Err(e) => build::condition("Compiled", false, "CompileError", &e, g),
+        };
+        out.policies.push((
+            p.namespace().unwrap_or_default(),
+            p.name_any(),
+            CommonStatus {
+                conditions: vec![cond],
+                observed_generation: g,
+            },
+        ));
+    }
+    for t in &world.tools {
+        let g = t.meta().generation.unwrap_or(0);
+        let cond = match build::validate_tool(t) {
+            Ok(()) => build::condition("Valid", true, "Valid", "", g),
+            Err(e) => build::condition("Valid", false, "Invalid", &e, g),
+        };
+        out.tools.push((
+            t.namespace().unwrap_or_default(),
+            t.name_any(),
+            CommonStatus {
+                conditions: vec![cond],
+                observed_generation: g,
+            },
+        ));
+    }
+    for k in &world.kill_switches {
+        let g = k.meta().generation.unwrap_or(0);
+        let agents = build::affected_agents(world, k);
+        let msg = if k.spec.engaged {
+            format!("affects {} agent(s)", agents.len())
+        } else {
+            "lifted".into()
+        };
+        out.kill_switches.push((
+            k.name_any(),
+            KillSwitchStatus {
+                conditions: vec![build::condition(
+                    "Engaged",
+                    k.spec.engaged,
+                    if k.spec.engaged { "Engaged" } else { "Lifted" },
+                    &msg,
+                    g,
+                )],
+                observed_generation: g,
+                affected_agents: if k.spec.engaged {
+                    agents.len() as i64
+                } else {
+                    0
+                },
+                agents: if k.spec.engaged { agents } else { Vec::new() },
+            },
+        ));
+    }
+    out
+}
+
+/// Conditions equal apart from their transition time.
+fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (
+                &x.type_,
+                &x.status,
+                &x.reason,
+                &x.message,
+                x.observed_generation,
+            ) == (
+                &y.type_,
+                &y.status,
+                &y.reason,
+                &y.message,
+                y.observed_generation,
+            )
+        })
+}
+
+async fn patch_status<K>(api: Api<K>, name: &str, status: impl Serialize) -> bool
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    match api
+        .patch_status(name, &PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(name, error = %e, "status write failed");
+            false
+        }
+    }
+}
+
+async fn write_statuses(client: &Client, world: &World, s: Statuses) -> u64 {
+    let mut errors = 0;
+    for (ns, name, status) in s.identities {
+        let cur = world
+            .identities
+            .iter()
+            .find(|i| i.namespace().as_deref() == Some(&ns) && i.name_any() == name)
+            .and_then(|i| i.status.clone())
+            .unwrap_or_default();
+        if same_conditions(&cur.conditions, &status.conditions)
+            && cur.snapshot_version == status.snapshot_version
+            && cur.observed_generation == status.observed_generation
+        {
+            continue;
+        }
+        if !patch_status(
+            Api::<AgentIdentity>::namespaced(client.clone(), &ns),
+            &name,
+            &status,
+        )
+        .await
+        {
+            errors += 1;
+        }
+    }
+    for (ns, name, status) in s.policies {
+        let cur = world
+            .policies
+            .iter()
+            .find(|i| i.namespace().as_deref() == Some(&ns) && i.name_any() == name)
+            .and_then(|i| i.status.clone())
+            .unwrap_or_default();
+        if same_conditions(&cur.conditions, &status.conditions)
+            && cur.observed_generation == status.observed_generation
+        {
+            continue;
+        }
+        if !patch_status(
+            Api::<AgentPolicy>::namespaced(client.clone(), &ns),
+            &name,
+            &status,
+        )
+        .await
+        {
+            errors += 1;
+        }
+    }
+    for (ns, name, status) in s.tools {
+        let cur = world
+            .tools
+            .iter()
+            .find(|i| i.namespace().as_deref() == Some(&ns) && i.name_any() == name)
+            .and_then(|i| i.status.clone())
+            .unwrap_or_default();
+        if same_conditions(&cur.conditions, &status.conditions)
+            && cur.observed_generation == status.observed_generation
+        {
+            continue;
+        }
+        if !patch_status(Api::<Tool>::namespaced(client.clone(), &ns), &name, &status).await {
+            errors += 1;
+        }
+    }
+    for (name, status) in s.kill_switches {
+        let cur = world
+            .kill_switches
+            .iter()
+            .find(|i| i.name_any() == name)
+            .and_then(|i| i.status.clone())
+            .unwrap_or_default();
+        if same_conditions(&cur.conditions, &status.conditions)
+            && cur.agents == status.agents
+            && cur.observed_generation == status.observed_generation
+        {
+            continue;
+        }
+        if !patch_status(Api::<KillSwitch>::all(client.clone()), &name, &status).await {
+            errors += 1;
+        }
+    }
+    errors
+}
+
+/// Hold the leader Lease while alive; `st.leader` says whether this replica writes status.
+async fn lead(client: Client, args: RunArgs, st: Arc<ServerState>) {
+    const NAME: &str = "tollgate-operator";
+    const DURATION: i32 = 15;
+    let api: Api<Lease> = Api::namespaced(client, &args.lease_namespace);
+    loop {
+        let now = chrono_now();
+        let mine = |rv: Option<String>, transitions: i32| Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(NAME.into()),
+                namespace: Some(args.lease_namespace.clone()),
+                resource_version: rv,
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(args.identity.clone()),
+                lease_duration_seconds: Some(DURATION),
+                renew_time: Some(MicroTime(now)),
+                acquire_time: Some(MicroTime(now)),
+                lease_transitions: Some(transitions),
+                ..Default::default()
+            }),
+        };
+        let leader = match api.get_opt(NAME).await {
+            Ok(None) => api
+                .create(&PostParams::default(), &mine(None, 0))
+                .await
+                .is_ok(),
+            Ok(Some(l)) => {
+                let spec = l.spec.clone().unwrap_or_default();
+                let holder = spec.holder_identity.clone().unwrap_or_default();
+                let expired = spec.renew_time.as_ref().is_none_or(|t| {
+                    t.0 + jiff_secs(spec.lease_duration_seconds.unwrap_or(DURATION)) < now
+                });
+                if holder == args.identity || expired {
+                    let transitions =
+                        spec.lease_transitions.unwrap_or(0) + i32::from(holder != args.identity);
+                    api.replace(
+                        NAME,
+                        &PostParams::default(),
+                        &mine(l.metadata.resource_version.clone(), transitions),
+                    )
+                    .await
+                    .is_ok()
+                } else {
+                    false
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease read failed");
+                false
+            }
+        };
+        if st.leader.swap(leader, Ordering::SeqCst) != leader {
+            tracing::info!(leader, identity = %args.identity, "leadership changed");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn chrono_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}
+
+fn jiff_secs(s: i32) -> k8s_openapi::jiff::SignedDuration {
+    k8s_openapi::jiff::SignedDuration::from_secs(i64::from(s))
 }

@@ -1,1 +1,300 @@
+//! The snapshot API sidecars long-poll, and the operator's health and metrics.
+//!
+//! `GET /v1/snapshot?agent=NS/NAME&version=N&hash=H[&timeoutSeconds=T]` answers at once when
+//! the agent's snapshot differs from the one the sidecar holds (hash `H`), otherwise holds the
+//! request until it changes or the timeout passes and then answers
+//! `{"version": N, "unchanged": true}` — the heartbeat that tells the sidecar the operator is
+//! alive. The caller authenticates with its projected ServiceAccount token
+//! (audience `tollgate`), checked by `TokenReview` and cached briefly; it gets only the
+//! snapshot of the identity bound to that ServiceAccount, anything else is 403.
 
+use crate::hub::Hub;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// Audience sidecar tokens are minted for.
+pub const AUDIENCE: &str = "tollgate";
+
+/// Checks bearer tokens: TokenReview against the API server, cached for 30 s.
+pub struct Authenticator {
+    client: kube::Client,
+    cache: Mutex<HashMap<String, (Option<String>, Instant)>>,
+}
+
+impl Authenticator {
+    /// Use this client for TokenReviews.
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// The authenticated username, or `None`.
+    pub async fn review(&self, token: &str) -> Result<Option<String>, String> {
+        use sha2::Digest;
+        let k = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+        if let Some((user, at)) = self.cache.lock().expect("auth cache").get(&k) {
+            if at.elapsed() < Duration::from_secs(30) {
+                return Ok(user.clone());
+            }
+        }
+        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: Some(vec![AUDIENCE.into()]),
+            },
+            ..Default::default()
+        };
+        let out = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| format!("TokenReview failed: {e}"))?;
+        let status = out.status.unwrap_or_default();
+        let user = (status.authenticated == Some(true))
+            .then(|| status.user.and_then(|u| u.username))
+            .flatten();
+        let mut cache = self.cache.lock().expect("auth cache");
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(k, (user.clone(), Instant::now()));
+        Ok(user)
+    }
+}
+
+/// Operator counters shown on `/metrics`.
+#[derive(Default)]
+pub struct OperatorMetrics {
+    /// Recomputes done.
+    pub reconciles: std::sync::atomic::AtomicU64,
+    /// Recomputes or status writes that failed.
+    pub reconcile_errors: std::sync::atomic::AtomicU64,
+    /// Snapshot requests being held right now.
+    pub connected: std::sync::atomic::AtomicI64,
+    /// Snapshot requests refused (auth).
+    pub refused: std::sync::atomic::AtomicU64,
+    /// Duration of the last recompute, µs.
+    pub last_reconcile_us: std::sync::atomic::AtomicU64,
+    /// Pending approval requests.
+    pub approvals_pending: std::sync::atomic::AtomicI64,
+}
+
+/// Shared by the server handlers.
+pub struct ServerState {
+    /// Snapshots.
+    pub hub: Arc<Hub>,
+    /// Token checks.
+    pub auth: Authenticator,
+    /// Counters.
+    pub metrics: Arc<OperatorMetrics>,
+    /// Ready once the caches synced.
+    pub ready: std::sync::atomic::AtomicBool,
+    /// Leader (writes status).
+    pub leader: std::sync::atomic::AtomicBool,
+}
+
+fn json(status: u16, v: serde_json::Value) -> hyper::Response<Full<Bytes>> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("static"));
+    r
+}
+
+fn query(q: &str) -> HashMap<String, String> {
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
+}
+
+/// Handle one request.
+pub async fn handle(
+    st: Arc<ServerState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/healthz" => return json(200, serde_json::json!({"ok": true})),
+        "/readyz" => {
+            let ready = st.ready.load(Relaxed);
+            return json(
+                if ready { 200 } else { 503 },
+                serde_json::json!({"ready": ready}),
+            );
+        }
+        "/metrics" => {
+            let m = &st.metrics;
+            let mut s = String::new();
+            let mut g = |name: &str, help: &str, kind: &str, v: String| {
+                s.push_str(&format!(
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+                ));
+            };
+            g(
+                "tollgate_operator_up",
+                "1 while the operator runs.",
+                "gauge",
+                "1".into(),
+            );
+            g(
+                "tollgate_operator_leader",
+                "1 on the replica that writes status.",
+                "gauge",
+                u8::from(st.leader.load(Relaxed)).to_string(),
+            );
+            g(
+                "tollgate_operator_reconciles_total",
+                "Snapshot recomputes.",
+                "counter",
+                m.reconciles.load(Relaxed).to_string(),
+            );
+            g(
+                "tollgate_operator_reconcile_errors_total",
+                "Failed recomputes or status writes.",
+                "counter",
+                m.reconcile_errors.load(Relaxed).to_string(),
+            );
+            g(
+                "tollgate_operator_reconcile_duration_seconds",
+                "Duration of the last recompute.",
+                "gauge",
+                format!("{}", m.last_reconcile_us.load(Relaxed) as f64 / 1e6),
+            );
+            g(
+                "tollgate_operator_connected_sidecars",
+                "Snapshot long-polls held open.",
+                "gauge",
+                m.connected.load(Relaxed).to_string(),
+            );
+            g(
+                "tollgate_operator_snapshot_refused_total",
+                "Snapshot requests refused.",
+                "counter",
+                m.refused.load(Relaxed).to_string(),
+            );
+            g(
+                "tollgate_approvals_pending",
+                "ApprovalRequests waiting for a decision.",
+                "gauge",
+                m.approvals_pending.load(Relaxed).to_string(),
+            );
+            s.push_str("# HELP tollgate_operator_snapshot_version Snapshot version served per agent.\n# TYPE tollgate_operator_snapshot_version gauge\n");
+            for (agent, v) in st.hub.agents() {
+                s.push_str(&format!(
+                    "tollgate_operator_snapshot_version{{agent=\"{agent}\"}} {v}\n"
+                ));
+            }
+            let mut r = hyper::Response::new(Full::new(Bytes::from(s)));
+            r.headers_mut().insert(
+                "content-type",
+                "text/plain; version=0.0.4".parse().expect("static"),
+            );
+            return r;
+        }
+        "/v1/snapshot" => {}
+        _ => return json(404, serde_json::json!({"error": "not_found"})),
+    }
+    let q = query(req.uri().query().unwrap_or(""));
+    let Some(agent) = q.get("agent").cloned() else {
+        return json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "agent=NAMESPACE/NAME is required"}),
+        );
+    };
+    let version: u64 = q.get("version").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let hash = q.get("hash").cloned().unwrap_or_default();
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(30)
+        .clamp(1, 60);
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let refuse = |reason: String| {
+        st.metrics.refused.fetch_add(1, Relaxed);
+        tracing::warn!(%agent, %reason, "snapshot request refused");
+        json(
+            403,
+            serde_json::json!({"error": "forbidden", "reason": reason}),
+        )
+    };
+    let Some(token) = token else {
+        return refuse("no bearer token".into());
+    };
+    let user = match st.auth.review(&token).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return refuse("the token is not valid for audience tollgate".into()),
+        Err(e) => {
+            return json(
+                503,
+                serde_json::json!({"error": "unavailable", "reason": e}),
+            )
+        }
+    };
+    let served = st.hub.get(&agent);
+    let allowed = served.as_ref().is_some_and(|s| {
+        user == format!(
+            "system:serviceaccount:{}:{}",
+            s.namespace, s.service_account
+        )
+    });
+    if !allowed {
+        return refuse(format!("{user} may not read the snapshot of {agent}"));
+    }
+    st.metrics.connected.fetch_add(1, Relaxed);
+    let newer = st
+        .hub
+        .wait_changed(&agent, &hash, Duration::from_secs(timeout))
+        .await;
+    st.metrics.connected.fetch_sub(1, Relaxed);
+    match newer {
+        Some(s) => json(
+            200,
+            serde_json::json!({"version": s.version, "hash": s.hash, "config": *s.config}),
+        ),
+        None => json(
+            200,
+            serde_json::json!({"version": version, "hash": hash, "unchanged": true}),
+        ),
+    }
+}
+
+/// Serve until the listener fails.
+pub async fn serve(listener: TcpListener, st: Arc<ServerState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let st = st.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let st = st.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(st, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Read a request body (for tests and small POSTs).
+pub async fn body_bytes(b: Incoming) -> Bytes {
+    b.collect().await.map(|c| c.to_bytes()).unwrap_or_default()
+}

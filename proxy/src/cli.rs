@@ -40,6 +40,43 @@ pub async fn run(config: &Path) -> u8 {
     0
 }
 
+/// `run --operator URL --agent NS/NAME --token-file F [--config LOCAL]`.
+pub async fn run_operator(config: Option<&Path>, args: crate::control::ControlArgs) -> u8 {
+    let (base, dir) = match config {
+        Some(p) => match crate::config::load_file(p) {
+            Ok(c) => (
+                c,
+                p.parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| ".".into()),
+            ),
+            Err(e) => {
+                eprintln!("invalid config {}: {e}", p.display());
+                return EXIT_CONFIG;
+            }
+        },
+        None => {
+            let name = args.agent.rsplit('/').next().unwrap_or(&args.agent);
+            let minimal = serde_json::json!({"agent": {"name": name, "tenants": []}});
+            (
+                serde_json::from_value(minimal).expect("minimal config"),
+                ".".into(),
+            )
+        }
+    };
+    let running = match crate::runtime::start_operator(base, &dir, args).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return 1;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining in-flight calls");
+    running.stop().await;
+    0
+}
+
 /// Wait for SIGTERM or SIGINT.
 pub async fn wait_for_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod control;
 pub mod demo;
 pub mod forward;
 pub mod identify;

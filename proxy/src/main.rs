@@ -25,11 +25,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sidecar from a standalone config file (watched and hot-reloaded).
+    /// Run the sidecar: from a standalone config file (watched and hot-reloaded), or from the
+    /// operator (`--operator`), with the file giving only local settings.
     Run {
-        /// Standalone config file.
-        #[arg(long, short)]
-        config: PathBuf,
+        /// Standalone config file (with `--operator`: listeners, audit, limits, TLS only).
+        #[arg(long, short, required_unless_present = "operator")]
+        config: Option<PathBuf>,
+        /// Operator snapshot API URL.
+        #[arg(long, env = "TOLLGATE_OPERATOR", requires_all = ["agent", "token_file"])]
+        operator: Option<String>,
+        /// `namespace/name` of this sidecar's AgentIdentity.
+        #[arg(long, env = "TOLLGATE_AGENT")]
+        agent: Option<String>,
+        /// Projected ServiceAccount token (audience `tollgate`).
+        #[arg(long, env = "TOLLGATE_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Long-poll timeout, seconds.
+        #[arg(long, default_value_t = 30)]
+        poll_timeout: u64,
     },
     /// Validate a config file and compile its policies. Exit 0 if good, 64 if not.
     Check {
@@ -178,7 +191,31 @@ fn main() -> ExitCode {
     };
     let code = rt.block_on(async move {
         match cli.command {
-            Command::Run { config } => cli::run(&config).await,
+            Command::Run {
+                config,
+                operator: Some(url),
+                agent: Some(agent),
+                token_file: Some(token_file),
+                poll_timeout,
+            } => {
+                let args = tollgate_proxy::control::ControlArgs {
+                    url,
+                    agent,
+                    token_file,
+                    poll_timeout: std::time::Duration::from_secs(poll_timeout),
+                };
+                cli::run_operator(config.as_deref(), args).await
+            }
+            Command::Run {
+                config: Some(config),
+                ..
+            } => cli::run(&config).await,
+            Command::Run { .. } => {
+                eprintln!(
+                    "run needs --config FILE, or --operator URL --agent NS/NAME --token-file F"
+                );
+                2
+            }
             Command::Check { config } => cli::check(&config),
             Command::Demo => cli::demo().await,
             Command::Policy {

@@ -74,6 +74,44 @@ pub async fn start_from_file(
     Ok(running)
 }
 
+/// Start in operator mode: local settings from `base` (listeners, audit, limits, TLS), the
+/// identity's snapshot from the operator (see [`crate::control`]). Calls are refused with 503
+/// until the first snapshot arrives.
+pub async fn start_operator(
+    base: crate::config::Config,
+    base_dir: &Path,
+    args: crate::control::ControlArgs,
+) -> Result<Running, StartError> {
+    let audit_path = resolve(base_dir, &base.audit.path);
+    let audit = AuditLog::open(&audit_path, base.audit.stdout, base.audit.max_file_bytes)
+        .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
+    let extra_ca = base
+        .tls
+        .extra_ca_file
+        .as_deref()
+        .map(|p| resolve(base_dir, p));
+    let upstreams = Upstreams::new(extra_ca.as_deref()).map_err(StartError::Setup)?;
+    let metrics = Arc::new(Metrics::new());
+    let limits =
+        crate::limits::Limits::new(&base.limits, metrics.clone()).map_err(StartError::Setup)?;
+    let state = Arc::new(ProxyState::new(
+        None,
+        true,
+        metrics,
+        audit,
+        upstreams,
+        Arc::new(limits),
+    ));
+    let running = start_with_state(state.clone(), &base, None, None).await?;
+    tokio::spawn(crate::control::poll(
+        state,
+        base,
+        base_dir.to_path_buf(),
+        args,
+    ));
+    Ok(running)
+}
+
 /// Start with a first snapshot. `tracked` enables staleness (operator mode).
 pub async fn start(
     snap: Snapshot,

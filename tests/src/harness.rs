@@ -320,6 +320,7 @@ impl TestProxy {
         proxy: SocketAddr,
         admin: SocketAddr,
         prefix: &[&str],
+        envs: &[(&str, &str)],
     ) -> Self {
         let path = dir.path().join("tollgate.yaml");
         std::fs::write(&path, full_config).unwrap();
@@ -339,6 +340,9 @@ impl TestProxy {
             .stdout(Stdio::null())
             .stderr(log)
             .env("TOLLGATE_LOG", "info");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
         let child = cmd.spawn().unwrap();
         let mut p = Self {
             proxy,

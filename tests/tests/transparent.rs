@@ -221,7 +221,7 @@ policies:
     let proxy_addr = format!("{}:{tport}", ns.ns_ip).parse().unwrap();
     let admin = format!("{}:{admin_port}", ns.ns_ip).parse().unwrap();
     let exe = ns.exec(&[]);
-    let proxy = TestProxy::start_custom(dir, &config, proxy_addr, admin, &exe);
+    let proxy = TestProxy::start_custom(dir, &config, proxy_addr, admin, &exe, &[]);
 
     // The printed rules are the applied ones.
     let exe_path = bin("tollgate-proxy").display().to_string();

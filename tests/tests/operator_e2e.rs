@@ -1,0 +1,282 @@
+//! The operator end to end (issue 6) against the in-process test API server
+//! (`tollgate_operator::testapi`, which says what it does not model): the operator binary
+//! watches the CRDs, builds each identity's snapshot and serves it to real `tollgate-proxy`
+//! sidecars over the long-poll API. A kill switch reaches every sidecar (the time it took is
+//! printed), status is written, a sidecar cannot read another agent's snapshot, and an
+//! operator outage makes the sidecars fail closed after `maxStaleness` and recover after.
+
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tollgate_operator::testapi::TestApiServer;
+use tollgate_tests::harness::{bin, call, eventually, free_port, get, TestProxy, Upstream};
+
+const GV: &str = "tollgate.dev/v1alpha1";
+
+struct Operator {
+    child: Child,
+    port: u16,
+}
+
+impl Operator {
+    fn start(api: &TestApiServer, dir: &std::path::Path, port: u16) -> Self {
+        let kc = dir.join("kubeconfig");
+        std::fs::write(&kc, api.kubeconfig()).unwrap();
+        let log = std::fs::File::create(dir.join(format!("operator-{port}.log"))).unwrap();
+        let child = Command::new(bin("tollgate-operator"))
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--no-leader-elect",
+            ])
+            .env("KUBECONFIG", &kc)
+            .env("TOLLGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        eventually("operator ready", || {
+            get(addr, "/readyz")
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        });
+        Self { child, port }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sidecar(op_port: u16, token: &str) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), token).unwrap();
+    let (pp, ap) = (free_port(), free_port());
+    let local = format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\nagent: {{name: local, tenants: []}}\naudit: {{path: audit.jsonl}}\n");
+    let token_file = dir.path().join("token").display().to_string();
+    let url = format!("http://127.0.0.1:{op_port}");
+    TestProxy::start_custom(
+        dir,
+        &local,
+        format!("127.0.0.1:{pp}").parse().unwrap(),
+        format!("127.0.0.1:{ap}").parse().unwrap(),
+        &[],
+        &[
+            ("TOLLGATE_OPERATOR", url.as_str()),
+            ("TOLLGATE_AGENT", "agents/billing"),
+            ("TOLLGATE_TOKEN_FILE", token_file.as_str()),
+        ],
+    )
+}
+
+fn seed(api: &TestApiServer, up: &Upstream) {
+    api.add_token(
+        "tok-billing",
+        "system:serviceaccount:agents:billing-agent",
+        &["tollgate"],
+    );
+    api.add_token(
+        "tok-other",
+        "system:serviceaccount:agents:other-agent",
+        &["tollgate"],
+    );
+    api.add_token(
+        "tok-wrong-aud",
+        "system:serviceaccount:agents:billing-agent",
+        &["kubernetes"],
+    );
+    api.put("tenants", json!({"apiVersion": GV, "kind": "Tenant", "metadata": {"name": "acme"}, "spec": {"budgets": {"dayUsd": 100.0}}}));
+    api.put("tools", json!({"apiVersion": GV, "kind": "Tool", "metadata": {"name": "crm-note", "namespace": "agents"},
+        "spec": {"match": {"host": up.addr.to_string(), "methods": ["POST"], "path": "/v1/notes"}}}));
+    api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
+        "spec": {"rego": "package tollgate\nimport rego.v1\ndeny contains \"no shouting\" if input.request.body.text == upper(input.request.body.text)\n"}}));
+    api.put("agentidentities", json!({"apiVersion": GV, "kind": "AgentIdentity", "metadata": {"name": "billing", "namespace": "agents"},
+        "spec": {"serviceAccount": "billing-agent", "tenants": ["acme"], "tools": ["crm-note"], "policies": ["notes"], "maxStaleness": "3s"}}));
+}
+
+fn note(p: &TestProxy, up: &Upstream, text: &str) -> (u16, String) {
+    let r = call(
+        p.proxy,
+        "POST",
+        &format!("http://{}/v1/notes", up.addr),
+        &[
+            ("X-Tollgate-Tenant", "acme"),
+            ("Content-Type", "application/json"),
+        ],
+        Some(&json!({"text": text}).to_string()),
+    );
+    (r.status, r.body_text())
+}
+
+#[test]
+fn snapshots_reach_sidecars_and_kill_switches_propagate() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(&api, dir.path(), free_port());
+    let sidecars: Vec<TestProxy> = (0..3).map(|_| sidecar(op.port, "tok-billing")).collect();
+    for s in &sidecars {
+        assert_eq!(note(s, &up, "hello").0, 200);
+        let (code, body) = note(s, &up, "HELLO");
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("no shouting"));
+    }
+    // Engage a kill switch scoped to the agent; time until every sidecar refuses.
+    let t0 = Instant::now();
+    api.put("killswitches", json!({"apiVersion": GV, "kind": "KillSwitch", "metadata": {"name": "stop-billing"},
+        "spec": {"scope": {"agent": "billing"}, "engaged": true, "reason": "INC-7: runaway notes"}}));
+    let mut remaining: Vec<&TestProxy> = sidecars.iter().collect();
+    while !remaining.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "kill switch did not propagate"
+        );
+        remaining.retain(|s| note(s, &up, "hello").0 != 503);
+    }
+    let lag = t0.elapsed();
+    println!(
+        "kill switch reached all {} sidecars in {:.1} ms",
+        sidecars.len(),
+        lag.as_secs_f64() * 1e3
+    );
+    let (code, body) = note(&sidecars[0], &up, "hello");
+    assert_eq!(code, 503);
+    assert!(body.contains("INC-7"), "{body}");
+    // Status, written by the operator.
+    eventually("kill switch status", || {
+        api.get(GV, "killswitches", "", "stop-billing")
+            .is_some_and(|k| {
+                k["status"]["affectedAgents"] == 1 && k["status"]["agents"][0] == "agents/billing"
+            })
+    });
+    eventually("identity Ready", || {
+        api.get(GV, "agentidentities", "agents", "billing")
+            .is_some_and(|i| {
+                i["status"]["conditions"][0]["type"] == "Ready"
+                    && i["status"]["conditions"][0]["status"] == "True"
+            })
+    });
+    // Lift it by deleting it.
+    api.delete(GV, "killswitches", "", "stop-billing");
+    eventually("lifted everywhere", || {
+        sidecars.iter().all(|s| note(s, &up, "hello").0 == 200)
+    });
+    // A policy that does not compile: reported, and the last good snapshot keeps serving.
+    api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
+        "spec": {"rego": "package tollgate\nimport rego.v1\ndeny contains x if {\n x := \n}\n"}}));
+    eventually("Compiled=False", || {
+        api.get(GV, "agentpolicies", "agents", "notes")
+            .is_some_and(|p| {
+                p["status"]["conditions"][0]["status"] == "False"
+                    && p["status"]["conditions"][0]["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("agents/notes.rego")
+            })
+    });
+    eventually("identity not Ready", || {
+        api.get(GV, "agentidentities", "agents", "billing")
+            .is_some_and(|i| i["status"]["conditions"][0]["status"] == "False")
+    });
+    assert_eq!(
+        note(&sidecars[0], &up, "HELLO").0,
+        403,
+        "the last good policy still decides"
+    );
+}
+
+#[test]
+fn a_sidecar_cannot_read_another_agents_snapshot() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(&api, dir.path(), free_port());
+    let addr = format!("127.0.0.1:{}", op.port).parse().unwrap();
+    let ask = |token: Option<&str>| {
+        let mut h = vec![];
+        let auth;
+        if let Some(t) = token {
+            auth = format!("Bearer {t}");
+            h.push(("Authorization", auth.as_str()));
+        }
+        call(
+            addr,
+            "GET",
+            "/v1/snapshot?agent=agents/billing&version=0&timeoutSeconds=1",
+            &h,
+            None,
+        )
+    };
+    eventually("snapshot served to its own ServiceAccount", || {
+        ask(Some("tok-billing")).status == 200
+    });
+    let r = ask(Some("tok-billing"));
+    assert_eq!(r.json()["config"]["agent"]["name"], "billing");
+    for bad in [
+        Some("tok-other"),
+        Some("tok-wrong-aud"),
+        Some("garbage"),
+        None,
+    ] {
+        let r = ask(bad);
+        assert_eq!(r.status, 403, "{bad:?}: {}", r.body_text());
+        assert!(r.json()["config"].is_null());
+    }
+    let m = get(addr, "/metrics").unwrap().body_text();
+    assert!(
+        m.contains("tollgate_operator_snapshot_refused_total 4"),
+        "{m}"
+    );
+}
+
+#[test]
+fn an_operator_outage_fails_closed_after_max_staleness_and_recovers() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let op = Operator::start(&api, dir.path(), port);
+    let s = {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "tok-billing").unwrap();
+        let (pp, ap) = (free_port(), free_port());
+        let local = format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\nagent: {{name: local, tenants: []}}\naudit: {{path: audit.jsonl}}\n");
+        let tf = dir.path().join("token").display().to_string();
+        let url = format!("http://127.0.0.1:{port}");
+        TestProxy::start_custom(
+            dir,
+            &local,
+            format!("127.0.0.1:{pp}").parse().unwrap(),
+            format!("127.0.0.1:{ap}").parse().unwrap(),
+            &[],
+            &[
+                ("TOLLGATE_OPERATOR", url.as_str()),
+                ("TOLLGATE_AGENT", "agents/billing"),
+                ("TOLLGATE_TOKEN_FILE", tf.as_str()),
+            ],
+        )
+    };
+    assert_eq!(note(&s, &up, "hello").0, 200);
+    drop(op);
+    // Within maxStaleness (3s) the last good snapshot serves; after it, fail closed.
+    eventually("fails closed once stale", || {
+        let (code, body) = note(&s, &up, "hello");
+        code == 503 && body.contains("config_stale")
+    });
+    assert!(
+        s.metrics().contains("tollgate_config_stale 1")
+            || s.metrics().contains("tollgate_config_age_seconds")
+    );
+    let _op = Operator::start(&api, dir.path(), port);
+    eventually("recovers with the operator", || {
+        note(&s, &up, "hello").0 == 200
+    });
+}
