@@ -160,6 +160,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let st = Arc::new(ServerState {
         hub: hub.clone(),
         auth: Authenticator::new(client.clone()),
+        client: client.clone(),
         metrics: metrics.clone(),
         ready: false.into(),
         leader: args.no_leader_elect.into(),

@@ -96,6 +96,8 @@ pub struct ServerState {
     pub hub: Arc<Hub>,
     /// Token checks.
     pub auth: Authenticator,
+    /// API client (creates ApprovalRequests).
+    pub client: kube::Client,
     /// Counters.
     pub metrics: Arc<OperatorMetrics>,
     /// Ready once the caches synced.
@@ -203,6 +205,7 @@ pub async fn handle(
             return r;
         }
         "/v1/snapshot" => {}
+        "/v1/approvals" if req.method() == http::Method::POST => return approval(st, req).await,
         _ => return json(404, serde_json::json!({"error": "not_found"})),
     }
     let q = query(req.uri().query().unwrap_or(""));
@@ -270,6 +273,123 @@ pub async fn handle(
         None => json(
             200,
             serde_json::json!({"version": version, "hash": hash, "unchanged": true}),
+        ),
+    }
+}
+
+/// The ServiceAccount user a bearer token authenticates as.
+async fn caller(
+    st: &ServerState,
+    headers: &http::HeaderMap,
+) -> Result<String, hyper::Response<Full<Bytes>>> {
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            json(
+                403,
+                serde_json::json!({"error": "forbidden", "reason": "no bearer token"}),
+            )
+        })?;
+    match st.auth.review(token).await {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(json(
+            403,
+            serde_json::json!({"error": "forbidden", "reason": "the token is not valid for audience tollgate"}),
+        )),
+        Err(e) => Err(json(
+            503,
+            serde_json::json!({"error": "unavailable", "reason": e}),
+        )),
+    }
+}
+
+/// `POST /v1/approvals`: a sidecar asks for an `ApprovalRequest` for a held call, in its own
+/// identity's namespace, named by the call's approval id (so the grant matches it).
+async fn approval(
+    st: Arc<ServerState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let user = match caller(&st, req.headers()).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let body = body_bytes(req.into_body()).await;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
+        );
+    };
+    let agent = v["agent"].as_str().unwrap_or("");
+    let Some(served) = st.hub.get(agent) else {
+        return json(
+            403,
+            serde_json::json!({"error": "forbidden", "reason": format!("unknown agent {agent}")}),
+        );
+    };
+    if user
+        != format!(
+            "system:serviceaccount:{}:{}",
+            served.namespace, served.service_account
+        )
+    {
+        return json(
+            403,
+            serde_json::json!({"error": "forbidden", "reason": format!("{user} may not open approvals for {agent}")}),
+        );
+    }
+    let id = v["id"].as_str().unwrap_or("");
+    let valid = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "id must be a DNS label"}),
+        );
+    }
+    let name = agent.rsplit('/').next().unwrap_or(agent);
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    let obj = crate::crd::ApprovalRequest {
+        metadata: kube::api::ObjectMeta {
+            name: Some(id.to_string()),
+            namespace: Some(served.namespace.clone()),
+            labels: Some([("tollgate.dev/agent".to_string(), name.to_string())].into()),
+            ..Default::default()
+        },
+        spec: crate::crd::ApprovalRequestSpec {
+            key: s("key"),
+            agent: name.to_string(),
+            service_account: served.service_account.clone(),
+            tenant: s("tenant"),
+            run: s("run"),
+            tool: s("tool"),
+            summary: s("summary"),
+            reasons: v["reasons"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            input_preview: Some(v["inputPreview"].clone()),
+            expires_at: s("expiresAt"),
+        },
+        status: None,
+    };
+    let api: kube::Api<crate::crd::ApprovalRequest> =
+        kube::Api::namespaced(st.client.clone(), &served.namespace);
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => json(201, serde_json::json!({"created": id})),
+        Err(kube::Error::Api(e)) if e.code == 409 => json(200, serde_json::json!({"exists": id})),
+        Err(e) => json(
+            502,
+            serde_json::json!({"error": "api_error", "reason": e.to_string()}),
         ),
     }
 }

@@ -161,3 +161,53 @@ async fn fetch(
         .map_err(|e| format!("snapshot does not parse: {e}"))?;
     Ok(Answer::Snapshot(new_version, new_hash, Box::new(config)))
 }
+
+/// Ask the operator to create an `ApprovalRequest` for a held call (fire and forget: the agent
+/// already has its 403 `approval_required` with the request name; a failure is logged).
+pub fn report_approval(
+    args: &ControlArgs,
+    req: &crate::approval::ApprovalRequest,
+    upstreams: &crate::upstream::Upstreams,
+) {
+    let (args, upstreams) = (args.clone(), upstreams.clone());
+    let body = serde_json::json!({
+        "id": req.id,
+        "key": req.key,
+        "agent": args.agent,
+        "tenant": req.summary.tenant,
+        "run": req.summary.run,
+        "tool": req.summary.tool,
+        "summary": format!("{} ({})", req.summary.target, req.summary.reasons.join("; ")),
+        "reasons": req.summary.reasons,
+        "inputPreview": req.summary.input_preview,
+        "expiresAt": req.expires_at,
+    });
+    tokio::spawn(async move {
+        let token = match std::fs::read_to_string(&args.token_file) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the token to report an approval request");
+                return;
+            }
+        };
+        let url = format!("{}/v1/approvals", args.url.trim_end_matches('/'));
+        let Ok(request) = http::Request::post(&url)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+        else {
+            return;
+        };
+        match upstreams
+            .send(request, Duration::from_secs(2), Duration::from_secs(10))
+            .await
+        {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => tracing::error!(status = %r.status(), "operator refused the approval request"),
+            Err(e) => tracing::error!(error = %e, "approval request not delivered to the operator"),
+        }
+    });
+}

@@ -643,6 +643,10 @@ async fn approval_gate(
     if let (Some(req), Some(url)) = (&opened, snap.raw.approvals.notify_url.as_deref()) {
         crate::approval::notify(url, req, &state.upstreams);
     }
+    if let (Some(req), Some(ctl)) = (&opened, state.control.get()) {
+        // Operator mode: the operator turns it into an ApprovalRequest for kubectl.
+        crate::control::report_approval(ctl, req, &state.upstreams);
+    }
     match outcome {
         Ok(g) => {
             state

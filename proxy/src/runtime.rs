@@ -102,6 +102,7 @@ pub async fn start_operator(
         upstreams,
         Arc::new(limits),
     ));
+    let _ = state.control.set(args.clone());
     let running = start_with_state(state.clone(), &base, None, None).await?;
     tokio::spawn(crate::control::poll(
         state,

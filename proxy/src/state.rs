@@ -65,6 +65,8 @@ pub struct ProxyState {
     pub approvals: ApprovalStore,
     /// Rate limits and budget counters (outlive snapshots).
     pub limits: Arc<crate::limits::Limits>,
+    /// The operator link, in operator mode.
+    pub control: std::sync::OnceLock<crate::control::ControlArgs>,
     /// Audit records already counted into the metric.
     audit_seen: AtomicU64,
     audit_err_seen: AtomicU64,
@@ -88,6 +90,7 @@ impl ProxyState {
             upstreams,
             approvals: ApprovalStore::default(),
             limits,
+            control: std::sync::OnceLock::new(),
             audit_seen: AtomicU64::new(0),
             audit_err_seen: AtomicU64::new(0),
         };

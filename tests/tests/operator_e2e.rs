@@ -280,3 +280,107 @@ fn an_operator_outage_fails_closed_after_max_staleness_and_recovers() {
         note(&s, &up, "hello").0 == 200
     });
 }
+
+fn kubectl_tollgate(api: &TestApiServer, dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let kc = dir.join("kubeconfig");
+    std::fs::write(&kc, api.kubeconfig()).unwrap();
+    let out = Command::new(bin("kubectl-tollgate"))
+        .args(args)
+        .env("KUBECONFIG", &kc)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Issue 10: a held call becomes an ApprovalRequest that a named human decides with
+/// `kubectl tollgate`; the grant reaches the sidecar through the snapshot and covers exactly
+/// that call, once.
+#[test]
+fn held_calls_become_approval_requests_decided_with_kubectl() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
+        "spec": {"rego": "package tollgate\nimport rego.v1\nrequire_approval contains \"long notes need a human\" if count(input.request.body.text) > 10\n"}}));
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(&api, dir.path(), free_port());
+    let s = sidecar(op.port, "tok-billing");
+    let long = "this note is long enough";
+    let (code, body) = note(&s, &up, long);
+    assert_eq!(code, 403, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "approval_required");
+    let id = v["approval"].as_str().unwrap().to_string();
+    eventually("ApprovalRequest created in the agent's namespace", || {
+        api.get(GV, "approvalrequests", "agents", &id).is_some()
+    });
+    let apr = api.get(GV, "approvalrequests", "agents", &id).unwrap();
+    assert_eq!(apr["spec"]["agent"], "billing");
+    assert_eq!(apr["spec"]["serviceAccount"], "billing-agent");
+    assert!(apr["spec"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("long notes need a human"));
+    assert_eq!(apr["spec"]["key"].as_str().unwrap().len(), 64);
+    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approvals"]);
+    assert!(ok && out.contains(&id) && out.contains("Pending"), "{out}");
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "-n",
+            "agents",
+            "approve",
+            &id,
+            "--reason",
+            "checked with the customer",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(
+        api.get(GV, "approvalrequests", "agents", &id).unwrap()["status"]["phase"],
+        "Approved"
+    );
+    // Decisions are final.
+    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "deny", &id]);
+    assert!(!ok && out.contains("already Approved"), "{out}");
+    // The identical retry is allowed once the grant reaches the sidecar, and only once.
+    eventually("grant reaches the sidecar", || note(&s, &up, long).0 == 200);
+    let (code, body) = note(&s, &up, long);
+    assert_eq!(code, 403, "single use: {body}");
+    // A different input is not covered.
+    let (code, body) = note(&s, &up, "a different long note");
+    assert_eq!(code, 403);
+    assert!(body.contains("approval_required"), "{body}");
+    // Kill switches from the plugin.
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "kill",
+            "stop-notes",
+            "--agent",
+            "billing",
+            "--reason",
+            "INC-9",
+        ],
+    );
+    assert!(ok, "{out}");
+    eventually("killed", || note(&s, &up, "hi").0 == 503);
+    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["unkill", "stop-notes"]);
+    assert!(ok, "{out}");
+    eventually("lifted", || note(&s, &up, "hi").0 == 200);
+    let recs = s.audit();
+    assert!(
+        recs.iter()
+            .any(|r| r["approval"]["id"] == id.as_str() && r["decision"] == "allow"),
+        "the approval is in the record"
+    );
+}

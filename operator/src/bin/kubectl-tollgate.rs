@@ -1,1 +1,302 @@
-fn main() {}
+//! `kubectl tollgate`: the SRE's workflow on Tollgate objects. Put it on `PATH` and kubectl
+//! finds it as a plugin.
+//!
+//! ```text
+//! kubectl tollgate approvals [-n NS | -A]            pending and decided approval requests
+//! kubectl tollgate approve NAME [-n NS] [--reason R] approve a held call (approver = you)
+//! kubectl tollgate deny NAME [-n NS] [--reason R]    deny it
+//! kubectl tollgate kill NAME --reason R [--all | --namespace N | --tenant T | --agent A | --tool T]
+//! kubectl tollgate unkill NAME                       lift a kill switch
+//! kubectl tollgate status [-n NS | -A]               identities, readiness, snapshot versions, kill switches
+//! ```
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use std::process::ExitCode;
+use tollgate_operator::crd::{
+    AgentIdentity, ApprovalRequest, KillSwitch, KillSwitchScope, KillSwitchSpec,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "kubectl-tollgate",
+    version,
+    about = "Tollgate approvals and kill switches from kubectl"
+)]
+struct Cli {
+    /// Namespace (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// All namespaces.
+    #[arg(short = 'A', long, global = true)]
+    all_namespaces: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List approval requests.
+    Approvals,
+    /// Approve a held call.
+    Approve {
+        /// ApprovalRequest name.
+        name: String,
+        /// Reason recorded with the decision.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a held call.
+    Deny {
+        /// ApprovalRequest name.
+        name: String,
+        /// Reason recorded with the decision.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Engage a kill switch.
+    Kill {
+        /// KillSwitch name.
+        name: String,
+        /// Why (shown to agents and in audit records).
+        #[arg(long)]
+        reason: String,
+        /// Everything.
+        #[arg(long)]
+        all: bool,
+        /// Agents in this namespace.
+        #[arg(long = "in-namespace")]
+        in_namespace: Option<String>,
+        /// This tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// This agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// This tool.
+        #[arg(long)]
+        tool: Option<String>,
+    },
+    /// Lift a kill switch.
+    Unkill {
+        /// KillSwitch name.
+        name: String,
+    },
+    /// Identities and kill switches at a glance.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    let ns = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let approvals: Api<ApprovalRequest> = if cli.all_namespaces {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), &ns)
+    };
+    match cli.command {
+        Cmd::Approvals => {
+            let list = approvals
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{:<24} {:<14} {:<22} {:<10} {:<10} {:<20} SUMMARY",
+                "NAME", "NAMESPACE", "AGENT", "TENANT", "PHASE", "APPROVER"
+            );
+            for a in list.items {
+                let st = a.status.clone().unwrap_or_default();
+                println!(
+                    "{:<24} {:<14} {:<22} {:<10} {:<10} {:<20} {}",
+                    a.name_any(),
+                    a.namespace().unwrap_or_default(),
+                    a.spec.agent,
+                    a.spec.tenant,
+                    st.phase.unwrap_or_else(|| "Pending".into()),
+                    st.approver.unwrap_or_default(),
+                    a.spec.summary
+                );
+            }
+            Ok(())
+        }
+        Cmd::Approve { name, reason } => {
+            decide(&Api::namespaced(client, &ns), &name, "Approved", reason).await
+        }
+        Cmd::Deny { name, reason } => {
+            decide(&Api::namespaced(client, &ns), &name, "Denied", reason).await
+        }
+        Cmd::Kill {
+            name,
+            reason,
+            all,
+            in_namespace,
+            tenant,
+            agent,
+            tool,
+        } => {
+            if !all
+                && in_namespace.is_none()
+                && tenant.is_none()
+                && agent.is_none()
+                && tool.is_none()
+            {
+                return Err(
+                    "give a scope: --all, or any of --in-namespace, --tenant, --agent, --tool"
+                        .into(),
+                );
+            }
+            let api: Api<KillSwitch> = Api::all(client);
+            let ks = KillSwitch::new(
+                &name,
+                KillSwitchSpec {
+                    scope: KillSwitchScope {
+                        all,
+                        namespace: in_namespace,
+                        tenant,
+                        agent,
+                        tool,
+                    },
+                    engaged: true,
+                    reason,
+                },
+            );
+            let patch = Patch::Apply(serde_json::to_value(&ks).map_err(|e| e.to_string())?);
+            api.patch(
+                &name,
+                &PatchParams::apply("kubectl-tollgate").force(),
+                &patch,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            println!("killswitch/{name} engaged");
+            Ok(())
+        }
+        Cmd::Unkill { name } => {
+            let api: Api<KillSwitch> = Api::all(client);
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"engaged": false}})),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            println!("killswitch/{name} lifted");
+            Ok(())
+        }
+        Cmd::Status => {
+            let ids: Api<AgentIdentity> = if cli.all_namespaces {
+                Api::all(client.clone())
+            } else {
+                Api::namespaced(client.clone(), &ns)
+            };
+            println!(
+                "{:<30} {:<8} {:<10} {:<16} MESSAGE",
+                "AGENT", "READY", "MODE", "SNAPSHOT"
+            );
+            for i in ids
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+            {
+                let st = i.status.clone().unwrap_or_default();
+                let ready = st.conditions.iter().find(|c| c.type_ == "Ready");
+                println!(
+                    "{:<30} {:<8} {:<10} {:<16} {}",
+                    format!("{}/{}", i.namespace().unwrap_or_default(), i.name_any()),
+                    ready.map(|c| c.status.as_str()).unwrap_or("Unknown"),
+                    i.spec.mode.as_str(),
+                    st.snapshot_version,
+                    ready.map(|c| c.message.as_str()).unwrap_or("")
+                );
+            }
+            let ks: Api<KillSwitch> = Api::all(client);
+            for k in ks
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+            {
+                if k.spec.engaged {
+                    println!(
+                        "killswitch/{} ENGAGED: {} ({} agents)",
+                        k.name_any(),
+                        k.spec.reason,
+                        k.status.map(|s| s.affected_agents).unwrap_or(0)
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn decide(
+    api: &Api<ApprovalRequest>,
+    name: &str,
+    phase: &str,
+    reason: Option<String>,
+) -> Result<(), String> {
+    let a = api
+        .get(name)
+        .await
+        .map_err(|e| format!("approvalrequest/{name}: {e}"))?;
+    let current = a
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Pending".into());
+    if current != "Pending" {
+        return Err(format!(
+            "approvalrequest/{name} is already {current}; decisions are final"
+        ));
+    }
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    if !a.spec.expires_at.is_empty() && a.spec.expires_at <= now {
+        return Err(format!(
+            "approvalrequest/{name} expired at {}",
+            a.spec.expires_at
+        ));
+    }
+    let mut status = serde_json::json!({"phase": phase});
+    if let Some(r) = reason {
+        status["reason"] = r.into();
+    }
+    // The approver is stamped by the admission webhook from your Kubernetes identity.
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    println!("approvalrequest/{name} {}", phase.to_lowercase());
+    Ok(())
+}
