@@ -42,6 +42,19 @@ pub struct RunArgs {
     /// Do not elect a leader: this replica writes status (single-replica setups, tests).
     #[arg(long)]
     pub no_leader_elect: bool,
+    /// Admission webhooks (TLS) listener; off when absent.
+    #[arg(long)]
+    pub webhook_listen: Option<String>,
+    /// Sidecar injection settings (YAML/JSON `InjectConfig`), required with `--webhook-listen`.
+    #[arg(long)]
+    pub inject_config: Option<std::path::PathBuf>,
+    /// Service fronting the webhooks (for the serving certificate's names).
+    #[arg(long, default_value = "tollgate-operator")]
+    pub webhook_service: String,
+    /// Name of the Mutating- and ValidatingWebhookConfiguration whose `caBundle` the operator
+    /// keeps current.
+    #[arg(long, default_value = "tollgate")]
+    pub webhook_config_name: String,
 }
 
 /// Entry point.
@@ -191,6 +204,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     }
     st.ready.store(true, Ordering::SeqCst);
     tracing::info!("caches synced; serving snapshots");
+    let stores = Arc::new(stores);
+    if let Some(addr) = &args.webhook_listen {
+        start_webhooks(&client, &args, addr, stores.clone()).await?;
+    }
     if !args.no_leader_elect {
         tokio::spawn(lead(client.clone(), args.clone(), st.clone()));
     }
@@ -225,6 +242,100 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         }
         dirty.notified().await;
     }
+}
+
+/// Serve the admission webhooks with a self-managed certificate, and put its CA into the
+/// webhook configurations' `caBundle`.
+async fn start_webhooks(
+    client: &Client,
+    args: &RunArgs,
+    addr: &str,
+    stores: Arc<Stores>,
+) -> Result<(), String> {
+    use crate::webhook::{certs, inject::IdentityFacts, inject::InjectConfig, server};
+    let path = args
+        .inject_config
+        .as_ref()
+        .ok_or("--webhook-listen needs --inject-config")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let inject: InjectConfig =
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = certs::webhook_certs(&args.webhook_service, &args.lease_namespace, &[], 365)
+        .map_err(|e| e.to_string())?;
+    let tls = server::tls_config(&certs.serving)?;
+    let facts: server::FactsLookup = Arc::new(move |ns: &str, agent: &str| {
+        let world = stores.world();
+        let mut secrets = Vec::new();
+        if let Some(id) = world
+            .identities
+            .iter()
+            .find(|i| i.namespace().as_deref() == Some(ns) && i.name_any() == agent)
+        {
+            for t in &id.spec.tools {
+                if let Some(tool) = world
+                    .tools
+                    .iter()
+                    .find(|x| x.namespace().as_deref() == Some(ns) && &x.name_any() == t)
+                {
+                    if let Some(c) = &tool.spec.credentials {
+                        secrets.push(c.secret_name.clone());
+                    }
+                }
+            }
+        }
+        IdentityFacts { secrets }
+    });
+    let hooks = server::Webhooks {
+        inject: Arc::new(inject),
+        facts,
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tokio::spawn(server::serve(listener, tls, hooks));
+    let bundle = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        certs.ca.cert.as_bytes(),
+    );
+    for kind in [
+        "mutatingwebhookconfigurations",
+        "validatingwebhookconfigurations",
+    ] {
+        let ar = kube::api::ApiResource {
+            group: "admissionregistration.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            kind: if kind.starts_with("mutating") {
+                "MutatingWebhookConfiguration"
+            } else {
+                "ValidatingWebhookConfiguration"
+            }
+            .into(),
+            plural: kind.into(),
+        };
+        let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+        match api.get_opt(&args.webhook_config_name).await {
+            Ok(Some(mut obj)) => {
+                if let Some(hooks) = obj.data.get_mut("webhooks").and_then(|w| w.as_array_mut()) {
+                    for h in hooks {
+                        h["clientConfig"]["caBundle"] = serde_json::json!(bundle);
+                    }
+                }
+                if let Err(e) = api
+                    .replace(&args.webhook_config_name, &PostParams::default(), &obj)
+                    .await
+                {
+                    tracing::warn!(kind, error = %e, "could not update the webhook caBundle");
+                }
+            }
+            Ok(None) => {
+                tracing::warn!(kind, name = %args.webhook_config_name, "webhook configuration not found; caBundle not set")
+            }
+            Err(e) => tracing::warn!(kind, error = %e, "could not read the webhook configuration"),
+        }
+    }
+    tracing::info!(%addr, "admission webhooks listening");
+    Ok(())
 }
 
 /// Statuses computed by a recompute, to be written by the leader.

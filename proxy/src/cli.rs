@@ -40,8 +40,27 @@ pub async fn run(config: &Path) -> u8 {
     0
 }
 
+/// Local settings given on the command line in operator mode (the injected sidecar's args).
+#[derive(Debug, Default)]
+pub struct LocalOverrides {
+    /// `listen.proxy`.
+    pub listen_proxy: Option<String>,
+    /// `listen.admin`.
+    pub listen_admin: Option<String>,
+    /// `listen.transparent`.
+    pub listen_transparent: Option<String>,
+    /// `audit.path`.
+    pub audit_path: Option<String>,
+    /// Directory with `tls.crt` and `tls.key` of the interception CA.
+    pub intercept_ca_dir: Option<std::path::PathBuf>,
+}
+
 /// `run --operator URL --agent NS/NAME --token-file F [--config LOCAL]`.
-pub async fn run_operator(config: Option<&Path>, args: crate::control::ControlArgs) -> u8 {
+pub async fn run_operator(
+    config: Option<&Path>,
+    args: crate::control::ControlArgs,
+    local: LocalOverrides,
+) -> u8 {
     let (base, dir) = match config {
         Some(p) => match crate::config::load_file(p) {
             Ok(c) => (
@@ -64,6 +83,25 @@ pub async fn run_operator(config: Option<&Path>, args: crate::control::ControlAr
             )
         }
     };
+    let mut base = base;
+    if let Some(a) = local.listen_proxy {
+        base.listen.proxy = a;
+    }
+    if let Some(a) = local.listen_admin {
+        base.listen.admin = a;
+    }
+    if local.listen_transparent.is_some() {
+        base.listen.transparent = local.listen_transparent;
+    }
+    if let Some(p) = local.audit_path {
+        base.audit.path = p;
+    }
+    if let Some(d) = local.intercept_ca_dir {
+        base.tls.intercept = Some(crate::config::InterceptConfig {
+            ca_cert: d.join("tls.crt").display().to_string(),
+            ca_key: d.join("tls.key").display().to_string(),
+        });
+    }
     let running = match crate::runtime::start_operator(base, &dir, args).await {
         Ok(r) => r,
         Err(e) => {

@@ -43,6 +43,21 @@ enum Command {
         /// Long-poll timeout, seconds.
         #[arg(long, default_value_t = 30)]
         poll_timeout: u64,
+        /// Operator mode: proxy listener (overrides `listen.proxy`).
+        #[arg(long)]
+        listen_proxy: Option<String>,
+        /// Operator mode: admin listener (overrides `listen.admin`).
+        #[arg(long)]
+        listen_admin: Option<String>,
+        /// Operator mode: transparent listener (overrides `listen.transparent`).
+        #[arg(long)]
+        listen_transparent: Option<String>,
+        /// Operator mode: audit file (overrides `audit.path`).
+        #[arg(long)]
+        audit_path: Option<String>,
+        /// Operator mode: directory holding the interception CA as `tls.crt` and `tls.key`.
+        #[arg(long)]
+        intercept_ca_dir: Option<PathBuf>,
     },
     /// Validate a config file and compile its policies. Exit 0 if good, 64 if not.
     Check {
@@ -197,6 +212,11 @@ fn main() -> ExitCode {
                 agent: Some(agent),
                 token_file: Some(token_file),
                 poll_timeout,
+                listen_proxy,
+                listen_admin,
+                listen_transparent,
+                audit_path,
+                intercept_ca_dir,
             } => {
                 let args = tollgate_proxy::control::ControlArgs {
                     url,
@@ -204,7 +224,14 @@ fn main() -> ExitCode {
                     token_file,
                     poll_timeout: std::time::Duration::from_secs(poll_timeout),
                 };
-                cli::run_operator(config.as_deref(), args).await
+                let local = cli::LocalOverrides {
+                    listen_proxy,
+                    listen_admin,
+                    listen_transparent,
+                    audit_path,
+                    intercept_ca_dir,
+                };
+                cli::run_operator(config.as_deref(), args, local).await
             }
             Command::Run {
                 config: Some(config),

@@ -384,3 +384,67 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
         "the approval is in the record"
     );
 }
+
+/// `tollgate-operator run --webhook-listen` serves the admission webhooks with its own
+/// certificate and writes that CA into the webhook configurations' `caBundle`.
+#[test]
+fn the_operator_serves_webhooks_and_keeps_the_ca_bundle_current() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    for (plural, kind) in [
+        (
+            "mutatingwebhookconfigurations",
+            "MutatingWebhookConfiguration",
+        ),
+        (
+            "validatingwebhookconfigurations",
+            "ValidatingWebhookConfiguration",
+        ),
+    ] {
+        api.put(plural, json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind, "metadata": {"name": "tollgate"},
+            "webhooks": [{"name": "x.tollgate.dev", "clientConfig": {"service": {"name": "tollgate-operator", "namespace": "tollgate-system", "path": "/mutate"}}}]}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inject.yaml"), "image: tollgate-proxy:test\noperatorUrl: http://tollgate-operator.tollgate-system.svc:8080\n").unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, api.kubeconfig()).unwrap();
+    let (port, wport) = (free_port(), free_port());
+    let mut child = Command::new(bin("tollgate-operator"))
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--no-leader-elect",
+            "--webhook-listen",
+            &format!("127.0.0.1:{wport}"),
+            "--inject-config",
+        ])
+        .arg(dir.path().join("inject.yaml"))
+        .env("KUBECONFIG", &kc)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("caBundle written", || {
+        [
+            "mutatingwebhookconfigurations",
+            "validatingwebhookconfigurations",
+        ]
+        .iter()
+        .all(|p| {
+            api.get("admissionregistration.k8s.io/v1", p, "", "tollgate")
+                .and_then(|o| {
+                    o["webhooks"][0]["clientConfig"]["caBundle"]
+                        .as_str()
+                        .map(|b| b.len() > 100)
+                })
+                .unwrap_or(false)
+        })
+    });
+    eventually("webhook port accepts TLS", || {
+        std::net::TcpStream::connect(("127.0.0.1", wport)).is_ok()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -271,6 +271,8 @@ pub fn inject(mut pod: Pod, cfg: &InjectConfig, facts: &IdentityFacts) -> Result
         "run".to_string(),
         "--operator".into(),
         cfg.operator_url.clone(),
+        "--agent".into(),
+        format!("$(POD_NAMESPACE)/{agent}"),
         "--token-file".into(),
         "/var/run/secrets/tollgate/token".into(),
         "--listen-proxy".into(),
