@@ -127,7 +127,20 @@ pub struct Limits {
     on_unavailable: OnUnavailable,
     reservation_ttl: Duration,
     metrics: Arc<Metrics>,
+    /// Circuit breaker: after a Redis failure, calls skip Redis until this time (ms since
+    /// the epoch) instead of each paying a connection timeout; then Redis is tried again.
+    redis_down_until: std::sync::atomic::AtomicU64,
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long Redis is skipped after a failure.
+const REDIS_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,11 +173,37 @@ impl Limits {
                 .map(|d| d.get())
                 .unwrap_or(Duration::from_secs(300)),
             metrics,
+            redis_down_until: 0.into(),
         })
+    }
+
+    /// Redis, unless it failed moments ago.
+    fn redis(&self) -> Result<Option<&redis_store::RedisStore>, StoreError> {
+        match &self.redis {
+            None => Ok(None),
+            Some(r) => {
+                let until = self
+                    .redis_down_until
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if now_ms() < until {
+                    Err(StoreError("redis: unavailable (retrying shortly)".into()))
+                } else {
+                    Ok(Some(r))
+                }
+            }
+        }
+    }
+
+    fn trip(&self) {
+        self.redis_down_until.store(
+            now_ms() + REDIS_RETRY_AFTER.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     fn redis_failed(&self, op: &str, e: &StoreError) -> Result<(), Refusal> {
         self.metrics.redis_unavailable.set(1);
+        self.trip();
         match self.on_unavailable {
             OnUnavailable::Deny => {
                 tracing::error!(error = %e, op, "limits backend (redis) unavailable; refusing (limits.onUnavailable: deny)");
@@ -187,18 +226,21 @@ impl Limits {
     /// Take one call from every rate limit; the first exhausted one refuses with 429.
     pub async fn check_rates(&self, checks: &[RateCheck]) -> Result<(), Refusal> {
         for c in checks {
-            let wait = match &self.redis {
-                Some(r) => match r.gcra(c).await {
-                    Ok(w) => {
-                        self.metrics.redis_unavailable.set(0);
-                        w
-                    }
-                    Err(e) => {
-                        self.redis_failed("rate limit", &e)?;
-                        self.local.gcra(c)
-                    }
-                },
+            let attempt = match self.redis() {
+                Ok(None) => None,
+                Ok(Some(r)) => Some(r.gcra(c).await),
+                Err(e) => Some(Err(e)),
+            };
+            let wait = match attempt {
                 None => self.local.gcra(c),
+                Some(Ok(w)) => {
+                    self.metrics.redis_unavailable.set(0);
+                    w
+                }
+                Some(Err(e)) => {
+                    self.redis_failed("rate limit", &e)?;
+                    self.local.gcra(c)
+                }
             };
             if let Some(wait) = wait {
                 return Err(Refusal::RateLimited {
@@ -216,9 +258,10 @@ impl Limits {
         if caps.is_empty() {
             return Vec::new();
         }
-        if let Some(r) = &self.redis {
+        if let Ok(Some(r)) = self.redis() {
             match r.usage(caps).await {
                 Ok(u) => return u,
+                // Only a read for the policy input: the reservation that follows decides.
                 Err(e) => tracing::debug!(error = %e, "budget usage read failed"),
             }
         }
@@ -232,7 +275,14 @@ impl Limits {
         amounts: &[i64],
     ) -> Result<Result<Reservation, Exceeded>, Refusal> {
         let id = format!("res_{:016x}", rand::random::<u64>());
-        if let Some(r) = &self.redis {
+        let store = match self.redis() {
+            Ok(s) => s,
+            Err(e) => {
+                self.redis_failed("reserve", &e)?;
+                None
+            }
+        };
+        if let Some(r) = store {
             match r.reserve(&id, caps, amounts, self.reservation_ttl).await {
                 Ok(res) => {
                     self.metrics.redis_unavailable.set(0);

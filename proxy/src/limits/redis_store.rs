@@ -91,6 +91,11 @@ pub struct RedisStore {
     settle: redis::Script,
 }
 
+/// Errors after which the connection manager reconnects, so one retry may succeed.
+fn reconnectable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
 fn err(e: redis::RedisError) -> StoreError {
     StoreError(format!("redis: {e}"))
 }
@@ -117,16 +122,24 @@ impl RedisStore {
 
     /// Take one call; `Some(wait)` when limited.
     pub async fn gcra(&self, c: &RateCheck) -> Result<Option<Duration>, StoreError> {
-        let mut conn = self.conn.clone();
         let interval_us = c.interval.as_micros().max(1) as u64;
-        let wait: i64 = self
-            .gcra
-            .key(format!("{PREFIX}{}", c.key))
-            .arg(interval_us)
-            .arg(c.burst)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(err)?;
+        let mut attempt = 0;
+        let wait: i64 = loop {
+            let mut conn = self.conn.clone();
+            let r = self
+                .gcra
+                .key(format!("{PREFIX}{}", c.key))
+                .arg(interval_us)
+                .arg(c.burst)
+                .invoke_async(&mut conn)
+                .await;
+            match r {
+                Ok(w) => break w,
+                // A dropped connection is re-established by the manager: one retry.
+                Err(e) if attempt == 0 && reconnectable(&e) => attempt += 1,
+                Err(e) => return Err(err(e)),
+            }
+        };
         Ok((wait >= 0).then(|| Duration::from_micros(wait as u64)))
     }
 
@@ -140,8 +153,14 @@ impl RedisStore {
                 .arg("spent")
                 .arg("reserved");
         }
-        let rows: Vec<(Option<i64>, Option<i64>)> =
-            pipe.query_async(&mut conn).await.map_err(err)?;
+        let rows: Vec<(Option<i64>, Option<i64>)> = match pipe.query_async(&mut conn).await {
+            Ok(r) => r,
+            Err(e) if reconnectable(&e) => {
+                let mut conn = self.conn.clone();
+                pipe.query_async(&mut conn).await.map_err(err)?
+            }
+            Err(e) => return Err(err(e)),
+        };
         Ok(rows
             .into_iter()
             .map(|(s, r)| Usage {
@@ -167,7 +186,14 @@ impl RedisStore {
             inv.arg(c.cap).arg(a).arg(c.ttl.as_secs().max(1));
         }
         let (ok, i, spent, reserved): (i64, usize, i64, i64) =
-            inv.invoke_async(&mut conn).await.map_err(err)?;
+            match inv.invoke_async(&mut conn).await {
+                Ok(r) => r,
+                Err(e) if reconnectable(&e) => {
+                    let mut conn = self.conn.clone();
+                    inv.invoke_async(&mut conn).await.map_err(err)?
+                }
+                Err(e) => return Err(err(e)),
+            };
         if ok == 1 {
             return Ok(Ok(()));
         }
