@@ -34,5 +34,7 @@ bench:
 
 # The side-by-side load benchmark (direct vs nginx vs Tollgate).
 load-bench: deps
+	# Tools: nginx-light and wrk (installed by deps). Pins the proxy to CPU 0, load to CPU 1.
 	cargo build --release --workspace --bins
 	cargo run --release -p tollgate-tests --bin load-bench
+	cargo run --release -p tollgate-tests --bin propagation-bench
