@@ -15,6 +15,7 @@ pub mod connect;
 pub mod control;
 pub mod demo;
 pub mod forward;
+pub mod idempotency;
 pub mod identify;
 pub mod input;
 pub mod intercept;

@@ -62,6 +62,8 @@ pub struct CallContext {
     pub estimate: crate::metering::Estimate,
     /// Budget held until the call settles.
     pub reservation: Option<crate::limits::Reservation>,
+    /// Idempotency key this call owns, until its response is stored.
+    pub idem_key: Option<String>,
     /// Started.
     pub started: Instant,
     /// Policy time.
@@ -90,6 +92,7 @@ impl CallContext {
             body_len: 0,
             estimate: Default::default(),
             reservation: None,
+            idem_key: None,
             started: Instant::now(),
             policy_us: 0,
             shadow_reasons: Vec::new(),
@@ -102,6 +105,8 @@ impl CallContext {
 struct Admitted {
     body: Bytes,
     decision: Decision,
+    /// The stored response of an identical earlier call (idempotent replay).
+    replay: Option<crate::idempotency::Stored>,
 }
 
 /// Handle one request on the proxy listener (forward-proxy or base-URL form).
@@ -305,7 +310,11 @@ async fn admit(
             } else {
                 Decision::ShadowDeny
             };
-            return Ok(Admitted { body, decision });
+            return Ok(Admitted {
+                body,
+                decision,
+                replay: None,
+            });
         };
         batch_head = head.to_vec();
         ctx.tool = Some(*last_tool);
@@ -368,6 +377,13 @@ async fn admit(
         shadow,
     )
     .await?;
+    if let Some(stored) = idempotency(state, snap, ctx, parts, target).await? {
+        return Ok(Admitted {
+            body,
+            decision: Decision::Allow,
+            replay: Some(stored),
+        });
+    }
     if shadow {
         // Shadow mode notes what the budget would have said, and holds nothing.
         let (caps, amounts) = caps_and_amounts(snap, ctx);
@@ -387,7 +403,74 @@ async fn admit(
     } else {
         Decision::ShadowDeny
     };
-    Ok(Admitted { body, decision })
+    Ok(Admitted {
+        body,
+        decision,
+        replay: None,
+    })
+}
+
+/// Deduplicate a mutating call by its `Idempotency-Key` (see idempotency.rs). Returns the
+/// stored response when this is a retry of a completed identical call.
+async fn idempotency(
+    state: &ProxyState,
+    snap: &Snapshot,
+    ctx: &mut CallContext,
+    parts: &http::request::Parts,
+    target: &Target,
+) -> Result<Option<crate::idempotency::Stored>, Refusal> {
+    let Some(tool) = ctx.tool.map(|i| &snap.tools[i]) else {
+        return Ok(None);
+    };
+    if !forward::is_mutating(&target.method) || snap.agent.mode == Mode::DryRun {
+        return Ok(None);
+    }
+    let values: Vec<_> = parts.headers.get_all("idempotency-key").iter().collect();
+    if values.len() > 1 {
+        return Err(Refusal::BadRequest(
+            "more than one Idempotency-Key header".into(),
+        ));
+    }
+    let header = match values.first() {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|v| !v.is_empty() && v.len() <= 255)
+            .ok_or_else(|| {
+                Refusal::BadRequest("Idempotency-Key must be 1-255 visible ASCII characters".into())
+            })?,
+        None => {
+            let required = tool.config.require_idempotency_key
+                || (snap.raw.limits.require_idempotency_key_for_irreversible
+                    && !tool.config.risk.reversible);
+            return if required {
+                Err(Refusal::IdempotencyKeyRequired)
+            } else {
+                Ok(None)
+            };
+        }
+    };
+    let key = crate::idempotency::key(&snap.agent.name, &ctx.tenant, tool.name(), header);
+    let claim = state
+        .limits
+        .idempotency
+        .claim(&key, &ctx.input_hash, tool.total_timeout)
+        .await
+        .map_err(|e| Refusal::Unavailable {
+            code: "idempotency_unavailable",
+            reason: e,
+        })?;
+    match claim {
+        crate::idempotency::Claim::Owned => {
+            ctx.idem_key = Some(key);
+            Ok(None)
+        }
+        crate::idempotency::Claim::Replay(stored) => Ok(Some(stored)),
+        crate::idempotency::Claim::Conflict => Err(Refusal::IdempotencyConflict(format!(
+            "Idempotency-Key {header:?} was already used for a different {} request",
+            tool.name()
+        ))),
+    }
 }
 
 /// The per-tool gates: input schema, kill switch, Rego policy, approval. In shadow mode a
@@ -791,6 +874,34 @@ async fn forward_call(
     let tool_name = tool.map(|t| t.name().to_string()).unwrap_or_default();
     let decision = admitted.decision;
     let reasons = ctx.shadow_reasons.clone();
+    if let Some(stored) = admitted.replay {
+        let rec = record(
+            &snap,
+            &ctx,
+            Phase::Decision,
+            decision,
+            vec!["idempotent replay: an identical call with this Idempotency-Key already completed; not forwarded".into()],
+            stored.status,
+        );
+        if let Err(r) = write_record(&state, &snap, rec).await {
+            return refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref());
+        }
+        count(&state, &snap, &ctx, decision);
+        let mut res = Response::new(full(Bytes::from(stored.body)));
+        *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+        if let Some(ct) = stored
+            .content_type
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            res.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+        }
+        res.headers_mut().insert(
+            "x-tollgate-idempotent-replay",
+            HeaderValue::from_static("true"),
+        );
+        forward::response_headers(res.headers_mut(), &ctx.run);
+        return res;
+    }
     // Dry-run: decide and record; answer mutating calls synthetically.
     if snap.agent.mode == Mode::DryRun && forward::is_mutating(&target.method) {
         let headers = forward::upstream_headers(
@@ -826,6 +937,7 @@ async fn forward_call(
     let rec = record(&snap, &ctx, Phase::Decision, decision, reasons.clone(), 0);
     if let Err(r) = write_record(&state, &snap, rec).await {
         settle(&state, &ctx, None).await;
+        release_idem(&state, &ctx).await;
         count(&state, &snap, &ctx, Decision::Error);
         return refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref());
     }
@@ -895,6 +1007,7 @@ async fn forward_call(
             );
             rec.latency_us.upstream = upstream_us;
             settle(&state, &ctx, None).await;
+            release_idem(&state, &ctx).await;
             let _ = write_record(&state, &snap, rec).await;
             refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref())
         }
@@ -913,6 +1026,9 @@ async fn forward_call(
             rec.latency_us.upstream = upstream_us;
             observe_total(&state, &ctx, upstream_us);
             ctx.policy_input = Value::Null;
+            if let Some(key) = ctx.idem_key.clone() {
+                return stored_for_replay(state, snap, ctx, rec, rparts, rbody, total, key).await;
+            }
             if ctx.estimate.llm.is_some() {
                 // LLM usage is known at the end of the body: the outcome record and the
                 // settlement wait for it, the stream does not.
@@ -991,6 +1107,83 @@ async fn filtered_tools_list(
     parts.headers.remove(http::header::CONTENT_LENGTH);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     Response::from_parts(parts, full(filtered))
+}
+
+/// Give up the idempotency claim of a call that got no response.
+async fn release_idem(state: &ProxyState, ctx: &CallContext) {
+    if let Some(k) = &ctx.idem_key {
+        state.limits.idempotency.release(k).await;
+    }
+}
+
+/// An idempotent call's response: buffered (bounded), stored for replays, charged, recorded,
+/// and returned.
+#[allow(clippy::too_many_arguments)]
+async fn stored_for_replay(
+    state: Arc<ProxyState>,
+    snap: Arc<Snapshot>,
+    ctx: CallContext,
+    mut rec: AuditRecord,
+    parts: http::response::Parts,
+    body: Incoming,
+    total: Duration,
+    key: String,
+) -> Response<ResBody> {
+    let collected = tokio::time::timeout(
+        total,
+        Limited::new(body, crate::idempotency::MAX_STORED_BODY).collect(),
+    )
+    .await;
+    let bytes = match collected {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            state.limits.idempotency.release(&key).await;
+            settle(&state, &ctx, None).await;
+            let r = Refusal::UpstreamFailed(
+                "the response of an idempotent call could not be read (over 1 MiB or failed)"
+                    .into(),
+            );
+            let _ = write_record(&state, &snap, rec).await;
+            return refusal_response(&r, None, &ctx.run, ctx.mcp_id.as_ref());
+        }
+    };
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let spend = match ctx.estimate.llm {
+        Some(_) => {
+            let sse = content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("text/event-stream"));
+            let mut scan = crate::metering::UsageScanner::new(sse);
+            scan.feed(&bytes);
+            let t = scan.finish().unwrap_or(ctx.estimate.tokens);
+            rec.cost.prompt_tokens = t.prompt;
+            rec.cost.completion_tokens = t.completion;
+            ctx.estimate.llm_spend(t)
+        }
+        None => ctx.estimate.spend,
+    };
+    rec.cost.usd = crate::limits::to_usd(spend);
+    charge(&state, &snap, &ctx, spend).await;
+    let stored = crate::idempotency::stored(parts.status.as_u16(), content_type, &bytes);
+    if parts.status.is_server_error() {
+        // A failed attempt is not the answer to keep: let the retry through.
+        state.limits.idempotency.release(&key).await;
+    } else {
+        state
+            .limits
+            .idempotency
+            .complete(&key, &ctx.input_hash, stored)
+            .await;
+    }
+    let _ = write_record(&state, &snap, rec).await;
+    let mut parts = parts;
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.remove(http::header::TRANSFER_ENCODING);
+    Response::from_parts(parts, full(bytes))
 }
 
 /// Settle the call at `spend` and account it: spend and overrun metrics, budget gauges.

@@ -370,3 +370,124 @@ fn over_budget_calls_escalate_to_an_approval_when_configured() {
     );
     assert_eq!(up.count(), 2);
 }
+
+fn idempotency_dedupes_retries(limits: &str) {
+    let up = Upstream::start();
+    let p = TestProxy::start(&config(&up, limits, "", "  acme: {}"), ENV);
+    let send = |key: &str, body: &str| {
+        call(
+            p.proxy,
+            "POST",
+            &format!("http://{}/v1/charges", up.addr),
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+                ("Idempotency-Key", key),
+            ],
+            Some(body),
+        )
+    };
+    // Concurrent identical retries: one forward, every caller gets the same answer.
+    let (proxy, addr) = (p.proxy, up.addr);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                call(
+                    proxy,
+                    "POST",
+                    &format!("http://{addr}/v1/charges"),
+                    &[
+                        ("X-Tollgate-Tenant", "acme"),
+                        ("Content-Type", "application/json"),
+                        ("Idempotency-Key", "k-1"),
+                    ],
+                    Some(r#"{"amount":5}"#),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        results.iter().all(|r| r.status == 200),
+        "{:?}",
+        results.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(up.count(), 1, "forwarded exactly once");
+    let replays = results
+        .iter()
+        .filter(|r| r.header("x-tollgate-idempotent-replay") == Some("true"))
+        .count();
+    assert_eq!(replays, 7);
+    assert!(results
+        .iter()
+        .all(|r| r.body_text() == results[0].body_text()));
+    // Later retry: replayed, not forwarded.
+    let r = send("k-1", r#"{"amount":5}"#);
+    assert_eq!(r.header("x-tollgate-idempotent-replay"), Some("true"));
+    assert_eq!(up.count(), 1);
+    // Same key, different body: 422.
+    let r = send("k-1", r#"{"amount":6}"#);
+    assert_eq!(r.status, 422, "{}", r.body_text());
+    assert_eq!(r.json()["error"], "idempotency_conflict");
+    // A failed attempt releases the key: the retry is forwarded.
+    up.set(Behaviour::Reset);
+    assert_eq!(send("k-2", "{}").status, 502);
+    up.set(Behaviour::Echo);
+    let r = send("k-2", "{}");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-tollgate-idempotent-replay"), None);
+    // k-1 once, the reset attempt of k-2 (the recorder sees it before resetting), its retry.
+    assert_eq!(up.count(), 3);
+    eventually("replays are recorded", || {
+        p.audit()
+            .iter()
+            .any(|r| r["reasons"].to_string().contains("idempotent replay"))
+    });
+}
+
+#[test]
+fn local_idempotency() {
+    idempotency_dedupes_retries("{backend: local}");
+}
+
+#[test]
+fn redis_idempotency_across_two_sidecars() {
+    let redis = RedisServer::start();
+    let limits = format!("{{backend: redis, url: \"{}\"}}", redis.url());
+    idempotency_dedupes_retries(&limits);
+    // Two sidecars sharing Redis never forward the same key twice.
+    let up = Upstream::start();
+    let a = TestProxy::start(&config(&up, &limits, "", "  acme: {}"), ENV);
+    let b = TestProxy::start(&config(&up, &limits, "", "  acme: {}"), ENV);
+    for p in [&a, &b, &a] {
+        let r = call(
+            p.proxy,
+            "POST",
+            &format!("http://{}/v1/charges", up.addr),
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+                ("Idempotency-Key", "shared"),
+            ],
+            Some("{}"),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn irreversible_tools_can_require_an_idempotency_key() {
+    let up = Upstream::start();
+    let cfg = config(&up, "{backend: local, requireIdempotencyKeyForIrreversible: true}", "", "  acme: {}").replace(
+        "    cost: {perUnitUsd: 0.01, unitField: amount}",
+        "    cost: {perUnitUsd: 0.01, unitField: amount}\n    risk: {reversible: false, financial: true}",
+    );
+    let p = TestProxy::start(&cfg, ENV);
+    let r = post(&p, &up, "/v1/refunds", "acme", r#"{"amount":1}"#);
+    assert_eq!(r.status, 400, "{}", r.body_text());
+    assert_eq!(r.json()["error"], "idempotency_key_required");
+    assert_eq!(up.count(), 0);
+    // Reversible tools are not affected.
+    assert_eq!(post(&p, &up, "/v1/charges", "acme", "{}").status, 200);
+}

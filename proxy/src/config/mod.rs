@@ -565,6 +565,9 @@ pub struct LimitsConfig {
     /// Reservation lifetime before an unsettled one is released (default 5m).
     #[serde(default)]
     pub reservation_ttl: Option<ConfigDuration>,
+    /// Require an `Idempotency-Key` on mutating calls to tools with `risk.reversible: false`.
+    #[serde(default)]
+    pub require_idempotency_key_for_irreversible: bool,
 }
 
 /// Limits backend kind.

@@ -122,6 +122,8 @@ pub struct Reservation {
 
 /// The limits facade shared by every snapshot of a sidecar (counters survive reloads).
 pub struct Limits {
+    /// Idempotency records (in Redis with the redis backend).
+    pub idempotency: crate::idempotency::Idempotency,
     local: local::LocalStore,
     redis: Option<redis_store::RedisStore>,
     on_unavailable: OnUnavailable,
@@ -164,7 +166,14 @@ impl Limits {
                 Some(redis_store::RedisStore::new(url)?)
             }
         };
+        let idempotency = crate::idempotency::Idempotency::new(
+            redis.as_ref().map(redis_store::RedisStore::conn),
+            cfg.idempotency_ttl
+                .map(|d| d.get())
+                .unwrap_or(Duration::from_secs(24 * 3600)),
+        );
         Ok(Self {
+            idempotency,
             local: local::LocalStore::default(),
             redis,
             on_unavailable: cfg.on_unavailable,

@@ -120,6 +120,11 @@ impl RedisStore {
         })
     }
 
+    /// The shared connection (idempotency records use it too).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// Take one call; `Some(wait)` when limited.
     pub async fn gcra(&self, c: &RateCheck) -> Result<Option<Duration>, StoreError> {
         let interval_us = c.interval.as_micros().max(1) as u64;
