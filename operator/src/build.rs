@@ -9,8 +9,8 @@ use crate::crd::{
 use kube::ResourceExt;
 use std::collections::BTreeMap;
 use tollgate_proxy::config::{
-    AgentConfig, ApprovalGrant, Config, Credentials, KillScope, KillSwitchConfig, RegoModule,
-    SecretSource, TenantConfig, ToolConfig,
+    AgentConfig, ApprovalGrant, Config, Credentials, KillSwitchConfig, RegoModule, SecretSource,
+    TenantConfig, ToolConfig,
 };
 
 /// Where the injector mounts a tool's credential Secret in the sidecar.
@@ -167,13 +167,7 @@ pub fn build_agent(world: &World, id: &AgentIdentity) -> Result<Config, Vec<Stri
         .filter(|k| kill_switch_affects(k, &ns, &name))
         .map(|k| KillSwitchConfig {
             name: k.name_any(),
-            scope: KillScope {
-                all: k.spec.scope.all,
-                namespace: k.spec.scope.namespace.clone(),
-                tenant: k.spec.scope.tenant.clone(),
-                agent: k.spec.scope.agent.clone(),
-                tool: k.spec.scope.tool.clone(),
-            },
+            scope: k.spec.scope.clone(),
             engaged: true,
             reason: k.spec.reason.clone(),
         })

@@ -280,26 +280,8 @@ pub struct TenantStatus {
     pub spend_today_usd: f64,
 }
 
-/// What a kill switch covers; set fields combine with AND.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct KillSwitchScope {
-    /// Everything.
-    #[serde(default)]
-    pub all: bool,
-    /// Namespace of the agents.
-    #[serde(default)]
-    pub namespace: Option<String>,
-    /// Tenant.
-    #[serde(default)]
-    pub tenant: Option<String>,
-    /// Agent (AgentIdentity name).
-    #[serde(default)]
-    pub agent: Option<String>,
-    /// Tool name.
-    #[serde(default)]
-    pub tool: Option<String>,
-}
+/// What a kill switch covers; set fields combine with AND (the sidecar's own type).
+pub use tollgate_proxy::config::KillScope as KillSwitchScope;
 
 /// An emergency stop (cluster-scoped).
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -508,87 +508,83 @@ where
     }
 }
 
-async fn write_statuses(client: &Client, world: &World, s: Statuses) -> u64 {
+/// Patch each computed status that differs from the object's current one.
+async fn write_kind<K, S>(
+    objects: &[K],
+    statuses: Vec<(String, String, S)>,
+    api: impl Fn(&str) -> Api<K>,
+    current: impl Fn(&K) -> Option<S>,
+    same: impl Fn(&S, &S) -> bool,
+) -> u64
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + Default,
+{
     let mut errors = 0;
-    for (ns, name, status) in s.identities {
-        let cur = world
-            .identities
+    for (ns, name, status) in statuses {
+        let cur = objects
             .iter()
-            .find(|i| i.namespace().as_deref() == Some(&ns) && i.name_any() == name)
-            .and_then(|i| i.status.clone())
+            .find(|o| o.namespace().unwrap_or_default() == ns && o.name_any() == name)
+            .and_then(&current)
             .unwrap_or_default();
-        if same_conditions(&cur.conditions, &status.conditions)
-            && cur.snapshot_version == status.snapshot_version
-            && cur.observed_generation == status.observed_generation
-        {
+        if same(&cur, &status) {
             continue;
         }
-        if !patch_status(
-            Api::<AgentIdentity>::namespaced(client.clone(), &ns),
-            &name,
-            &status,
-        )
-        .await
-        {
-            errors += 1;
-        }
-    }
-    for (ns, name, status) in s.policies {
-        let cur = world
-            .policies
-            .iter()
-            .find(|i| i.namespace().as_deref() == Some(&ns) && i.name_any() == name)
-            .and_then(|i| i.status.clone())
-            .unwrap_or_default();
-        if same_conditions(&cur.conditions, &status.conditions)
-            && cur.observed_generation == status.observed_generation
-        {
-            continue;
-        }
-        if !patch_status(
-            Api::<AgentPolicy>::namespaced(client.clone(), &ns),
-            &name,
-            &status,
-        )
-        .await
-        {
-            errors += 1;
-        }
-    }
-    for (ns, name, status) in s.tools {
-        let cur = world
-            .tools
-            .iter()
-            .find(|i| i.namespace().as_deref() == Some(&ns) && i.name_any() == name)
-            .and_then(|i| i.status.clone())
-            .unwrap_or_default();
-        if same_conditions(&cur.conditions, &status.conditions)
-            && cur.observed_generation == status.observed_generation
-        {
-            continue;
-        }
-        if !patch_status(Api::<Tool>::namespaced(client.clone(), &ns), &name, &status).await {
-            errors += 1;
-        }
-    }
-    for (name, status) in s.kill_switches {
-        let cur = world
-            .kill_switches
-            .iter()
-            .find(|i| i.name_any() == name)
-            .and_then(|i| i.status.clone())
-            .unwrap_or_default();
-        if same_conditions(&cur.conditions, &status.conditions)
-            && cur.agents == status.agents
-            && cur.observed_generation == status.observed_generation
-        {
-            continue;
-        }
-        if !patch_status(Api::<KillSwitch>::all(client.clone()), &name, &status).await {
+        if !patch_status(api(&ns), &name, &status).await {
             errors += 1;
         }
     }
     errors
+}
+
+async fn write_statuses(client: &Client, world: &World, s: Statuses) -> u64 {
+    let common = |a: &CommonStatus, b: &CommonStatus| {
+        same_conditions(&a.conditions, &b.conditions)
+            && a.observed_generation == b.observed_generation
+    };
+    write_kind(
+        &world.identities,
+        s.identities,
+        |ns| Api::<AgentIdentity>::namespaced(client.clone(), ns),
+        |o| o.status.clone(),
+        |a, b| {
+            same_conditions(&a.conditions, &b.conditions)
+                && a.snapshot_version == b.snapshot_version
+                && a.observed_generation == b.observed_generation
+        },
+    )
+    .await
+        + write_kind(
+            &world.policies,
+            s.policies,
+            |ns| Api::<AgentPolicy>::namespaced(client.clone(), ns),
+            |o| o.status.clone(),
+            common,
+        )
+        .await
+        + write_kind(
+            &world.tools,
+            s.tools,
+            |ns| Api::<Tool>::namespaced(client.clone(), ns),
+            |o| o.status.clone(),
+            common,
+        )
+        .await
+        + write_kind(
+            &world.kill_switches,
+            s.kill_switches
+                .into_iter()
+                .map(|(n, st)| (String::new(), n, st))
+                .collect(),
+            |_| Api::<KillSwitch>::all(client.clone()),
+            |o| o.status.clone(),
+            |a, b| {
+                same_conditions(&a.conditions, &b.conditions)
+                    && a.agents == b.agents
+                    && a.observed_generation == b.observed_generation
+            },
+        )
+        .await
 }
 
 /// Hold the leader Lease while alive; `st.leader` says whether this replica writes status.

@@ -11,19 +11,24 @@ use http::request::Parts;
 /// Prefix of base-URL mode paths.
 pub const BASE_URL_PREFIX: &str = "/u/";
 
-/// Derive the target of a plain (non-CONNECT) request on the proxy listener.
-pub fn target_of(parts: &Parts, snap: &Snapshot) -> Result<Target, Refusal> {
+/// The request's single `Host` header, if any (two are refused: parsers disagree on which).
+fn host_header(parts: &Parts) -> Result<Option<&str>, Refusal> {
     let hosts: Vec<_> = parts.headers.get_all(HOST).iter().collect();
     if hosts.len() > 1 {
         return Err(Refusal::BadRequest("more than one Host header".into()));
     }
-    let host_header = hosts
+    hosts
         .first()
         .map(|h| {
             h.to_str()
                 .map_err(|_| Refusal::BadRequest("Host header is not ASCII".into()))
         })
-        .transpose()?;
+        .transpose()
+}
+
+/// Derive the target of a plain (non-CONNECT) request on the proxy listener.
+pub fn target_of(parts: &Parts, snap: &Snapshot) -> Result<Target, Refusal> {
+    let host_header = host_header(parts)?;
     let uri = &parts.uri;
     if let Some(authority) = uri.authority() {
         // Absolute form: the URI is authoritative, and a Host header that disagrees with it is
@@ -134,17 +139,7 @@ pub struct Tunnel {
 /// (`:authority`, absolute form or `Host`) must name the tunnel's own host and port: a tunnel
 /// opened for one host cannot carry calls to another.
 pub fn tunnel_target(parts: &Parts, tunnel: &Tunnel) -> Result<Target, Refusal> {
-    let hosts: Vec<_> = parts.headers.get_all(HOST).iter().collect();
-    if hosts.len() > 1 {
-        return Err(Refusal::BadRequest("more than one Host header".into()));
-    }
-    let host_header = hosts
-        .first()
-        .map(|h| {
-            h.to_str()
-                .map_err(|_| Refusal::BadRequest("Host header is not ASCII".into()))
-        })
-        .transpose()?;
+    let host_header = host_header(parts)?;
     let uri = &parts.uri;
     if let Some(s) = uri.scheme_str() {
         if Scheme::parse(s) != Some(tunnel.scheme) {

@@ -66,6 +66,15 @@ pub fn init(dir: &Path, days: i64, force: bool) -> Result<CaFiles, CaError> {
             dir.display()
         )));
     }
+    let (cert_pem, key_pem) = new_ca("Tollgate interception CA", days)?;
+    write_private(&files.key, key_pem.as_bytes()).map_err(io(&files.key))?;
+    std::fs::write(&files.cert, cert_pem).map_err(io(&files.cert))?;
+    Ok(files)
+}
+
+/// A new self-signed CA valid for `days`: `(certificate PEM, private key PEM)`. Also used by
+/// the operator for its webhook CA.
+pub fn new_ca(common_name: &str, days: i64) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(cert_err)?;
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -75,15 +84,13 @@ pub fn init(dir: &Path, days: i64, force: bool) -> Result<CaFiles, CaError> {
         KeyUsagePurpose::DigitalSignature,
     ];
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "Tollgate interception CA");
+    dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, "Tollgate");
     p.distinguished_name = dn;
     p.not_before = OffsetDateTime::now_utc() - Duration::minutes(5);
     p.not_after = OffsetDateTime::now_utc() + Duration::days(days);
     let cert = p.self_signed(&key).map_err(cert_err)?;
-    write_private(&files.key, key.serialize_pem().as_bytes()).map_err(io(&files.key))?;
-    std::fs::write(&files.cert, cert.pem()).map_err(io(&files.cert))?;
-    Ok(files)
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {

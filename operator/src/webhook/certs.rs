@@ -2,10 +2,7 @@
 //! certificate for `<service>.<namespace>.svc` signed by an operator CA (whose PEM goes into the
 //! webhook configurations' `caBundle`), and the interception CA the sidecars mint leaves from.
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
 use time::{Duration, OffsetDateTime};
 
 /// A PEM certificate and key.
@@ -39,25 +36,8 @@ fn e(err: impl std::fmt::Display) -> CertError {
 
 /// Create a CA certificate valid for `days`.
 pub fn new_ca(common_name: &str, days: i64) -> Result<PemPair, CertError> {
-    let key = KeyPair::generate().map_err(e)?;
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    dn.push(DnType::OrganizationName, "Tollgate");
-    p.distinguished_name = dn;
-    p.not_before = OffsetDateTime::now_utc() - Duration::minutes(5);
-    p.not_after = OffsetDateTime::now_utc() + Duration::days(days);
-    let cert = p.self_signed(&key).map_err(e)?;
-    Ok(PemPair {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    })
+    let (cert, key) = tollgate_proxy::tls::new_ca(common_name, days).map_err(e)?;
+    Ok(PemPair { cert, key })
 }
 
 /// Create webhook certificates for a Service (`svc`, `svc.ns`, `svc.ns.svc`, plus extra names).
