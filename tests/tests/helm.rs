@@ -106,6 +106,10 @@ fn rendered_manifests_validate_against_the_kubernetes_schemas() {
             if api.starts_with("tollgate.dev/") {
                 validate_against_crd(&d);
             }
+            if d["kind"] == "ServiceMonitor" || d["kind"] == "PodMonitor" {
+                let eps = if d["kind"] == "ServiceMonitor" { &d["spec"]["endpoints"] } else { &d["spec"]["podMetricsEndpoints"] };
+                assert_eq!(eps[0]["path"], "/metrics", "{d}");
+            }
             if d["kind"] == "PrometheusRule" {
                 let rules = dir.path().join("rule.yaml");
                 std::fs::write(&rules, serde_yaml::to_string(&d["spec"]).unwrap()).unwrap();
