@@ -107,7 +107,11 @@ fn rendered_manifests_validate_against_the_kubernetes_schemas() {
                 validate_against_crd(&d);
             }
             if d["kind"] == "ServiceMonitor" || d["kind"] == "PodMonitor" {
-                let eps = if d["kind"] == "ServiceMonitor" { &d["spec"]["endpoints"] } else { &d["spec"]["podMetricsEndpoints"] };
+                let eps = if d["kind"] == "ServiceMonitor" {
+                    &d["spec"]["endpoints"]
+                } else {
+                    &d["spec"]["podMetricsEndpoints"]
+                };
                 assert_eq!(eps[0]["path"], "/metrics", "{d}");
             }
             if d["kind"] == "PrometheusRule" {
