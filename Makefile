@@ -1,5 +1,5 @@
 # Tollgate developer entry points. `make demo` and `make test` are the README's two commands.
-.PHONY: demo test deps build lint generate check-generated bench load-bench
+.PHONY: demo test deps build lint generate check-generated bench load-bench soak
 
 # Run the standalone demo (a proxy, stand-in APIs and a scripted agent).
 demo:
@@ -38,3 +38,8 @@ load-bench: deps
 	cargo build --release --workspace --bins
 	cargo run --release -p tollgate-tests --bin load-bench
 	cargo run --release -p tollgate-tests --bin propagation-bench
+
+# Ten minutes of mixed traffic with config reloads, printing RSS and open fds (not in CI).
+soak:
+	cargo build --release --workspace --bins
+	cargo run --release -p tollgate-tests --bin soak -- --minutes 10

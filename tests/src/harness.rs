@@ -65,6 +65,8 @@ pub enum Behaviour {
     Hang,
     /// Close the connection without answering.
     Reset,
+    /// Answer like `Echo`, after this many milliseconds.
+    Delay(u64),
 }
 
 /// A recording upstream on loopback.
@@ -191,6 +193,9 @@ impl Upstream {
                                     tokio::time::sleep(Duration::from_secs(3600)).await;
                                 }
                                 Behaviour::Reset => return Err("reset"),
+                                Behaviour::Delay(ms) => {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                                }
                                 Behaviour::Echo => {}
                             }
                             let reply = serde_json::json!({"ok": true, "method": parts.method.as_str(), "path": parts.uri.path(), "body": String::from_utf8_lossy(&body)});

@@ -706,3 +706,57 @@ audit: {{path: audit.jsonl}}
     assert_eq!(up.count(), 0);
     assert!(p.metrics().contains("tollgate_policy_errors_total 1"));
 }
+
+/// Fault drill: SIGTERM under load drains gracefully — the in-flight call completes and is
+/// recorded, the process exits 0, and nothing new is accepted afterwards.
+#[test]
+fn sigterm_drains_in_flight_calls_and_flushes_records() {
+    let (up, mut p) = setup();
+    up.set(tollgate_tests::harness::Behaviour::Delay(1500));
+    let (proxy, addr) = (p.proxy, up.addr);
+    let inflight = std::thread::spawn(move || {
+        call(
+            proxy,
+            "POST",
+            &format!("http://{addr}/v1/notes"),
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+            ],
+            Some("{}"),
+        )
+    });
+    eventually("the call reached the upstream", || up.count() == 1);
+    let pid = p.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let r = inflight.join().unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the in-flight call completes: {}",
+        r.body_text()
+    );
+    let status = p.child.wait().unwrap();
+    assert!(status.success(), "graceful exit: {status}");
+    assert!(TcpStream::connect(p.proxy).is_err(), "no longer accepting");
+    let recs = p.audit();
+    assert!(
+        recs.iter()
+            .any(|r| r["phase"] == "outcome" && r["status"] == 200),
+        "the outcome record was flushed"
+    );
+    let out = std::process::Command::new(tollgate_tests::harness::bin("tollgate-proxy"))
+        .args(["audit", "verify"])
+        .arg(p.dir.path().join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -329,6 +329,11 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
         .unwrap()
         .contains("long notes need a human"));
     assert_eq!(apr["spec"]["key"].as_str().unwrap().len(), 64);
+    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "status"]);
+    assert!(
+        ok && out.contains("agents/billing") && out.contains("pending approvals: 1"),
+        "{out}"
+    );
     let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approvals"]);
     assert!(ok && out.contains(&id) && out.contains("Pending"), "{out}");
     let (ok, out) = kubectl_tollgate(
@@ -359,6 +364,11 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
     let (code, body) = note(&s, &up, "a different long note");
     assert_eq!(code, 403);
     assert!(body.contains("approval_required"), "{body}");
+    // An expired request cannot be approved.
+    api.put("approvalrequests", json!({"apiVersion": GV, "kind": "ApprovalRequest", "metadata": {"name": "apr-old", "namespace": "agents"},
+        "spec": {"key": "k", "agent": "billing", "tenant": "acme", "tool": "crm-note", "summary": "old", "expiresAt": "2020-01-01T00:00:00Z"}}));
+    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", "apr-old"]);
+    assert!(!ok && out.contains("expired"), "{out}");
     // Kill switches from the plugin.
     let (ok, out) = kubectl_tollgate(
         &api,

@@ -235,6 +235,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                     ready.map(|c| c.message.as_str()).unwrap_or("")
                 );
             }
+            let pending = approvals
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .filter(|a| {
+                    a.status
+                        .as_ref()
+                        .and_then(|s| s.phase.as_deref())
+                        .unwrap_or("Pending")
+                        == "Pending"
+                })
+                .count();
+            println!("pending approvals: {pending}  (kubectl tollgate approvals)");
             let ks: Api<KillSwitch> = Api::all(client);
             for k in ks
                 .list(&ListParams::default())
