@@ -91,7 +91,7 @@ fn concurrent_calls_never_beat_the_cap(limits: &str) {
         &config(&up, limits, "", "  acme: {budgets: {dayUsd: 10}}"),
         ENV,
     );
-    let (ok, refused) = burst(&p, &up, 60);
+    let (ok, refused) = burst(&p, &up, 200);
     assert_eq!(
         ok, 10,
         "exactly the cap's worth is forwarded; refused: {refused:?}"
@@ -490,4 +490,86 @@ fn irreversible_tools_can_require_an_idempotency_key() {
     assert_eq!(up.count(), 0);
     // Reversible tools are not affected.
     assert_eq!(post(&p, &up, "/v1/charges", "acme", "{}").status, 200);
+}
+
+fn rate_limits_hold_over_time_windows(limits: &str) {
+    // 5 per second with a burst of 1: however fast the calls come, no more than
+    // 1 + 5 x (elapsed seconds, rounded up) are let through, and calls keep getting through as
+    // the window refills. (An upper bound on what passed, never a timing threshold.)
+    let up = Upstream::start();
+    let tenants = "  acme:\n    rateLimits:\n      - {scope: tenant, perSecond: 5, burst: 1}";
+    let p = TestProxy::start(&config(&up, limits, "", tenants), ENV);
+    let t0 = std::time::Instant::now();
+    let mut allowed = 0u64;
+    let mut limited = 0u64;
+    while t0.elapsed() < std::time::Duration::from_millis(2500) {
+        match call(
+            p.proxy,
+            "GET",
+            &format!("http://{}/v1/customers", up.addr),
+            &[("X-Tollgate-Tenant", "acme")],
+            None,
+        )
+        .status
+        {
+            200 => allowed += 1,
+            429 => limited += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let bound = 1 + 5 * t0.elapsed().as_secs_f64().ceil() as u64;
+    assert!(allowed <= bound, "{allowed} allowed > bound {bound}");
+    assert!(allowed >= 2, "the window refills: {allowed}");
+    assert!(limited > 0);
+    assert_eq!(up.count() as u64, allowed);
+}
+
+#[test]
+fn local_rate_limits_hold_over_time() {
+    rate_limits_hold_over_time_windows("{backend: local}");
+}
+
+#[test]
+fn redis_rate_limits_hold_over_time() {
+    let redis = RedisServer::start();
+    rate_limits_hold_over_time_windows(&format!("{{backend: redis, url: \"{}\"}}", redis.url()));
+}
+
+#[test]
+fn unsettled_redis_reservations_expire() {
+    // A sidecar that dies mid-call never settles: its hold must not block the cap forever.
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = tollgate_proxy::limits::redis_store::RedisStore::new(&redis.url()).unwrap();
+        let cap = tollgate_proxy::limits::Cap {
+            name: "tenant acme per day".into(),
+            scope: "tenant_day",
+            key: "tenant:acme:test".into(),
+            cap: 10,
+            kind: tollgate_proxy::limits::CapKind::Spend,
+            ttl: std::time::Duration::from_secs(60),
+        };
+        let hold = std::time::Duration::from_millis(200);
+        assert!(store
+            .reserve("crashed", std::slice::from_ref(&cap), &[10], hold)
+            .await
+            .unwrap()
+            .is_ok());
+        let e = store
+            .reserve("next", std::slice::from_ref(&cap), &[1], hold)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.usage.reserved, 10);
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert!(
+            store
+                .reserve("next", std::slice::from_ref(&cap), &[1], hold)
+                .await
+                .unwrap()
+                .is_ok(),
+            "the crashed sidecar's hold expired"
+        );
+    });
 }
