@@ -212,6 +212,14 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         tokio::spawn(lead(client.clone(), args.clone(), st.clone()));
     }
     let mut published: HashSet<String> = HashSet::new();
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "tollgate-operator".into(),
+            instance: Some(args.identity.clone()),
+        },
+    );
+    let mut seen = Transitions::default();
     loop {
         let t0 = Instant::now();
         let world = stores.world();
@@ -235,6 +243,8 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             Ordering::Relaxed,
         );
         if st.leader.load(Ordering::SeqCst) {
+            ensure_service_accounts(&client, &world).await;
+            seen.publish(&recorder, &world, &statuses).await;
             let errors = write_statuses(&client, &world, statuses).await;
             metrics
                 .reconcile_errors
@@ -336,6 +346,103 @@ async fn start_webhooks(
     }
     tracing::info!(%addr, "admission webhooks listening");
     Ok(())
+}
+
+/// The last state events were published for, so each transition is announced once.
+#[derive(Default)]
+struct Transitions {
+    ready: std::collections::HashMap<String, bool>,
+    engaged: std::collections::HashMap<String, bool>,
+}
+
+impl Transitions {
+    async fn publish(
+        &mut self,
+        rec: &kube::runtime::events::Recorder,
+        world: &World,
+        s: &Statuses,
+    ) {
+        use kube::runtime::events::{Event, EventType};
+        for (ns, name, status) in &s.identities {
+            let Some(obj) = world
+                .identities
+                .iter()
+                .find(|i| i.namespace().as_deref() == Some(ns.as_str()) && &i.name_any() == name)
+            else {
+                continue;
+            };
+            let Some(c) = status.conditions.first() else {
+                continue;
+            };
+            let ready = c.status == "True";
+            if self.ready.insert(format!("{ns}/{name}"), ready) == Some(ready) {
+                continue;
+            }
+            let ev = Event {
+                type_: if ready {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                reason: c.reason.clone(),
+                note: Some(c.message.chars().take(1000).collect()),
+                action: "BuildSnapshot".into(),
+                secondary: None,
+            };
+            if let Err(e) = rec.publish(&ev, &obj.object_ref(&())).await {
+                tracing::debug!(error = %e, "event not published");
+            }
+        }
+        for k in &world.kill_switches {
+            let engaged = k.spec.engaged;
+            if self.engaged.insert(k.name_any(), engaged) == Some(engaged) {
+                continue;
+            }
+            let ev = Event {
+                type_: if engaged {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: if engaged { "Engaged" } else { "Lifted" }.into(),
+                note: Some(k.spec.reason.chars().take(1000).collect()),
+                action: "PropagateKillSwitch".into(),
+                secondary: None,
+            };
+            if let Err(e) = rec.publish(&ev, &k.object_ref(&())).await {
+                tracing::debug!(error = %e, "event not published");
+            }
+        }
+    }
+}
+
+/// Each identity's ServiceAccount exists, owned by the identity (created if missing, never
+/// taken over if someone else made it).
+async fn ensure_service_accounts(client: &Client, world: &World) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    for id in &world.identities {
+        let ns = id.namespace().unwrap_or_default();
+        let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+        match api.get_opt(&id.spec.service_account).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let sa = ServiceAccount {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(id.spec.service_account.clone()),
+                        namespace: Some(ns.clone()),
+                        owner_references: id.controller_owner_ref(&()).map(|o| vec![o]),
+                        labels: Some([("tollgate.dev/agent".to_string(), id.name_any())].into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                if let Err(e) = api.create(&PostParams::default(), &sa).await {
+                    tracing::warn!(error = %e, sa = %id.spec.service_account, "could not create the identity's ServiceAccount");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "ServiceAccount lookup failed"),
+        }
+    }
 }
 
 /// Statuses computed by a recompute, to be written by the leader.

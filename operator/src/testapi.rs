@@ -233,6 +233,18 @@ impl TestApiServer {
         }
     }
 
+    /// Every object of a resource, in any namespace.
+    pub fn list(&self, gv: &str, plural: &str) -> Vec<Value> {
+        self.store
+            .lock()
+            .expect("store")
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == gv && k.1 == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// Read an object.
     pub fn get(&self, gv: &str, plural: &str, namespace: &str, name: &str) -> Option<Value> {
         self.store

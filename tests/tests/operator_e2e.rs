@@ -162,6 +162,19 @@ fn snapshots_reach_sidecars_and_kill_switches_propagate() {
                     && i["status"]["conditions"][0]["status"] == "True"
             })
     });
+    // The identity's ServiceAccount exists, owned by it; transitions are announced as events.
+    eventually("owned ServiceAccount", || {
+        api.get("v1", "serviceaccounts", "agents", "billing-agent")
+            .is_some_and(|sa| sa["metadata"]["ownerReferences"][0]["kind"] == "AgentIdentity")
+    });
+    eventually("events", || {
+        let evs = api.list("events.k8s.io/v1", "events");
+        evs.iter()
+            .any(|e| e["reason"] == "Engaged" && e["regarding"]["kind"] == "KillSwitch")
+            && evs.iter().any(|e| {
+                e["reason"] == "SnapshotServed" && e["regarding"]["kind"] == "AgentIdentity"
+            })
+    });
     // Lift it by deleting it.
     api.delete(GV, "killswitches", "", "stop-billing");
     eventually("lifted everywhere", || {
