@@ -170,6 +170,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     check_crds(&client).await?;
     let hub = Arc::new(Hub::default());
     let metrics = Arc::new(OperatorMetrics::default());
+    let dirty = Arc::new(Notify::new());
     let st = Arc::new(ServerState {
         hub: hub.clone(),
         auth: Authenticator::new(client.clone()),
@@ -177,13 +178,14 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         metrics: metrics.clone(),
         ready: false.into(),
         leader: args.no_leader_elect.into(),
+        usage: Default::default(),
+        dirty: dirty.clone(),
     });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(addr = %args.listen, "snapshot API listening");
     tokio::spawn(crate::server::serve(listener, st.clone()));
-    let dirty = Arc::new(Notify::new());
     let stores = Stores {
         identities: watch_kind(&client, dirty.clone()),
         tools: watch_kind(&client, dirty.clone()),
@@ -223,7 +225,16 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     loop {
         let t0 = Instant::now();
         let world = stores.world();
-        let statuses = recompute(&world, &hub, &mut published);
+        let now = time::OffsetDateTime::now_utc();
+        let day = format!(
+            "{:04}-{:02}-{:02}",
+            now.year(),
+            now.month() as u8,
+            now.day()
+        );
+        let (agent_spend, tenant_spend) = st.spend_today(&day);
+        let mut statuses = recompute(&world, &hub, &mut published);
+        statuses.spend(&world, &agent_spend, &tenant_spend);
         metrics.reconciles.fetch_add(1, Ordering::Relaxed);
         metrics
             .last_reconcile_us
@@ -445,9 +456,36 @@ async fn ensure_service_accounts(client: &Client, world: &World) {
     }
 }
 
+impl Statuses {
+    /// Put reported spend into identity and tenant statuses.
+    pub fn spend(
+        &mut self,
+        world: &World,
+        agents: &std::collections::HashMap<String, f64>,
+        tenants: &std::collections::HashMap<String, f64>,
+    ) {
+        for (ns, name, st) in &mut self.identities {
+            st.spend_today_usd = agents.get(&format!("{ns}/{name}")).copied().unwrap_or(0.0);
+        }
+        for t in &world.tenants {
+            let g = t.meta().generation.unwrap_or(0);
+            self.tenants.push((
+                String::new(),
+                t.name_any(),
+                crate::crd::TenantStatus {
+                    conditions: vec![build::condition("Ready", true, "Accepted", "", g)],
+                    observed_generation: g,
+                    spend_today_usd: tenants.get(&t.name_any()).copied().unwrap_or(0.0),
+                },
+            ));
+        }
+    }
+}
+
 /// Statuses computed by a recompute, to be written by the leader.
 #[derive(Default)]
 pub struct Statuses {
+    tenants: Vec<(String, String, crate::crd::TenantStatus)>,
     identities: Vec<(String, String, AgentIdentityStatus)>,
     policies: Vec<(String, String, CommonStatus)>,
     tools: Vec<(String, String, CommonStatus)>,
@@ -658,9 +696,22 @@ async fn write_statuses(client: &Client, world: &World, s: Statuses) -> u64 {
             same_conditions(&a.conditions, &b.conditions)
                 && a.snapshot_version == b.snapshot_version
                 && a.observed_generation == b.observed_generation
+                && a.spend_today_usd == b.spend_today_usd
         },
     )
     .await
+        + write_kind(
+            &world.tenants,
+            s.tenants,
+            |_| Api::<Tenant>::all(client.clone()),
+            |o| o.status.clone(),
+            |a, b| {
+                same_conditions(&a.conditions, &b.conditions)
+                    && a.spend_today_usd == b.spend_today_usd
+                    && a.observed_generation == b.observed_generation
+            },
+        )
+        .await
         + write_kind(
             &world.policies,
             s.policies,

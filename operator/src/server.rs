@@ -104,6 +104,27 @@ pub struct ServerState {
     pub ready: std::sync::atomic::AtomicBool,
     /// Leader (writes status).
     pub leader: std::sync::atomic::AtomicBool,
+    /// Spend reports: (agent, sidecar instance) → (UTC day, USD per tenant).
+    pub usage: Mutex<HashMap<(String, String), (String, std::collections::BTreeMap<String, f64>)>>,
+    /// Wakes the recompute loop (status shows new spend).
+    pub dirty: Arc<tokio::sync::Notify>,
+}
+
+impl ServerState {
+    /// Spend today per agent and per tenant, summed over the sidecars that reported `day`.
+    pub fn spend_today(&self, day: &str) -> (HashMap<String, f64>, HashMap<String, f64>) {
+        let (mut agents, mut tenants) = (HashMap::new(), HashMap::new());
+        for ((agent, _), (d, by_tenant)) in self.usage.lock().expect("usage lock").iter() {
+            if d != day {
+                continue;
+            }
+            for (t, usd) in by_tenant {
+                *agents.entry(agent.clone()).or_insert(0.0) += usd;
+                *tenants.entry(t.clone()).or_insert(0.0) += usd;
+            }
+        }
+        (agents, tenants)
+    }
 }
 
 fn json(status: u16, v: serde_json::Value) -> hyper::Response<Full<Bytes>> {
@@ -206,6 +227,7 @@ pub async fn handle(
         }
         "/v1/snapshot" => {}
         "/v1/approvals" if req.method() == http::Method::POST => return approval(st, req).await,
+        "/v1/usage" if req.method() == http::Method::POST => return usage(st, req).await,
         _ => return json(404, serde_json::json!({"error": "not_found"})),
     }
     let q = query(req.uri().query().unwrap_or(""));
@@ -392,6 +414,67 @@ async fn approval(
             serde_json::json!({"error": "api_error", "reason": e.to_string()}),
         ),
     }
+}
+
+/// `POST /v1/usage`: a sidecar's spend today, by tenant, for its own identity.
+async fn usage(
+    st: Arc<ServerState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let user = match caller(&st, req.headers()).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let body = body_bytes(req.into_body()).await;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
+        );
+    };
+    let agent = v["agent"].as_str().unwrap_or("").to_string();
+    let allowed = st.hub.get(&agent).is_some_and(|s| {
+        user == format!(
+            "system:serviceaccount:{}:{}",
+            s.namespace, s.service_account
+        )
+    });
+    if !allowed {
+        return json(
+            403,
+            serde_json::json!({"error": "forbidden", "reason": format!("{user} may not report for {agent}")}),
+        );
+    }
+    let by_tenant: std::collections::BTreeMap<String, f64> = v["spendUsd"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, x)| {
+                    x.as_f64()
+                        .filter(|f| f.is_finite() && *f >= 0.0)
+                        .map(|f| (k.clone(), f))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let key = (
+        agent,
+        v["instance"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(64)
+            .collect(),
+    );
+    let day = v["day"].as_str().unwrap_or("").chars().take(10).collect();
+    let mut usage = st.usage.lock().expect("usage lock");
+    if usage.len() > 100_000 {
+        usage.clear();
+    }
+    usage.insert(key, (day, by_tenant));
+    drop(usage);
+    st.dirty.notify_one();
+    json(200, serde_json::json!({"ok": true}))
 }
 
 /// Serve until the listener fails.

@@ -211,3 +211,38 @@ pub fn report_approval(
         }
     });
 }
+
+/// Report this sidecar's spend today to the operator every `every` (it shows in the
+/// `AgentIdentity` and `Tenant` status).
+pub async fn report_usage(state: Arc<ProxyState>, args: ControlArgs, every: Duration) {
+    let instance = format!("{:016x}", rand::random::<u64>());
+    loop {
+        tokio::time::sleep(every).await;
+        let (day, by_tenant) = state.spend_today.lock().expect("spend lock").clone();
+        if day.is_empty() {
+            continue;
+        }
+        let Ok(token) = std::fs::read_to_string(&args.token_file) else {
+            continue;
+        };
+        let body = serde_json::json!({"agent": args.agent, "instance": instance, "day": day, "spendUsd": by_tenant});
+        let url = format!("{}/v1/usage", args.url.trim_end_matches('/'));
+        let Ok(request) = http::Request::post(&url)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+        else {
+            continue;
+        };
+        if let Err(e) = state
+            .upstreams
+            .send(request, Duration::from_secs(2), Duration::from_secs(5))
+            .await
+        {
+            tracing::debug!(error = %e, "usage report not delivered");
+        }
+    }
+}

@@ -1199,6 +1199,18 @@ async fn charge(state: &ProxyState, snap: &Snapshot, ctx: &CallContext, spend: i
         m.spend
             .with_label_values(&[tenant, snap.agent.name.as_str()])
             .inc_by(crate::limits::to_usd(spend));
+        let now = time::OffsetDateTime::now_utc();
+        let day = format!(
+            "{:04}-{:02}-{:02}",
+            now.year(),
+            now.month() as u8,
+            now.day()
+        );
+        let mut today = state.spend_today.lock().expect("spend lock");
+        if today.0 != day {
+            *today = (day, Default::default());
+        }
+        *today.1.entry(ctx.tenant.clone()).or_default() += crate::limits::to_usd(spend);
     }
     if ctx.reservation.is_some() && spend > ctx.estimate.spend {
         m.budget_overrun

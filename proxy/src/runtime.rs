@@ -103,6 +103,11 @@ pub async fn start_operator(
         Arc::new(limits),
     ));
     let _ = state.control.set(args.clone());
+    tokio::spawn(crate::control::report_usage(
+        state.clone(),
+        args.clone(),
+        std::time::Duration::from_secs(5),
+    ));
     let running = start_with_state(state.clone(), &base, None, None).await?;
     tokio::spawn(crate::control::poll(
         state,

@@ -67,6 +67,8 @@ pub struct ProxyState {
     pub limits: Arc<crate::limits::Limits>,
     /// The operator link, in operator mode.
     pub control: std::sync::OnceLock<crate::control::ControlArgs>,
+    /// Spend today (UTC day, USD per tenant), reported to the operator.
+    pub spend_today: std::sync::Mutex<(String, std::collections::BTreeMap<String, f64>)>,
     /// Audit records already counted into the metric.
     audit_seen: AtomicU64,
     audit_err_seen: AtomicU64,
@@ -91,6 +93,7 @@ impl ProxyState {
             approvals: ApprovalStore::default(),
             limits,
             control: std::sync::OnceLock::new(),
+            spend_today: std::sync::Mutex::default(),
             audit_seen: AtomicU64::new(0),
             audit_err_seen: AtomicU64::new(0),
         };

@@ -175,6 +175,25 @@ fn snapshots_reach_sidecars_and_kill_switches_propagate() {
                 e["reason"] == "SnapshotServed" && e["regarding"]["kind"] == "AgentIdentity"
             })
     });
+    // The sidecars' spend today shows in the identity's and the tenant's status.
+    api.put("tools", json!({"apiVersion": GV, "kind": "Tool", "metadata": {"name": "crm-note", "namespace": "agents"},
+        "spec": {"match": {"host": up.addr.to_string(), "methods": ["POST"], "path": "/v1/notes"}, "cost": {"perCallUsd": 0.25}}}));
+    api.delete(GV, "killswitches", "", "stop-billing");
+    eventually("a costed call goes through", || {
+        note(&sidecars[0], &up, "paid").0 == 200
+    });
+    eventually("spend in status", || {
+        api.get(GV, "agentidentities", "agents", "billing")
+            .and_then(|i| i["status"]["spendTodayUsd"].as_f64())
+            .is_some_and(|v| v >= 0.25)
+            && api
+                .get(GV, "tenants", "", "acme")
+                .and_then(|t| t["status"]["spendTodayUsd"].as_f64())
+                .is_some_and(|v| v >= 0.25)
+    });
+    api.put("killswitches", json!({"apiVersion": GV, "kind": "KillSwitch", "metadata": {"name": "stop-billing"},
+        "spec": {"scope": {"agent": "billing"}, "engaged": true, "reason": "INC-7: runaway notes"}}));
+    eventually("killed again", || note(&sidecars[0], &up, "hello").0 == 503);
     // Lift it by deleting it.
     api.delete(GV, "killswitches", "", "stop-billing");
     eventually("lifted everywhere", || {
