@@ -90,6 +90,10 @@ pub struct OperatorMetrics {
     pub approvals_pending: std::sync::atomic::AtomicI64,
 }
 
+/// Spend reports: (agent, sidecar instance) → (UTC day, USD per tenant).
+pub type UsageReports =
+    HashMap<(String, String), (String, std::collections::BTreeMap<String, f64>)>;
+
 /// Shared by the server handlers.
 pub struct ServerState {
     /// Snapshots.
@@ -105,7 +109,7 @@ pub struct ServerState {
     /// Leader (writes status).
     pub leader: std::sync::atomic::AtomicBool,
     /// Spend reports: (agent, sidecar instance) → (UTC day, USD per tenant).
-    pub usage: Mutex<HashMap<(String, String), (String, std::collections::BTreeMap<String, f64>)>>,
+    pub usage: Mutex<UsageReports>,
     /// Wakes the recompute loop (status shows new spend).
     pub dirty: Arc<tokio::sync::Notify>,
 }
