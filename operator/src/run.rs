@@ -207,6 +207,31 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     st.ready.store(true, Ordering::SeqCst);
     tracing::info!("caches synced; serving snapshots");
     let stores = Arc::new(stores);
+    let ca = load_or_create_secret(
+        &client,
+        &args.lease_namespace,
+        "tollgate-intercept-ca",
+        || {
+            let (cert, key) = tollgate_proxy::tls::new_ca("Tollgate interception CA", 3650)
+                .map_err(|e| e.to_string())?;
+            Ok([("tls.crt".to_string(), cert), ("tls.key".to_string(), key)].into())
+        },
+    )
+    .await?;
+    let inject_names = match &args.inject_config {
+        Some(p) => std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_yaml::from_str::<crate::webhook::inject::InjectConfig>(&t).ok())
+            .map(|c| (c.ca_secret, c.ca_config_map)),
+        None => None,
+    }
+    .unwrap_or_else(|| ("tollgate-intercept-ca".into(), "tollgate-ca".into()));
+    let distribution = CaDistribution {
+        cert: ca.get("tls.crt").cloned().unwrap_or_default(),
+        key: ca.get("tls.key").cloned().unwrap_or_default(),
+        secret: inject_names.0,
+        config_map: inject_names.1,
+    };
     if let Some(addr) = &args.webhook_listen {
         start_webhooks(&client, &args, addr, stores.clone()).await?;
     }
@@ -255,6 +280,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         );
         if st.leader.load(Ordering::SeqCst) {
             ensure_service_accounts(&client, &world).await;
+            distribution.ensure(&client, &world).await;
             seen.publish(&recorder, &world, &statuses).await;
             let errors = write_statuses(&client, &world, statuses).await;
             metrics
@@ -281,9 +307,31 @@ async fn start_webhooks(
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let inject: InjectConfig =
         serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let certs = certs::webhook_certs(&args.webhook_service, &args.lease_namespace, &[], 365)
-        .map_err(|e| e.to_string())?;
-    let tls = server::tls_config(&certs.serving)?;
+    // One serving certificate for every replica, kept in a Secret, so the caBundle matches
+    // whichever replica the API server reaches.
+    let stored = load_or_create_secret(
+        client,
+        &args.lease_namespace,
+        "tollgate-webhook-tls",
+        || {
+            let c = certs::webhook_certs(&args.webhook_service, &args.lease_namespace, &[], 365)
+                .map_err(|e| e.to_string())?;
+            Ok([
+                ("ca.crt".to_string(), c.ca.cert),
+                ("tls.crt".to_string(), c.serving.cert),
+                ("tls.key".to_string(), c.serving.key),
+            ]
+            .into())
+        },
+    )
+    .await?;
+    let get = |k: &str| stored.get(k).cloned().unwrap_or_default();
+    let serving = certs::PemPair {
+        cert: get("tls.crt"),
+        key: get("tls.key"),
+    };
+    let ca_pem = get("ca.crt");
+    let tls = server::tls_config(&serving)?;
     let facts: server::FactsLookup = Arc::new(move |ns: &str, agent: &str| {
         let world = stores.world();
         let mut secrets = Vec::new();
@@ -316,7 +364,7 @@ async fn start_webhooks(
     tokio::spawn(server::serve(listener, tls, hooks));
     let bundle = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
-        certs.ca.cert.as_bytes(),
+        ca_pem.as_bytes(),
     );
     for kind in [
         "mutatingwebhookconfigurations",
@@ -357,6 +405,108 @@ async fn start_webhooks(
     }
     tracing::info!(%addr, "admission webhooks listening");
     Ok(())
+}
+
+/// A Secret's string data, created from `make` if it does not exist (shared by every replica:
+/// the first to create it wins, the others read it).
+async fn load_or_create_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    make: impl FnOnce() -> Result<std::collections::BTreeMap<String, String>, String>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let read = |s: Secret| -> std::collections::BTreeMap<String, String> {
+        s.data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+            .collect()
+    };
+    if let Some(s) = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("secret {namespace}/{name}: {e}"))?
+    {
+        return Ok(read(s));
+    }
+    let data = make()?;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        string_data: Some(data.clone()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(data),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let s = api.get(name).await.map_err(|e| e.to_string())?;
+            Ok(read(s))
+        }
+        Err(e) => Err(format!("secret {namespace}/{name}: {e}")),
+    }
+}
+
+/// Where injected pods find the interception CA: a Secret (sidecar only) and a ConfigMap
+/// (`ca.crt`, for the agent's trust store) in every namespace that has an identity.
+struct CaDistribution {
+    cert: String,
+    key: String,
+    secret: String,
+    config_map: String,
+}
+
+impl CaDistribution {
+    async fn ensure(&self, client: &Client, world: &World) {
+        use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+        let namespaces: std::collections::BTreeSet<String> = world
+            .identities
+            .iter()
+            .filter_map(|i| i.namespace())
+            .collect();
+        for ns in namespaces {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+            if matches!(secrets.get_opt(&self.secret).await, Ok(None)) {
+                let s = Secret {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(self.secret.clone()),
+                        namespace: Some(ns.clone()),
+                        ..Default::default()
+                    },
+                    string_data: Some(
+                        [
+                            ("tls.crt".to_string(), self.cert.clone()),
+                            ("tls.key".to_string(), self.key.clone()),
+                        ]
+                        .into(),
+                    ),
+                    ..Default::default()
+                };
+                if let Err(e) = secrets.create(&PostParams::default(), &s).await {
+                    tracing::warn!(namespace = %ns, error = %e, "could not create the interception CA Secret");
+                }
+            }
+            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+            if matches!(cms.get_opt(&self.config_map).await, Ok(None)) {
+                let c = ConfigMap {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(self.config_map.clone()),
+                        namespace: Some(ns.clone()),
+                        ..Default::default()
+                    },
+                    data: Some([("ca.crt".to_string(), self.cert.clone())].into()),
+                    ..Default::default()
+                };
+                if let Err(e) = cms.create(&PostParams::default(), &c).await {
+                    tracing::warn!(namespace = %ns, error = %e, "could not create the CA ConfigMap");
+                }
+            }
+        }
+    }
 }
 
 /// The last state events were published for, so each transition is announced once.

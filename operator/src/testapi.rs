@@ -263,6 +263,17 @@ fn commit(
     kind: &'static str,
     mut obj: Value,
 ) -> Value {
+    // Like the API server: a Secret's stringData is stored base64-encoded under data.
+    if obj["kind"] == "Secret" {
+        if let Some(Value::Object(sd)) = obj.as_object_mut().and_then(|o| o.remove("stringData")) {
+            use base64::Engine;
+            for (k, v) in sd {
+                let enc = base64::engine::general_purpose::STANDARD
+                    .encode(v.as_str().unwrap_or("").as_bytes());
+                obj["data"][k] = json!(enc);
+            }
+        }
+    }
     st.rv += 1;
     let rv = st.rv;
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());

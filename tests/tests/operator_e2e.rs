@@ -162,6 +162,20 @@ fn snapshots_reach_sidecars_and_kill_switches_propagate() {
                     && i["status"]["conditions"][0]["status"] == "True"
             })
     });
+    // The interception CA reaches the agent's namespace: a Secret for the sidecar, a
+    // ConfigMap with the public certificate for the agent's trust store.
+    eventually("CA distributed", || {
+        api.get("v1", "secrets", "agents", "tollgate-intercept-ca")
+            .is_some_and(|s| s["data"]["tls.key"].is_string())
+            && api
+                .get("v1", "configmaps", "agents", "tollgate-ca")
+                .is_some_and(|c| {
+                    c["data"]["ca.crt"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("BEGIN CERTIFICATE")
+                })
+    });
     // The identity's ServiceAccount exists, owned by it; transitions are announced as events.
     eventually("owned ServiceAccount", || {
         api.get("v1", "serviceaccounts", "agents", "billing-agent")
@@ -487,6 +501,23 @@ fn the_operator_serves_webhooks_and_keeps_the_ca_bundle_current() {
     eventually("webhook port accepts TLS", || {
         std::net::TcpStream::connect(("127.0.0.1", wport)).is_ok()
     });
+    // The serving certificate is kept in a Secret, so every replica presents the same one and
+    // the caBundle matches it.
+    let stored = api
+        .get("v1", "secrets", "tollgate-system", "tollgate-webhook-tls")
+        .expect("webhook TLS Secret");
+    let bundle = api
+        .get(
+            "admissionregistration.k8s.io/v1",
+            "mutatingwebhookconfigurations",
+            "",
+            "tollgate",
+        )
+        .unwrap();
+    assert_eq!(
+        stored["data"]["ca.crt"],
+        bundle["webhooks"][0]["clientConfig"]["caBundle"]
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
