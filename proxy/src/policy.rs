@@ -141,6 +141,10 @@ impl PolicyBundle {
 
     /// Evaluate on a clone of the prepared engine.
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<PolicyDecision, PolicyError> {
+        // Only the built-in module: nothing can deny or ask, so skip the engine.
+        if self.modules == 0 {
+            return Ok(PolicyDecision::default());
+        }
         self.evaluate_value(regorus::Value::from(input.clone()))
     }
 
