@@ -211,16 +211,38 @@ impl ApprovalStore {
     /// Decide the gate for a call whose policy asked for approval. With `Prefer: wait=N` a
     /// pending call is held until it is decided or the wait runs out. The second element is the
     /// request this call opened, if it opened one (for notifications).
+    ///
+    /// `live` is the sidecar's current snapshot: in operator mode a grant arrives in a new
+    /// snapshot, which wakes held calls (see [`ApprovalStore::snapshot_changed`]).
     pub async fn gate(
         &self,
         snap: &Snapshot,
+        live: &arc_swap::ArcSwapOption<Snapshot>,
         call: GateCall<'_>,
+        on_open: impl Fn(&ApprovalRequest),
     ) -> (Result<Granted, Refusal>, Option<ApprovalRequest>) {
         let deadline = call.wait.map(|w| tokio::time::Instant::now() + w);
         let mut rx = self.changed.subscribe();
         let mut opened = false;
+        let mut announced = false;
         loop {
-            match self.check(snap, &call, &mut opened) {
+            let current = live.load_full();
+            let snap = current.as_deref().unwrap_or(snap);
+            let result = self.check(snap, &call, &mut opened);
+            if opened && !announced {
+                // Announce a new request at once, not after a held call's wait.
+                announced = true;
+                let req = self
+                    .inner
+                    .lock()
+                    .expect("approvals lock")
+                    .get(call.key)
+                    .cloned();
+                if let Some(req) = req {
+                    on_open(&req);
+                }
+            }
+            match result {
                 Err(Refusal::ApprovalRequired { .. })
                     if deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
                 {
@@ -241,6 +263,11 @@ impl ApprovalStore {
                 }
             }
         }
+    }
+
+    /// A new snapshot was installed (it may carry grants): wake held calls.
+    pub fn snapshot_changed(&self) {
+        self.changed.send_modify(|v| *v += 1);
     }
 
     fn check(

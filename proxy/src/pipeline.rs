@@ -722,14 +722,20 @@ async fn approval_gate(
 ) -> Result<(), Refusal> {
     let key = crate::approval::approval_key(&snap.agent.name, &ctx.tenant, tool.name(), canonical);
     let call = approval_call(snap, ctx, parts, target, tool, &key, reasons, now);
-    let (outcome, opened) = state.approvals.gate(snap, call).await;
-    if let (Some(req), Some(url)) = (&opened, snap.raw.approvals.notify_url.as_deref()) {
-        crate::approval::notify(url, req, &state.upstreams);
-    }
-    if let (Some(req), Some(ctl)) = (&opened, state.control.get()) {
-        // Operator mode: the operator turns it into an ApprovalRequest for kubectl.
-        crate::control::report_approval(ctl, req, &state.upstreams);
-    }
+    let notify_url = snap.raw.approvals.notify_url.clone();
+    let on_open = |req: &crate::approval::ApprovalRequest| {
+        if let Some(url) = notify_url.as_deref() {
+            crate::approval::notify(url, req, &state.upstreams);
+        }
+        if let Some(ctl) = state.control.get() {
+            // Operator mode: the operator turns it into an ApprovalRequest for kubectl.
+            crate::control::report_approval(ctl, req, &state.upstreams);
+        }
+    };
+    let (outcome, _opened) = state
+        .approvals
+        .gate(snap, &state.snapshot, call, on_open)
+        .await;
     match outcome {
         Ok(g) => {
             state

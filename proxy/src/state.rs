@@ -112,6 +112,7 @@ impl ProxyState {
             m.kill_switch.with_label_values(&[k.name.as_str()]).set(1.0);
         }
         self.snapshot.store(Some(snap));
+        self.approvals.snapshot_changed();
         self.freshness.confirm();
     }
 

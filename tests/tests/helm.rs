@@ -264,3 +264,72 @@ fn chart_copies_of_crds_and_policies_are_current() {
         );
     }
 }
+
+/// A pod injected by the webhook (plain and transparent mode) validates against the
+/// Kubernetes schema.
+#[test]
+fn injected_pods_validate_against_the_kubernetes_schema() {
+    use tollgate_operator::webhook::inject::{inject, IdentityFacts, InjectConfig};
+    let cfg: InjectConfig = serde_json::from_value(serde_json::json!({"image": "ghcr.io/tollgate-dev/tollgate-proxy:0.1.0", "operatorUrl": "http://tollgate-operator.tollgate-system.svc:8080"})).unwrap();
+    let facts = IdentityFacts {
+        secrets: vec!["stripe".into()],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (i, annotations) in [
+        serde_json::json!({}),
+        serde_json::json!({"tollgate.dev/interception": "transparent"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "agent", "namespace": "billing-agents", "labels": {"tollgate.dev/agent": "billing-dispute"}, "annotations": annotations},
+            "spec": {"serviceAccountName": "billing-dispute", "containers": [{"name": "agent", "image": "example/agent:1"}]}
+        }))
+        .unwrap();
+        let injected = inject(pod, &cfg, &facts).unwrap();
+        let mut v = serde_json::to_value(&injected).unwrap();
+        v["apiVersion"] = "v1".into();
+        v["kind"] = "Pod".into();
+        let sidecar = &v["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "tollgate-proxy")
+            .cloned()
+            .unwrap();
+        assert_eq!(sidecar["restartPolicy"], "Always", "a native sidecar");
+        let args: Vec<String> = sidecar["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        // The injected command line parses with the real binary's flags.
+        let help = std::process::Command::new(tollgate_tests::harness::bin("tollgate-proxy"))
+            .args(["run", "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        for flag in args.iter().filter(|a| a.starts_with("--")) {
+            assert!(
+                help.contains(flag.as_str()),
+                "{flag} is not a tollgate-proxy run flag"
+            );
+        }
+        let file = dir.path().join(format!("pod-{i}.yaml"));
+        std::fs::write(&file, serde_yaml::to_string(&v).unwrap()).unwrap();
+        let out = tool("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", "1.33.0"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

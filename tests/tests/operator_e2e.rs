@@ -410,6 +410,51 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
     let (code, body) = note(&s, &up, "a different long note");
     assert_eq!(code, 403);
     assert!(body.contains("approval_required"), "{body}");
+    // A client that sends Prefer: wait is held until a human decides, then let through.
+    let before: Vec<String> = api
+        .list(GV, "approvalrequests")
+        .iter()
+        .filter_map(|a| a["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    let (proxy, addr) = (s.proxy, up.addr);
+    let held = std::thread::spawn(move || {
+        call(
+            proxy,
+            "POST",
+            &format!("http://{addr}/v1/notes"),
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+                ("Prefer", "wait=20"),
+            ],
+            Some(&json!({"text": "a note held for a human"}).to_string()),
+        )
+    });
+    let mut held_id = String::new();
+    eventually("the held call's ApprovalRequest", || {
+        held_id = api
+            .list(GV, "approvalrequests")
+            .iter()
+            .filter(|a| {
+                a["spec"]["inputPreview"]
+                    .to_string()
+                    .contains("held for a human")
+            })
+            .filter_map(|a| a["metadata"]["name"].as_str().map(str::to_owned))
+            .find(|n| !before.contains(n))
+            .unwrap_or_default();
+        !held_id.is_empty()
+    });
+    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", &held_id]);
+    assert!(ok, "{out}");
+    let r = held.join().unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the held call is released by the approval: {}\n{}",
+        r.body_text(),
+        s.log()
+    );
     // An expired request cannot be approved.
     api.put("approvalrequests", json!({"apiVersion": GV, "kind": "ApprovalRequest", "metadata": {"name": "apr-old", "namespace": "agents"},
         "spec": {"key": "k", "agent": "billing", "tenant": "acme", "tool": "crm-note", "summary": "old", "expiresAt": "2020-01-01T00:00:00Z"}}));
