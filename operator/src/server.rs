@@ -248,42 +248,8 @@ pub async fn handle(
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(30)
         .clamp(1, 60);
-    let token = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let refuse = |reason: String| {
-        st.metrics.refused.fetch_add(1, Relaxed);
-        tracing::warn!(%agent, %reason, "snapshot request refused");
-        json(
-            403,
-            serde_json::json!({"error": "forbidden", "reason": reason}),
-        )
-    };
-    let Some(token) = token else {
-        return refuse("no bearer token".into());
-    };
-    let user = match st.auth.review(&token).await {
-        Ok(Some(u)) => u,
-        Ok(None) => return refuse("the token is not valid for audience tollgate".into()),
-        Err(e) => {
-            return json(
-                503,
-                serde_json::json!({"error": "unavailable", "reason": e}),
-            )
-        }
-    };
-    let served = st.hub.get(&agent);
-    let allowed = served.as_ref().is_some_and(|s| {
-        user == format!(
-            "system:serviceaccount:{}:{}",
-            s.namespace, s.service_account
-        )
-    });
-    if !allowed {
-        return refuse(format!("{user} may not read the snapshot of {agent}"));
+    if let Err(r) = authorize(&st, req.headers(), &agent).await {
+        return r;
     }
     st.metrics.connected.fetch_add(1, Relaxed);
     let newer = st
@@ -303,31 +269,55 @@ pub async fn handle(
     }
 }
 
-/// The ServiceAccount user a bearer token authenticates as.
-async fn caller(
+/// Authenticate the bearer token (TokenReview) and check that it is the ServiceAccount the
+/// `agent`'s identity is bound to: the one gate of every sidecar-facing endpoint. A refusal is
+/// a JSON error, counted in `tollgate_operator_snapshot_refused_total` and logged.
+async fn authorize(
     st: &ServerState,
     headers: &http::HeaderMap,
-) -> Result<String, hyper::Response<Full<Bytes>>> {
-    let token = headers
+    agent: &str,
+) -> Result<crate::hub::Served, hyper::Response<Full<Bytes>>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let refuse = |reason: String| {
+        st.metrics.refused.fetch_add(1, Relaxed);
+        tracing::warn!(%agent, %reason, "sidecar request refused");
+        json(
+            403,
+            serde_json::json!({"error": "forbidden", "reason": reason}),
+        )
+    };
+    let Some(token) = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            json(
-                403,
-                serde_json::json!({"error": "forbidden", "reason": "no bearer token"}),
-            )
-        })?;
-    match st.auth.review(token).await {
-        Ok(Some(u)) => Ok(u),
-        Ok(None) => Err(json(
-            403,
-            serde_json::json!({"error": "forbidden", "reason": "the token is not valid for audience tollgate"}),
-        )),
-        Err(e) => Err(json(
-            503,
-            serde_json::json!({"error": "unavailable", "reason": e}),
-        )),
+    else {
+        return Err(refuse("no bearer token".into()));
+    };
+    let user = match st.auth.review(token).await {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return Err(refuse(
+                "the token is not valid for audience tollgate".into(),
+            ))
+        }
+        Err(e) => {
+            return Err(json(
+                503,
+                serde_json::json!({"error": "unavailable", "reason": e}),
+            ))
+        }
+    };
+    match st.hub.get(agent) {
+        Some(s)
+            if user
+                == format!(
+                    "system:serviceaccount:{}:{}",
+                    s.namespace, s.service_account
+                ) =>
+        {
+            Ok(s)
+        }
+        _ => Err(refuse(format!("{user} may not act for {agent}"))),
     }
 }
 
@@ -337,11 +327,8 @@ async fn approval(
     st: Arc<ServerState>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Full<Bytes>> {
-    let user = match caller(&st, req.headers()).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let body = body_bytes(req.into_body()).await;
+    let (parts, body) = req.into_parts();
+    let body = body_bytes(body).await;
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return json(
             400,
@@ -349,23 +336,10 @@ async fn approval(
         );
     };
     let agent = v["agent"].as_str().unwrap_or("");
-    let Some(served) = st.hub.get(agent) else {
-        return json(
-            403,
-            serde_json::json!({"error": "forbidden", "reason": format!("unknown agent {agent}")}),
-        );
+    let served = match authorize(&st, &parts.headers, agent).await {
+        Ok(s) => s,
+        Err(r) => return r,
     };
-    if user
-        != format!(
-            "system:serviceaccount:{}:{}",
-            served.namespace, served.service_account
-        )
-    {
-        return json(
-            403,
-            serde_json::json!({"error": "forbidden", "reason": format!("{user} may not open approvals for {agent}")}),
-        );
-    }
     let id = v["id"].as_str().unwrap_or("");
     let valid = !id.is_empty()
         && id.len() <= 63
@@ -425,11 +399,8 @@ async fn usage(
     st: Arc<ServerState>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Full<Bytes>> {
-    let user = match caller(&st, req.headers()).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let body = body_bytes(req.into_body()).await;
+    let (parts, body) = req.into_parts();
+    let body = body_bytes(body).await;
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return json(
             400,
@@ -437,17 +408,8 @@ async fn usage(
         );
     };
     let agent = v["agent"].as_str().unwrap_or("").to_string();
-    let allowed = st.hub.get(&agent).is_some_and(|s| {
-        user == format!(
-            "system:serviceaccount:{}:{}",
-            s.namespace, s.service_account
-        )
-    });
-    if !allowed {
-        return json(
-            403,
-            serde_json::json!({"error": "forbidden", "reason": format!("{user} may not report for {agent}")}),
-        );
+    if let Err(r) = authorize(&st, &parts.headers, &agent).await {
+        return r;
     }
     let by_tenant: std::collections::BTreeMap<String, f64> = v["spendUsd"]
         .as_object()

@@ -73,14 +73,7 @@ pub async fn handle_connect(
         let snap = snap.clone();
         let tunnel = tunnel.clone();
         let label = label.clone();
-        async move {
-            state
-                .metrics
-                .tunnels_refused
-                .with_label_values(&["connect", r.code()])
-                .inc();
-            pipeline::refuse_tunnel(&state, &snap, &tunnel, label, r).await
-        }
+        async move { pipeline::refuse_tunnel(&state, &snap, &tunnel, label, r).await }
     };
     if !allowed_ports.contains(&port) {
         return refuse(Refusal::ConnectNotAllowed(format!(

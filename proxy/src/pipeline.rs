@@ -168,7 +168,8 @@ async fn handle_with(
 }
 
 /// Refuse a tunnel before any request inside it (a CONNECT or transparent connection to a
-/// host no tool serves, a bad ClientHello): recorded and counted like any refused call.
+/// host no tool serves, a bad ClientHello): recorded and counted like any refused call, and
+/// counted in `tollgate_tunnels_refused_total{via,reason}`.
 pub async fn refuse_tunnel(
     state: &ProxyState,
     snap: &Snapshot,
@@ -176,6 +177,12 @@ pub async fn refuse_tunnel(
     tenant: String,
     r: Refusal,
 ) -> Response<ResBody> {
+    state
+        .metrics
+        .tunnels_refused
+        .with_label_values(&[tunnel.via.as_str(), r.code()])
+        .inc();
+    tracing::warn!(via = tunnel.via.as_str(), host = %tunnel.host, port = tunnel.port, reason = %r.reasons().join("; "), "tunnel refused");
     let mut ctx = CallContext::new(identify::new_run_id());
     ctx.target = Some(tunnel_target_stub(tunnel));
     ctx.tenant = tenant;

@@ -84,14 +84,17 @@ async fn handle(
         Ok(_) | Err(_) => {
             // Not redirected (a direct connection to the listener, or no conntrack entry):
             // there is no destination to decide about.
-            state
-                .metrics
-                .tunnels_refused
-                .with_label_values(&["transparent", "no_original_dst"])
-                .inc();
-            tracing::warn!(
-                "transparent connection without an original destination; closed (is it redirected by iptables?)"
+            let local = stream.local_addr()?;
+            let tunnel = Tunnel {
+                scheme: Scheme::Http,
+                host: local.ip().to_string(),
+                port: local.port(),
+                via: Via::Transparent,
+            };
+            let r = Refusal::BadRequest(
+                "connection to the transparent listener without an original destination (is it redirected by iptables?)".into(),
             );
+            pipeline::refuse_tunnel(&state, &snap, &tunnel, String::new(), r).await;
             return Ok(());
         }
     };
@@ -105,11 +108,6 @@ async fn handle(
                 port: dst.port(),
                 via: Via::Transparent,
             };
-            state
-                .metrics
-                .tunnels_refused
-                .with_label_values(&["transparent", "bad_request"])
-                .inc();
             pipeline::refuse_tunnel(
                 &state,
                 &snap,

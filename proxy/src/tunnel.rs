@@ -159,15 +159,7 @@ pub async fn serve_tls<IO>(
         let state = state.clone();
         let snap = snap.clone();
         let tenant = tenant.clone();
-        async move {
-            state
-                .metrics
-                .tunnels_refused
-                .with_label_values(&[via.as_str(), r.code()])
-                .inc();
-            tracing::warn!(via = via.as_str(), host = %tunnel.host, port = tunnel.port, reason = %r.reasons().join("; "), "tunnel refused");
-            pipeline::refuse_tunnel(&state, &snap, &tunnel, tenant, r).await
-        }
+        async move { pipeline::refuse_tunnel(&state, &snap, &tunnel, tenant, r).await }
     };
     let hello =
         match tokio::time::timeout(limits.header_read_timeout, read_client_hello(&mut io)).await {
