@@ -148,6 +148,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The error of a call that skipped Redis because it failed moments ago.
+const CIRCUIT_OPEN: &str = "redis: unavailable (retrying shortly)";
+
 /// How long Redis is skipped after a failure.
 const REDIS_RETRY_AFTER: Duration = Duration::from_millis(500);
 
@@ -203,7 +206,7 @@ impl Limits {
                     .redis_down_until
                     .load(std::sync::atomic::Ordering::Relaxed);
                 if now_ms() < until {
-                    Err(StoreError("redis: unavailable (retrying shortly)".into()))
+                    Err(StoreError(CIRCUIT_OPEN.into()))
                 } else {
                     Ok(Some(r))
                 }
@@ -220,7 +223,11 @@ impl Limits {
 
     fn redis_failed(&self, op: &str, e: &StoreError) -> Result<(), Refusal> {
         self.metrics.redis_unavailable.set(1);
-        self.trip();
+        // Only a real failure (re)opens the circuit: a call skipped while it is open must not
+        // extend it, or steady traffic would keep Redis skipped forever.
+        if e.0 != CIRCUIT_OPEN {
+            self.trip();
+        }
         match self.on_unavailable {
             OnUnavailable::Deny => {
                 tracing::error!(error = %e, op, "limits backend (redis) unavailable; refusing (limits.onUnavailable: deny)");
