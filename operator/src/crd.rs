@@ -463,7 +463,7 @@ pub fn crds() -> Vec<(String, Value)> {
             "KillSwitch" => cel(
                 &mut v,
                 &["spec", "scope"],
-                "self.all || has(self.namespace) || has(self.tenant) || has(self.agent) || has(self.tool)",
+                "self.all || has(self.__namespace__) || has(self.tenant) || has(self.agent) || has(self.tool)",
                 "set all: true or at least one of namespace, tenant, agent, tool",
             ),
             "AgentIdentity" => cel(
