@@ -209,6 +209,7 @@ pub fn build_agent(world: &World, id: &AgentIdentity) -> Result<Config, Vec<Stri
             over_budget: id.spec.over_budget,
             max_staleness: id.spec.max_staleness,
             fail_open: id.spec.fail_open,
+            runs: Default::default(),
         },
         tools,
         tenants,

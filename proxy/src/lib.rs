@@ -35,6 +35,7 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod stages;
 pub mod state;
 pub mod target;
 pub mod tls;

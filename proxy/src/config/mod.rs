@@ -119,6 +119,34 @@ pub struct AgentConfig {
     /// Keep serving on a stale snapshot instead of failing closed. Counted in a metric.
     #[serde(default)]
     pub fail_open: bool,
+    /// How runs start and how run ids are verified.
+    #[serde(default)]
+    pub runs: RunsConfig,
+}
+
+/// Runs: who starts them, and the key their ids are signed with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunsConfig {
+    /// `sidecar` (default): a call without `X-Tollgate-Run` starts a run; `orchestrator`: only
+    /// a holder of the key starts runs, and calls without a run id are refused.
+    #[serde(default)]
+    pub source: RunSource,
+    /// HMAC key shared with a trusted orchestrator (at least 16 bytes). Without it the sidecar
+    /// signs with a random per-process key.
+    #[serde(default)]
+    pub key_from: Option<SecretSource>,
+}
+
+/// Who starts runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunSource {
+    /// The sidecar mints a run for a call that names none.
+    #[default]
+    Sidecar,
+    /// Only the orchestrator (holding `keyFrom`) starts runs.
+    Orchestrator,
 }
 
 fn default_namespace() -> String {
@@ -305,6 +333,10 @@ pub struct ModelPrice {
     pub prompt_per_mtok: f64,
     /// USD per million completion (output) tokens.
     pub completion_per_mtok: f64,
+    /// This model's output limit, assumed when a request sets no `max_tokens` (before the
+    /// tool's `defaultMaxTokens`).
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
 }
 
 /// A credential injected into the upstream request.
@@ -494,6 +526,10 @@ pub struct ApprovalsConfig {
     /// Longest `Prefer: wait=N` hold, in seconds (default 60).
     #[serde(default)]
     pub max_wait_s: Option<u64>,
+    /// Most approval requests this agent may have pending at once (default 100); past it,
+    /// calls needing a new approval are refused until some are decided or expire.
+    #[serde(default)]
+    pub max_pending: Option<usize>,
     /// Slack-compatible webhook URL notified of new requests.
     #[serde(default)]
     pub notify_url: Option<String>,
@@ -507,6 +543,7 @@ impl Default for ApprovalsConfig {
             granted: Vec::new(),
             admin_tokens: Vec::new(),
             max_wait_s: None,
+            max_pending: None,
             notify_url: None,
         }
     }
