@@ -94,6 +94,7 @@ fn tool_config(t: &Tool) -> ToolConfig {
         labels: t.labels().clone(),
         require_idempotency_key: s.require_idempotency_key,
         passthrough: s.passthrough,
+        request: s.request.clone(),
     }
 }
 

@@ -201,6 +201,10 @@ pub struct ToolSpec {
     /// TLS passthrough (host-level policy only).
     #[serde(default)]
     pub passthrough: bool,
+    /// Canonical-call options (body mode, path matching, meaning-carrying and forwarded
+    /// headers, Idempotency-Key forwarding).
+    #[serde(default)]
+    pub request: tollgate_proxy::config::RequestOptions,
 }
 
 /// A Rego module.
@@ -463,7 +467,7 @@ pub fn crds() -> Vec<(String, Value)> {
             "KillSwitch" => cel(
                 &mut v,
                 &["spec", "scope"],
-                "self.all || has(self.namespace) || has(self.tenant) || has(self.agent) || has(self.tool)",
+                "self.all || has(self.__namespace__) || has(self.tenant) || has(self.agent) || has(self.tool)",
                 "set all: true or at least one of namespace, tenant, agent, tool",
             ),
             "AgentIdentity" => cel(

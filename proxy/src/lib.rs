@@ -9,7 +9,9 @@
 pub mod admin;
 pub mod approval;
 pub mod audit;
+pub mod canonical;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod connect;
 pub mod control;

@@ -234,6 +234,63 @@ pub struct ToolConfig {
     /// Forward TLS to this tool's host without interception (host-level policy only).
     #[serde(default)]
     pub passthrough: bool,
+    /// How calls to this tool are canonicalised and rebuilt for the upstream (see SECURITY.md,
+    /// "Forwarding what was decided"). Every default is the strict choice.
+    #[serde(default)]
+    pub request: RequestOptions,
+}
+
+/// Canonical-call options of a tool.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestOptions {
+    /// `parsed` (default): JSON or form bodies only, anything else refused. `opaque`: any body
+    /// is forwarded as sent (decoded), and policy sees `{"opaque": true, "media_type", "bytes",
+    /// "sha256"}` instead of fields; an input schema cannot apply.
+    #[serde(default)]
+    pub body: BodyMode,
+    /// Match literal path segments case-insensitively, for upstreams that route that way
+    /// (Express, ASP.NET). Default false: matching is exact.
+    #[serde(default)]
+    pub path_case_insensitive: bool,
+    /// Accept `;` matrix parameters in path segments (stripped for matching, forwarded as
+    /// sent). Default false: a `;` in the path is refused.
+    #[serde(default)]
+    pub path_params: bool,
+    /// Headers that change what the call means (e.g. `Stripe-Account`): part of the canonical
+    /// call, so policy, the approval hash and the audit record see them; forwarded.
+    #[serde(default)]
+    pub meaning_headers: Vec<String>,
+    /// Headers forwarded besides the default set (see `canonical::DEFAULT_FORWARD_HEADERS`).
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    /// How an agent's `Idempotency-Key` reaches the upstream: `namespaced` (default, a hash of
+    /// agent, tenant and key) or `verbatim` (only when the agent brings its own credential;
+    /// refused when Tollgate injects one, as keys would then be shared across tenants).
+    #[serde(default)]
+    pub idempotency_key: IdempotencyKeyForwarding,
+}
+
+/// What a tool's body may be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BodyMode {
+    /// JSON or form-urlencoded, parsed strictly.
+    #[default]
+    Parsed,
+    /// Any media type, not parsed.
+    Opaque,
+}
+
+/// How the `Idempotency-Key` is forwarded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdempotencyKeyForwarding {
+    /// `hex(sha256("tollgate-idempotency-v1" NUL agent NUL tenant NUL key))`.
+    #[default]
+    Namespaced,
+    /// The agent's key unchanged (refused under an injected credential).
+    Verbatim,
 }
 
 /// Free-form JSON (schemas, Rego data): any value.

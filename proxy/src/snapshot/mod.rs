@@ -369,6 +369,8 @@ fn compile_match(i: usize, t: &ToolConfig, field: &str) -> Result<MatchRule, Con
         methods,
         path,
         mcp_tool: m.mcp_tool.clone(),
+        path_case_insensitive: t.request.path_case_insensitive,
+        path_params: t.request.path_params,
     })
 }
 
@@ -387,6 +389,8 @@ fn compile_tool(t: &ToolConfig, field: &str, base_dir: &Path) -> Result<Tool, Co
         .as_ref()
         .map(|c| resolve_credential(c, &format!("{field}.credentials"), base_dir))
         .transpose()?;
+    crate::canonical::validate_options(t)
+        .map_err(|(f, m)| ConfigError::invalid(format!("{field}.request.{f}"), m))?;
     let to = &t.timeouts;
     let total = to.total.map(|d| d.get()).unwrap_or(Duration::from_secs(30));
     if let Some(cost) = &t.cost {
