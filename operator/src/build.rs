@@ -179,6 +179,10 @@ pub fn build_agent(world: &World, id: &AgentIdentity) -> Result<Config, Vec<Stri
         .filter(|a| a.namespace().as_deref() == Some(&ns) && a.spec.agent == name)
         .filter_map(|a| {
             let st = a.status.as_ref()?;
+            if st.consumed_at.is_some() {
+                // A used single-use approval is withdrawn from every sidecar at once.
+                return None;
+            }
             let decision = match st.phase.as_deref()? {
                 "Approved" => "approved",
                 "Denied" => "denied",
@@ -250,12 +254,16 @@ pub fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation:
     }
 }
 
-/// Agents (`ns/name`) a kill switch affects.
+/// Agents (`ns/name`) a kill switch affects: in its namespace/agent scope, and, for a tool
+/// or tenant scope, only agents that have that tool or serve that tenant.
 pub fn affected_agents(world: &World, k: &KillSwitch) -> Vec<String> {
+    let s = &k.spec.scope;
     world
         .identities
         .iter()
         .filter(|i| kill_switch_affects(k, &i.namespace().unwrap_or_default(), &i.name_any()))
+        .filter(|i| s.all || s.tool.as_ref().is_none_or(|t| i.spec.tools.contains(t)))
+        .filter(|i| s.all || s.tenant.as_ref().is_none_or(|t| i.spec.tenants.contains(t)))
         .map(key_of)
         .collect()
 }

@@ -400,6 +400,13 @@ pub struct ApprovalRequestStatus {
     /// Reason given.
     #[serde(default)]
     pub reason: Option<String>,
+    /// When a sidecar used this approval (single-use approvals are used once, cluster-wide:
+    /// the operator records the first use with a conditional write and withdraws the grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_at: Option<String>,
+    /// Which sidecar used it (`namespace/agent` and the sidecar instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_by: Option<String>,
 }
 
 /// Make a generated schema structural: drop `additionalProperties: false` (not allowed next

@@ -139,6 +139,31 @@ where
     reader
 }
 
+/// The oldest Kubernetes minor version Tollgate supports (`k8s-openapi` is built for it, the
+/// chart's `kubeVersion` says it): native sidecar containers (`restartPolicy: Always` init
+/// containers with probes) are on by default from 1.29 and GA in 1.33.
+pub const MIN_KUBERNETES_MINOR: u32 = 33;
+
+/// Refuse to run against an API server older than the oldest supported version.
+async fn check_version(client: &Client) -> Result<(), String> {
+    let info = client
+        .apiserver_version()
+        .await
+        .map_err(|e| format!("cannot read the API server version: {e}"))?;
+    let minor: u32 = info
+        .minor
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or(0);
+    if info.major != "1" || minor < MIN_KUBERNETES_MINOR {
+        return Err(format!(
+            "Kubernetes {} is not supported: Tollgate needs 1.{MIN_KUBERNETES_MINOR} or newer",
+            info.git_version
+        ));
+    }
+    Ok(())
+}
+
 async fn check_crds(client: &Client) -> Result<(), String> {
     async fn one<K>(client: &Client) -> Result<(), String>
     where
@@ -167,6 +192,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let client = Client::try_default()
         .await
         .map_err(|e| format!("no Kubernetes client configuration: {e}"))?;
+    check_version(&client).await?;
     check_crds(&client).await?;
     let hub = Arc::new(Hub::default());
     let metrics = Arc::new(OperatorMetrics::default());
@@ -180,6 +206,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         leader: args.no_leader_elect.into(),
         usage: Default::default(),
         dirty: dirty.clone(),
+        rejected: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -226,8 +253,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         None => None,
     }
     .unwrap_or_else(|| ("tollgate-intercept-ca".into(), "tollgate-ca".into()));
+    let ca_cert = ca.get("tls.crt").cloned().unwrap_or_default();
     let distribution = CaDistribution {
-        cert: ca.get("tls.crt").cloned().unwrap_or_default(),
+        bundle: crate::webhook::inject::trust_bundle(&ca_cert),
+        cert: ca_cert,
         key: ca.get("tls.key").cloned().unwrap_or_default(),
         secret: inject_names.0,
         config_map: inject_names.1,
@@ -235,9 +264,25 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     if let Some(addr) = &args.webhook_listen {
         start_webhooks(&client, &args, addr, stores.clone()).await?;
     }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut leading = None;
     if !args.no_leader_elect {
-        tokio::spawn(lead(client.clone(), args.clone(), st.clone()));
+        leading = Some(tokio::spawn(lead(
+            client.clone(),
+            args.clone(),
+            st.clone(),
+            shutdown.clone(),
+        )));
     }
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+        if let Some(l) = leading {
+            let _ = tokio::time::timeout(Duration::from_secs(5), l).await;
+        }
+        std::process::exit(0);
+    });
     let mut published: HashSet<String> = HashSet::new();
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
@@ -260,6 +305,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         let (agent_spend, tenant_spend) = st.spend_today(&day);
         let mut statuses = recompute(&world, &hub, &mut published);
         statuses.spend(&world, &agent_spend, &tenant_spend);
+        statuses.rejected(&hub, &st.rejected.lock().expect("rejected lock"));
         metrics.reconciles.fetch_add(1, Ordering::Relaxed);
         metrics
             .last_reconcile_us
@@ -335,10 +381,10 @@ async fn start_webhooks(
     let facts: server::FactsLookup = Arc::new(move |ns: &str, agent: &str| {
         let world = stores.world();
         let mut secrets = Vec::new();
-        if let Some(id) = world
+        let id = world
             .identities
             .iter()
-            .find(|i| i.namespace().as_deref() == Some(ns) && i.name_any() == agent)
+            .find(|i| i.namespace().as_deref() == Some(ns) && i.name_any() == agent)?;
         {
             for t in &id.spec.tools {
                 if let Some(tool) = world
@@ -352,7 +398,7 @@ async fn start_webhooks(
                 }
             }
         }
-        IdentityFacts { secrets }
+        Some(IdentityFacts { secrets })
     });
     let hooks = server::Webhooks {
         inject: Arc::new(inject),
@@ -455,6 +501,8 @@ async fn load_or_create_secret(
 /// (`ca.crt`, for the agent's trust store) in every namespace that has an identity.
 struct CaDistribution {
     cert: String,
+    /// Public roots plus `cert`, for the app containers' trust store.
+    bundle: String,
     key: String,
     secret: String,
     config_map: String,
@@ -491,19 +539,40 @@ impl CaDistribution {
                 }
             }
             let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-            if matches!(cms.get_opt(&self.config_map).await, Ok(None)) {
-                let c = ConfigMap {
-                    metadata: kube::api::ObjectMeta {
-                        name: Some(self.config_map.clone()),
-                        namespace: Some(ns.clone()),
+            let data: std::collections::BTreeMap<String, String> = [
+                ("ca.crt".to_string(), self.cert.clone()),
+                (
+                    crate::webhook::inject::CA_BUNDLE_KEY.to_string(),
+                    self.bundle.clone(),
+                ),
+            ]
+            .into();
+            match cms.get_opt(&self.config_map).await {
+                Ok(None) => {
+                    let c = ConfigMap {
+                        metadata: kube::api::ObjectMeta {
+                            name: Some(self.config_map.clone()),
+                            namespace: Some(ns.clone()),
+                            ..Default::default()
+                        },
+                        data: Some(data),
                         ..Default::default()
-                    },
-                    data: Some([("ca.crt".to_string(), self.cert.clone())].into()),
-                    ..Default::default()
-                };
-                if let Err(e) = cms.create(&PostParams::default(), &c).await {
-                    tracing::warn!(namespace = %ns, error = %e, "could not create the CA ConfigMap");
+                    };
+                    if let Err(e) = cms.create(&PostParams::default(), &c).await {
+                        tracing::warn!(namespace = %ns, error = %e, "could not create the CA ConfigMap");
+                    }
                 }
+                // Made by an older operator (no trust bundle) or stale: bring it up to date.
+                Ok(Some(mut c)) if c.data.as_ref() != Some(&data) => {
+                    c.data = Some(data);
+                    if let Err(e) = cms
+                        .replace(&self.config_map, &PostParams::default(), &c)
+                        .await
+                    {
+                        tracing::warn!(namespace = %ns, error = %e, "could not update the CA ConfigMap");
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -628,6 +697,36 @@ impl Statuses {
                     spend_today_usd: tenants.get(&t.name_any()).copied().unwrap_or(0.0),
                 },
             ));
+        }
+    }
+}
+
+impl Statuses {
+    /// An identity whose served snapshot a sidecar rejected is not Ready: its sidecars run an
+    /// older snapshot (and fail closed past `maxStaleness`).
+    pub fn rejected(&mut self, hub: &Hub, rejected: &crate::server::Rejections) {
+        for (ns, name, st) in &mut self.identities {
+            let agent = format!("{ns}/{name}");
+            let served = hub.get(&agent).map(|s| s.hash).unwrap_or_default();
+            let Some((_, error)) = rejected
+                .iter()
+                .find(|((a, _), (hash, _))| *a == agent && *hash == served)
+                .map(|(_, v)| v)
+            else {
+                continue;
+            };
+            {
+                st.conditions = vec![build::condition(
+                    "Ready",
+                    false,
+                    "SnapshotRejected",
+                    &format!(
+                        "a sidecar could not apply snapshot version {}: {error}",
+                        st.snapshot_version
+                    ),
+                    st.observed_generation,
+                )];
+            }
         }
     }
 }
@@ -832,7 +931,42 @@ where
     errors
 }
 
+/// A new `ApprovalRequest` has no status (the API server drops status on create): mark it
+/// `Pending` so `kubectl get approvalrequests` shows a PHASE.
+async fn mark_pending(client: &Client, world: &World) -> u64 {
+    let mut errors = 0;
+    for a in &world.approvals {
+        if a.status.as_ref().and_then(|s| s.phase.as_deref()).is_some() {
+            continue;
+        }
+        // Conditional on the cached resourceVersion: never overwrite a decision made since.
+        let api =
+            Api::<ApprovalRequest>::namespaced(client.clone(), &a.namespace().unwrap_or_default());
+        let mut pending = a.clone();
+        pending.status = Some(crate::crd::ApprovalRequestStatus {
+            phase: Some("Pending".into()),
+            ..Default::default()
+        });
+        match api
+            .replace_status(&a.name_any(), &PostParams::default(), &pending)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => {
+                tracing::warn!(name = %a.name_any(), error = %e, "could not mark the approval request Pending");
+                errors += 1;
+            }
+        }
+    }
+    errors
+}
+
 async fn write_statuses(client: &Client, world: &World, s: Statuses) -> u64 {
+    mark_pending(client, world).await + write_statuses_of_kinds(client, world, s).await
+}
+
+async fn write_statuses_of_kinds(client: &Client, world: &World, s: Statuses) -> u64 {
     let common = |a: &CommonStatus, b: &CommonStatus| {
         same_conditions(&a.conditions, &b.conditions)
             && a.observed_generation == b.observed_generation
@@ -895,47 +1029,62 @@ async fn write_statuses(client: &Client, world: &World, s: Statuses) -> u64 {
         .await
 }
 
+const LEASE_NAME: &str = "tollgate-operator";
+const LEASE_SECONDS: i32 = 15;
+
 /// Hold the leader Lease while alive; `st.leader` says whether this replica writes status.
-async fn lead(client: Client, args: RunArgs, st: Arc<ServerState>) {
-    const NAME: &str = "tollgate-operator";
-    const DURATION: i32 = 15;
+/// On gaining the Lease the new leader reconciles everything at once (not at the next watch
+/// event), `acquireTime` is set only when the holder changes, and on `shutdown` a held Lease
+/// is released so the next replica takes over without waiting out the lease.
+async fn lead(
+    client: Client,
+    args: RunArgs,
+    st: Arc<ServerState>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let api: Api<Lease> = Api::namespaced(client, &args.lease_namespace);
     loop {
         let now = chrono_now();
-        let mine = |rv: Option<String>, transitions: i32| Lease {
+        let mine = |rv: Option<String>, transitions: i32, acquired: Option<MicroTime>| Lease {
             metadata: kube::api::ObjectMeta {
-                name: Some(NAME.into()),
+                name: Some(LEASE_NAME.into()),
                 namespace: Some(args.lease_namespace.clone()),
                 resource_version: rv,
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
                 holder_identity: Some(args.identity.clone()),
-                lease_duration_seconds: Some(DURATION),
+                lease_duration_seconds: Some(LEASE_SECONDS),
                 renew_time: Some(MicroTime(now)),
-                acquire_time: Some(MicroTime(now)),
+                acquire_time: Some(acquired.unwrap_or(MicroTime(now))),
                 lease_transitions: Some(transitions),
                 ..Default::default()
             }),
         };
-        let leader = match api.get_opt(NAME).await {
+        let leader = match api.get_opt(LEASE_NAME).await {
             Ok(None) => api
-                .create(&PostParams::default(), &mine(None, 0))
+                .create(&PostParams::default(), &mine(None, 0, None))
                 .await
                 .is_ok(),
             Ok(Some(l)) => {
                 let spec = l.spec.clone().unwrap_or_default();
                 let holder = spec.holder_identity.clone().unwrap_or_default();
-                let expired = spec.renew_time.as_ref().is_none_or(|t| {
-                    t.0 + jiff_secs(spec.lease_duration_seconds.unwrap_or(DURATION)) < now
-                });
+                let expired = holder.is_empty()
+                    || spec.renew_time.as_ref().is_none_or(|t| {
+                        t.0 + jiff_secs(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS)) < now
+                    });
                 if holder == args.identity || expired {
-                    let transitions =
-                        spec.lease_transitions.unwrap_or(0) + i32::from(holder != args.identity);
+                    let renewing = holder == args.identity;
+                    let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!renewing);
+                    let acquired = if renewing {
+                        spec.acquire_time.clone()
+                    } else {
+                        None
+                    };
                     api.replace(
-                        NAME,
+                        LEASE_NAME,
                         &PostParams::default(),
-                        &mine(l.metadata.resource_version.clone(), transitions),
+                        &mine(l.metadata.resource_version.clone(), transitions, acquired),
                     )
                     .await
                     .is_ok()
@@ -950,8 +1099,56 @@ async fn lead(client: Client, args: RunArgs, st: Arc<ServerState>) {
         };
         if st.leader.swap(leader, Ordering::SeqCst) != leader {
             tracing::info!(leader, identity = %args.identity, "leadership changed");
+            if leader {
+                // Reconcile everything now: objects created during the failover have had
+                // no status, ServiceAccount or CA copies yet.
+                st.dirty.notify_one();
+            }
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => {
+                if st.leader.swap(false, Ordering::SeqCst) {
+                    release_lease(&api, &args.identity).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Give the Lease up (empty holder), if this replica still holds it.
+async fn release_lease(api: &Api<Lease>, identity: &str) {
+    let Ok(Some(mut l)) = api.get_opt(LEASE_NAME).await else {
+        return;
+    };
+    let Some(spec) = l.spec.as_mut() else { return };
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.acquire_time = None;
+    spec.renew_time = None;
+    spec.lease_duration_seconds = Some(1);
+    match api.replace(LEASE_NAME, &PostParams::default(), &l).await {
+        Ok(_) => tracing::info!(%identity, "leader Lease released"),
+        Err(e) => tracing::warn!(error = %e, "could not release the leader Lease"),
+    }
+}
+
+/// SIGTERM (a rollout) or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

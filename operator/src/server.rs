@@ -5,8 +5,9 @@
 //! request until it changes or the timeout passes and then answers
 //! `{"version": N, "unchanged": true}` — the heartbeat that tells the sidecar the operator is
 //! alive. The caller authenticates with its projected ServiceAccount token
-//! (audience `tollgate`), checked by `TokenReview` and cached briefly; it gets only the
-//! snapshot of the identity bound to that ServiceAccount, anything else is 403.
+//! (audience `tollgate`), checked by `TokenReview` (asked again every 30 s; a reviewed token
+//! keeps working through an API-server outage until it expires); it gets only the snapshot of
+//! the identity bound to that ServiceAccount, anything else is 403.
 
 use crate::hub::Hub;
 use bytes::Bytes;
@@ -24,18 +25,58 @@ use tokio::net::TcpListener;
 /// Audience sidecar tokens are minted for.
 pub const AUDIENCE: &str = "tollgate";
 
-/// Checks bearer tokens: TokenReview against the API server, cached for 30 s.
+/// How long a TokenReview answer is trusted before it is asked again.
+const REVIEW_FRESH: Duration = Duration::from_secs(30);
+
+/// Bound on serving a reviewed token through an API-server outage when the token carries no
+/// `exp` claim (projected ServiceAccount tokens always do).
+const NO_EXP_BOUND: Duration = Duration::from_secs(600);
+
+struct Reviewed {
+    user: Option<String>,
+    at: Instant,
+    /// Until when a successful review may stand in for a new one (the token's `exp`).
+    valid_until: Instant,
+}
+
+/// Checks bearer tokens: TokenReview against the API server, asked again every 30 s. A
+/// token that was reviewed successfully keeps working through an API-server outage until it
+/// expires (its `exp` claim), so an outage does not stop sidecars; a refused token is never
+/// let through, and a token never reviewed gets 503 while the API server is down.
 pub struct Authenticator {
     client: kube::Client,
-    cache: Mutex<HashMap<String, (Option<String>, Instant)>>,
+    refresh: Duration,
+    cache: Mutex<HashMap<String, Reviewed>>,
+    /// Reviews answered from the cache because the API server failed.
+    pub served_stale: std::sync::atomic::AtomicU64,
+}
+
+/// The `exp` claim of a JWT, read without verifying it (the TokenReview verified the token;
+/// this only bounds how long that verdict is reused).
+fn token_expiry(token: &str) -> Option<std::time::SystemTime> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = v["exp"].as_u64()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(exp))
 }
 
 impl Authenticator {
     /// Use this client for TokenReviews.
     pub fn new(client: kube::Client) -> Self {
+        Self::with_refresh(client, REVIEW_FRESH)
+    }
+
+    /// Ask the API server again after `refresh` (tests use zero).
+    pub fn with_refresh(client: kube::Client, refresh: Duration) -> Self {
         Self {
             client,
+            refresh,
             cache: Mutex::default(),
+            served_stale: Default::default(),
         }
     }
 
@@ -43,32 +84,65 @@ impl Authenticator {
     pub async fn review(&self, token: &str) -> Result<Option<String>, String> {
         use sha2::Digest;
         let k = hex::encode(sha2::Sha256::digest(token.as_bytes()));
-        if let Some((user, at)) = self.cache.lock().expect("auth cache").get(&k) {
-            if at.elapsed() < Duration::from_secs(30) {
-                return Ok(user.clone());
+        let now = Instant::now();
+        if let Some(r) = self.cache.lock().expect("auth cache").get(&k) {
+            if r.at.elapsed() < self.refresh && now < r.valid_until {
+                return Ok(r.user.clone());
             }
         }
         let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
         let review = TokenReview {
             spec: TokenReviewSpec {
-                token: token.to_owned(),
+                token: Some(token.to_owned()),
                 audiences: Some(vec![AUDIENCE.into()]),
             },
             ..Default::default()
         };
-        let out = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| format!("TokenReview failed: {e}"))?;
+        let out = match api.create(&PostParams::default(), &review).await {
+            Ok(out) => out,
+            Err(e) => {
+                // API server unreachable: a token it already accepted stands until it expires.
+                let cache = self.cache.lock().expect("auth cache");
+                if let Some(r) = cache
+                    .get(&k)
+                    .filter(|r| r.user.is_some() && now < r.valid_until)
+                {
+                    self.served_stale
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(error = %e, "TokenReview failed; using the earlier review of this token until it expires");
+                    return Ok(r.user.clone());
+                }
+                return Err(format!("TokenReview failed: {e}"));
+            }
+        };
         let status = out.status.unwrap_or_default();
         let user = (status.authenticated == Some(true))
             .then(|| status.user.and_then(|u| u.username))
             .flatten();
+        let valid_until = match (&user, token_expiry(token)) {
+            (None, _) => now + REVIEW_FRESH,
+            (Some(_), Some(exp)) => {
+                now + exp
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            }
+            (Some(_), None) => now + NO_EXP_BOUND,
+        };
         let mut cache = self.cache.lock().expect("auth cache");
         if cache.len() > 10_000 {
-            cache.clear();
+            cache.retain(|_, r| r.valid_until > now);
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
         }
-        cache.insert(k, (user.clone(), Instant::now()));
+        cache.insert(
+            k,
+            Reviewed {
+                user: user.clone(),
+                at: now,
+                valid_until,
+            },
+        );
         Ok(user)
     }
 }
@@ -88,11 +162,16 @@ pub struct OperatorMetrics {
     pub last_reconcile_us: std::sync::atomic::AtomicU64,
     /// Pending approval requests.
     pub approvals_pending: std::sync::atomic::AtomicI64,
+    /// Snapshots sidecars reported they could not apply.
+    pub snapshots_rejected: std::sync::atomic::AtomicU64,
 }
 
 /// Spend reports: (agent, sidecar instance) → (UTC day, USD per tenant).
 pub type UsageReports =
     HashMap<(String, String), (String, std::collections::BTreeMap<String, f64>)>;
+
+/// Snapshots sidecars rejected: (agent, sidecar instance) → (snapshot hash, error).
+pub type Rejections = HashMap<(String, String), (String, String)>;
 
 /// Shared by the server handlers.
 pub struct ServerState {
@@ -112,6 +191,9 @@ pub struct ServerState {
     pub usage: Mutex<UsageReports>,
     /// Wakes the recompute loop (status shows new spend).
     pub dirty: Arc<tokio::sync::Notify>,
+    /// Snapshots sidecars rejected: (agent, sidecar instance) → (snapshot hash, the
+    /// sidecar's error). The identity is `Ready=False` while a rejected hash is the one served.
+    pub rejected: Mutex<Rejections>,
 }
 
 impl ServerState {
@@ -211,6 +293,21 @@ pub async fn handle(
                 m.refused.load(Relaxed).to_string(),
             );
             g(
+                "tollgate_operator_token_reviews_reused_total",
+                "Sidecar tokens accepted from an earlier TokenReview because the API server failed.",
+                "counter",
+                st.auth
+                    .served_stale
+                    .load(Relaxed)
+                    .to_string(),
+            );
+            g(
+                "tollgate_operator_snapshots_rejected_total",
+                "Snapshots sidecars reported they could not apply.",
+                "counter",
+                m.snapshots_rejected.load(Relaxed).to_string(),
+            );
+            g(
                 "tollgate_approvals_pending",
                 "ApprovalRequests waiting for a decision.",
                 "gauge",
@@ -231,6 +328,12 @@ pub async fn handle(
         }
         "/v1/snapshot" => {}
         "/v1/approvals" if req.method() == http::Method::POST => return approval(st, req).await,
+        "/v1/approvals/consume" if req.method() == http::Method::POST => {
+            return consume(st, req).await
+        }
+        "/v1/snapshot/report" if req.method() == http::Method::POST => {
+            return snapshot_report(st, req).await
+        }
         "/v1/usage" if req.method() == http::Method::POST => return usage(st, req).await,
         _ => return json(404, serde_json::json!({"error": "not_found"})),
     }
@@ -258,15 +361,62 @@ pub async fn handle(
         .await;
     st.metrics.connected.fetch_sub(1, Relaxed);
     match newer {
-        Some(s) => json(
-            200,
-            serde_json::json!({"version": s.version, "hash": s.hash, "config": *s.config}),
-        ),
+        Some(s) => {
+            let credentials = credentials(&st.client, &s).await;
+            json(
+                200,
+                serde_json::json!({"version": s.version, "hash": s.hash, "config": *s.config, "credentials": credentials}),
+            )
+        }
         None => json(
             200,
             serde_json::json!({"version": version, "hash": hash, "unchanged": true}),
         ),
     }
+}
+
+/// The tool credentials a snapshot references (`<secret>/<key>` under
+/// [`crate::build::SECRET_MOUNT`]), read from the identity's namespace and delivered with the
+/// snapshot over the authenticated channel, so a Tool added to a running identity works in
+/// pods created before it (their Secret mounts are fixed at injection). A Secret that cannot
+/// be read is left out: the sidecar then falls back to the mounted file, and rejects the
+/// snapshot (reported, `Ready=False`) if that is missing too.
+async fn credentials(
+    client: &kube::Client,
+    s: &crate::hub::Served,
+) -> serde_json::Map<String, serde_json::Value> {
+    use k8s_openapi::api::core::v1::Secret;
+    let mut out = serde_json::Map::new();
+    let prefix = format!("{}/", crate::build::SECRET_MOUNT);
+    let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), &s.namespace);
+    let mut secrets: HashMap<String, Option<Secret>> = HashMap::new();
+    for t in s.config["tools"].as_array().into_iter().flatten() {
+        let Some(path) = t["credentials"]["valueFrom"]["file"].as_str() else {
+            continue;
+        };
+        let Some((name, key)) = path.strip_prefix(&prefix).and_then(|r| r.split_once('/')) else {
+            continue;
+        };
+        if !secrets.contains_key(name) {
+            let got = match api.get_opt(name).await {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::warn!(namespace = %s.namespace, secret = name, error = %e, "cannot read a tool's credential Secret");
+                    None
+                }
+            };
+            secrets.insert(name.to_string(), got);
+        }
+        let value = secrets[name]
+            .as_ref()
+            .and_then(|sec| sec.data.as_ref())
+            .and_then(|d| d.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok());
+        if let Some(v) = value {
+            out.insert(format!("{name}/{key}"), serde_json::Value::String(v));
+        }
+    }
+    out
 }
 
 /// Authenticate the bearer token (TokenReview) and check that it is the ServiceAccount the
@@ -392,6 +542,174 @@ async fn approval(
             serde_json::json!({"error": "api_error", "reason": e.to_string()}),
         ),
     }
+}
+
+/// Why a single-use approval cannot be consumed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// No such request for this agent.
+    #[error("no approval request {0} for this agent")]
+    NotFound(String),
+    /// Not approved (pending or denied).
+    #[error("approval {0} is not approved")]
+    NotApproved(String),
+    /// Someone used it first.
+    #[error("approval {id} was single-use and was already used by {by} at {at}")]
+    AlreadyUsed {
+        /// Request name.
+        id: String,
+        /// `consumedBy`.
+        by: String,
+        /// `consumedAt`.
+        at: String,
+    },
+    /// The API server did not answer or kept conflicting.
+    #[error("cannot record the approval's use: {0}")]
+    Api(String),
+}
+
+impl ConsumeError {
+    fn status(&self) -> u16 {
+        match self {
+            Self::NotFound(_) => 404,
+            Self::NotApproved(_) | Self::AlreadyUsed { .. } => 409,
+            Self::Api(_) => 503,
+        }
+    }
+}
+
+/// Record the first use of a single-use approval in its `ApprovalRequest` status. The write is
+/// a `replace_status` carrying the `resourceVersion` read, so the API server arbitrates: of two
+/// sidecars (or two operator replicas) racing, one write wins and the other gets a conflict,
+/// re-reads, and sees the approval used.
+pub async fn consume_approval(
+    client: &kube::Client,
+    namespace: &str,
+    agent: &str,
+    id: &str,
+    by: &str,
+) -> Result<(), ConsumeError> {
+    let api: kube::Api<crate::crd::ApprovalRequest> =
+        kube::Api::namespaced(client.clone(), namespace);
+    for _ in 0..5 {
+        let mut obj = api
+            .get_opt(id)
+            .await
+            .map_err(|e| ConsumeError::Api(e.to_string()))?
+            .filter(|a| a.spec.agent == agent)
+            .ok_or_else(|| ConsumeError::NotFound(id.into()))?;
+        let mut status = obj.status.clone().unwrap_or_default();
+        if let Some(at) = &status.consumed_at {
+            return Err(ConsumeError::AlreadyUsed {
+                id: id.into(),
+                by: status.consumed_by.clone().unwrap_or_default(),
+                at: at.clone(),
+            });
+        }
+        if status.phase.as_deref() != Some("Approved") {
+            return Err(ConsumeError::NotApproved(id.into()));
+        }
+        status.consumed_at = Some(
+            time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        );
+        status.consumed_by = Some(by.chars().take(128).collect());
+        obj.status = Some(status);
+        match api.replace_status(id, &PostParams::default(), &obj).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(ConsumeError::Api(e.to_string())),
+        }
+    }
+    Err(ConsumeError::Api(
+        "the ApprovalRequest kept changing".into(),
+    ))
+}
+
+/// `POST /v1/approvals/consume`: a sidecar is about to forward a call on a single-use
+/// approval and asks to record the use; only a `200` lets the call through.
+async fn consume(
+    st: Arc<ServerState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body_bytes(body).await;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
+        );
+    };
+    let agent = v["agent"].as_str().unwrap_or("");
+    let served = match authorize(&st, &parts.headers, agent).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let id = v["id"].as_str().unwrap_or("");
+    let name = agent.rsplit('/').next().unwrap_or(agent);
+    let by = format!("{agent} ({})", v["instance"].as_str().unwrap_or("?"));
+    match consume_approval(&st.client, &served.namespace, name, id, &by).await {
+        Ok(()) => {
+            tracing::info!(%agent, approval = id, "single-use approval consumed");
+            json(200, serde_json::json!({"consumed": id}))
+        }
+        Err(e) => {
+            tracing::warn!(%agent, approval = id, error = %e, "approval use refused");
+            json(
+                e.status(),
+                serde_json::json!({"error": "approval_not_consumable", "reason": e.to_string()}),
+            )
+        }
+    }
+}
+
+/// `POST /v1/snapshot/report`: a sidecar could not apply the snapshot with `hash` (`error`
+/// set), or applied one after a rejection (`error` null).
+async fn snapshot_report(
+    st: Arc<ServerState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body_bytes(body).await;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
+        );
+    };
+    let agent = v["agent"].as_str().unwrap_or("").to_string();
+    if let Err(r) = authorize(&st, &parts.headers, &agent).await {
+        return r;
+    }
+    let instance: String = v["instance"]
+        .as_str()
+        .unwrap_or("")
+        .chars()
+        .take(64)
+        .collect();
+    let hash = v["hash"].as_str().unwrap_or("").to_string();
+    let mut map = st.rejected.lock().expect("rejected lock");
+    match v["error"].as_str() {
+        Some(error) => {
+            let error: String = error.chars().take(1000).collect();
+            st.metrics
+                .snapshots_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%agent, %instance, %hash, %error, "a sidecar rejected its snapshot");
+            if map.len() > 100_000 {
+                map.clear();
+            }
+            map.insert((agent, instance), (hash, error));
+        }
+        None => {
+            tracing::info!(%agent, %instance, "a sidecar applied its snapshot after a rejection");
+            map.remove(&(agent, instance));
+        }
+    }
+    drop(map);
+    st.dirty.notify_one();
+    json(200, serde_json::json!({"ok": true}))
 }
 
 /// `POST /v1/usage`: a sidecar's spend today, by tenant, for its own identity.

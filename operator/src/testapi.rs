@@ -7,10 +7,17 @@
 //! spec writes bump `generation`, status writes do not), delete, and `TokenReview` against
 //! registered tokens and audiences. Leases are ordinary objects, so leader election works.
 //!
+//! Like a real server it serves a custom resource only once its `CustomResourceDefinition` is
+//! installed (404 before), and it refuses a CRD a real server refuses: a non-structural schema
+//! or an `x-kubernetes-validations` rule that does not compile ([`crate::crd_check`]), with
+//! `422 Invalid`. [`TestApiServer::start`] installs the generated CRDs through that check, so
+//! a CRD a real server would reject fails every test that starts a server.
+//!
 //! Not modelled: label and field selectors (ignored), pagination (`limit` is ignored, no
 //! `continue`), bookmarks, `410 Gone` for expired watch versions, strategic merge (treated as
 //! a JSON merge patch), server-side apply field ownership and conflicts, admission, RBAC,
-//! finalizers and garbage collection, CRD schema validation. The real-cluster suite
+//! finalizers and garbage collection, validation of custom objects against their CRD's schema
+//! and rules. The real-cluster suite
 //! (`TOLLGATE_TEST_KUBECONFIG`) covers those.
 
 use bytes::Bytes;
@@ -117,8 +124,36 @@ fn parse_path(p: &str) -> Option<Path> {
 }
 
 impl TestApiServer {
-    /// Start on a free loopback port.
+    /// Start on a free loopback port with Tollgate's generated CRDs installed (through the
+    /// same admission a real server applies: a CRD it would refuse panics here).
     pub fn start() -> Self {
+        let api = Self::start_without_crds();
+        for (file, crd) in crate::crd::crds() {
+            if let Err(e) = api.install_crd(crd) {
+                panic!("the generated CRD {file} is refused: {e}");
+            }
+        }
+        api
+    }
+
+    /// Install a CRD through the CRD admission (structural schema, CEL rules compile).
+    pub fn install_crd(&self, crd: Value) -> Result<(), String> {
+        let name = crd["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let key = (CRDS.0.to_string(), CRDS.1.to_string(), String::new(), name);
+        let obj = admit_crd(&key, crd)
+            .map_err(|(_, v)| v["message"].as_str().unwrap_or("").to_string())?;
+        let mut st = self.store.lock().expect("store");
+        let mut obj = obj;
+        obj["metadata"]["generation"] = json!(1);
+        obj["metadata"]["uid"] = json!(format!("uid-{:x}", rand::random::<u64>()));
+        obj["metadata"]["creationTimestamp"] = json!(now());
+        commit(&mut st, &self.tx, key, "ADDED", obj);
+        Ok(())
+    }
+
+    /// Start on a free loopback port with no CRDs: custom resources answer 404 until their
+    /// CRD is created.
+    pub fn start_without_crds() -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -179,7 +214,7 @@ impl TestApiServer {
 
     /// Create or replace an object (its `apiVersion`, `kind` and metadata say where); `plural`
     /// is its resource name.
-    pub fn put(&self, plural: &str, mut obj: Value) -> Value {
+    pub fn put(&self, plural: &str, obj: Value) -> Value {
         let gv = obj["apiVersion"].as_str().unwrap_or("v1").to_string();
         let ns = obj["metadata"]["namespace"]
             .as_str()
@@ -187,7 +222,13 @@ impl TestApiServer {
             .to_string();
         let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
         let mut st = self.store.lock().expect("store");
+        if let Err((_, v)) = check_served(&st, &gv, plural) {
+            panic!("test API server: {}", v["message"]);
+        }
         let key = (gv.clone(), plural.to_string(), ns.clone(), name);
+        let obj = admit_crd(&key, obj)
+            .unwrap_or_else(|(_, v)| panic!("test API server: {}", v["message"]));
+        let mut obj = obj;
         let kind = match st.objects.get(&key) {
             Some(old) => {
                 let generation = old["metadata"]["generation"].as_i64().unwrap_or(1)
@@ -293,6 +334,72 @@ fn commit(
     obj
 }
 
+const CRDS: (&str, &str) = ("apiextensions.k8s.io/v1", "customresourcedefinitions");
+
+/// Is `gv` a custom API group (served only through an installed CRD)?
+fn is_custom_group(gv: &str) -> bool {
+    match gv.split_once('/') {
+        Some((group, _)) => group.contains('.') && !group.ends_with("k8s.io"),
+        None => false,
+    }
+}
+
+/// Refuse a custom resource whose CRD is not installed, as a real server does (404).
+fn check_served(st: &Store, gv: &str, plural: &str) -> Result<(), (u16, Value)> {
+    if !is_custom_group(gv) {
+        return Ok(());
+    }
+    let (group, version) = gv.split_once('/').unwrap_or((gv, ""));
+    let served = st.objects.iter().any(|(k, crd)| {
+        (k.0.as_str(), k.1.as_str()) == CRDS
+            && crd["spec"]["group"] == group
+            && crd["spec"]["names"]["plural"] == plural
+            && crd["spec"]["versions"].as_array().is_some_and(|vs| {
+                vs.iter()
+                    .any(|v| v["name"] == version && v["served"] == true)
+            })
+    });
+    if served {
+        Ok(())
+    } else {
+        Err(status(
+            404,
+            "NotFound",
+            &format!("the server could not find the requested resource ({plural}.{group})"),
+        ))
+    }
+}
+
+/// Admission of a CRD write: refuse what a real server refuses, and mark an accepted one
+/// `Established` (it is served at once).
+fn admit_crd(key: &Key, mut obj: Value) -> Result<Value, (u16, Value)> {
+    if (key.0.as_str(), key.1.as_str()) != CRDS {
+        return Ok(obj);
+    }
+    let problems = crate::crd_check::crd_violations(&obj);
+    if !problems.is_empty() {
+        return Err(status(
+            422,
+            "Invalid",
+            &format!(
+                "CustomResourceDefinition.apiextensions.k8s.io \"{}\" is invalid: {}",
+                key.3,
+                problems.join("; ")
+            ),
+        ));
+    }
+    let now = now();
+    obj["status"] = json!({
+        "acceptedNames": obj["spec"]["names"].clone(),
+        "storedVersions": obj["spec"]["versions"].as_array().map(|vs| vs.iter().filter(|v| v["storage"] == true).map(|v| v["name"].clone()).collect::<Vec<_>>()).unwrap_or_default(),
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "lastTransitionTime": now},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "lastTransitionTime": now},
+        ],
+    });
+    Ok(obj)
+}
+
 fn reply(code: u16, v: Value) -> hyper::Response<Body> {
     let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
     *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
@@ -321,6 +428,12 @@ async fn serve(
     let body: Value = serde_json::from_slice(&body)
         .or_else(|_| serde_yaml::from_slice(&body))
         .unwrap_or(Value::Null);
+    if path == "/version" {
+        return reply(
+            200,
+            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-tollgate-test", "platform": "linux/amd64"}),
+        );
+    }
     if path == "/apis/authentication.k8s.io/v1/tokenreviews" && method == hyper::Method::POST {
         let token = body["spec"]["token"].as_str().unwrap_or("");
         let wanted: Vec<String> = body["spec"]["audiences"]
@@ -347,6 +460,9 @@ async fn serve(
         let (c, v) = status(404, "NotFound", &format!("no route {path}"));
         return reply(c, v);
     };
+    if let Err((c, v)) = check_served(&store.lock().expect("store"), &p.gv, &p.plural) {
+        return reply(c, v);
+    }
     let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
     match (method.clone(), &p.name) {
         (hyper::Method::GET, None) if watch => {
@@ -452,7 +568,10 @@ async fn serve(
             obj["metadata"]["generation"] = json!(1);
             obj["metadata"]["uid"] = json!(format!("uid-{:x}", rand::random::<u64>()));
             obj["metadata"]["creationTimestamp"] = json!(now());
-            reply(201, commit(&mut st, &tx, key, "ADDED", obj))
+            match admit_crd(&key, obj) {
+                Ok(obj) => reply(201, commit(&mut st, &tx, key, "ADDED", obj)),
+                Err((c, v)) => reply(c, v),
+            }
         }
         (hyper::Method::PUT | hyper::Method::PATCH, Some(name)) => {
             let mut st = store.lock().expect("store");
@@ -472,7 +591,10 @@ async fn serve(
                     obj["metadata"]["generation"] = json!(1);
                     obj["metadata"]["uid"] = json!(format!("uid-{:x}", rand::random::<u64>()));
                     obj["metadata"]["creationTimestamp"] = json!(now());
-                    return reply(201, commit(&mut st, &tx, key, "ADDED", obj));
+                    return match admit_crd(&key, obj) {
+                        Ok(obj) => reply(201, commit(&mut st, &tx, key, "ADDED", obj)),
+                        Err((c, v)) => reply(c, v),
+                    };
                 }
                 None => {
                     let (c, v) = status(404, "NotFound", &format!("{} {name} not found", p.plural));
@@ -513,7 +635,13 @@ async fn serve(
                 new["metadata"]["generation"] =
                     json!(old["metadata"]["generation"].as_i64().unwrap_or(1) + 1);
             }
-            reply(200, commit(&mut st, &tx, key, "MODIFIED", new))
+            if p.status {
+                return reply(200, commit(&mut st, &tx, key, "MODIFIED", new));
+            }
+            match admit_crd(&key, new) {
+                Ok(new) => reply(200, commit(&mut st, &tx, key, "MODIFIED", new)),
+                Err((c, v)) => reply(c, v),
+            }
         }
         (hyper::Method::DELETE, Some(name)) => {
             let existing = store

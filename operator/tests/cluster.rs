@@ -65,7 +65,6 @@ async fn apply_crds(client: &Client) {
 }
 
 struct TestNs {
-    client: Client,
     name: String,
 }
 
@@ -79,19 +78,32 @@ impl TestNs {
         )
         .await
         .unwrap();
-        Self {
-            client: client.clone(),
-            name,
-        }
+        Self { name }
     }
 }
 
 impl Drop for TestNs {
+    /// Clean up on a thread with its own runtime and its own client. The test's `Client` must
+    /// not be used here: its connection worker lives on the test's runtime, which is blocked
+    /// in this `drop` until the thread is joined — using it deadlocked and leaked namespaces.
     fn drop(&mut self) {
-        let (client, name) = (self.client.clone(), self.name.clone());
+        let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
+                let Some(path) = std::env::var_os("TOLLGATE_TEST_KUBECONFIG") else {
+                    return;
+                };
+                let Ok(kc) = kube::config::Kubeconfig::read_from(&path) else {
+                    return;
+                };
+                let Ok(cfg) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await
+                else {
+                    return;
+                };
+                let Ok(client) = Client::try_from(cfg) else {
+                    return;
+                };
                 let _ = Api::<Namespace>::all(client.clone())
                     .delete(&name, &DeleteParams::default())
                     .await;
@@ -211,17 +223,17 @@ async fn reconcile_serve_propagate_and_report() {
             "agent",
             &PostParams::default(),
             &TokenRequest {
-                spec: Some(TokenRequestSpec {
-                    audiences: Some(vec!["tollgate".into()]),
+                spec: TokenRequestSpec {
+                    audiences: vec!["tollgate".into()],
                     expiration_seconds: Some(600),
                     ..Default::default()
-                }),
+                },
                 ..Default::default()
             },
         )
         .await
         .unwrap();
-    let token = tr.status.and_then(|s| s.token).expect("token issued");
+    let token = tr.status.map(|s| s.token).expect("token issued");
     let http = reqwest_like(
         port,
         &format!(

@@ -11,6 +11,7 @@ fn the_kubernetes_example_builds() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes");
     let mut world = World::default();
     let mut kinds = Vec::new();
+    let mut secrets = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -32,6 +33,17 @@ fn the_kubernetes_example_builds() {
                 "KillSwitch" => world
                     .kill_switches
                     .push(serde_json::from_value(v).expect(&ctx)),
+                "Secret" => {
+                    let name = v["metadata"]["name"].as_str().unwrap();
+                    for key in v["stringData"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, _)| k)
+                    {
+                        secrets.push(format!("{name}/{key}"));
+                    }
+                }
                 _ => {}
             }
             kinds.push(kind);
@@ -50,6 +62,17 @@ fn the_kubernetes_example_builds() {
     }
     for p in &world.policies {
         tollgate_operator::build::validate_policy(p).unwrap();
+    }
+    // Every credential a tool injects comes from a Secret the example creates.
+    for t in &world.tools {
+        if let Some(c) = &t.spec.credentials {
+            assert!(
+                secrets.contains(&format!("{}/{}", c.secret_name, c.key)),
+                "the example creates no Secret {}/{} (has {secrets:?})",
+                c.secret_name,
+                c.key
+            );
+        }
     }
     let config = build_agent(&world, &world.identities[0]).unwrap();
     assert_eq!(config.tools.len(), 2);

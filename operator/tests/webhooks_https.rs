@@ -47,7 +47,7 @@ async fn admission_reviews_over_https() {
     let addr = listener.local_addr().unwrap();
     let hooks = server::Webhooks {
         inject: Arc::new(serde_json::from_value(json!({"image": "tollgate-proxy:test", "operatorUrl": "http://tollgate.tollgate-system.svc:15080"})).unwrap()),
-        facts: Arc::new(|_, _| IdentityFacts { secrets: vec!["stripe-key".into()] }),
+        facts: Arc::new(|_, _| Some(IdentityFacts { secrets: vec!["stripe-key".into()] })),
     };
     tokio::spawn(server::serve(listener, tls, hooks));
     let review = |kind: &str,

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz` (ready once a valid config is
-//! loaded), `/config` (version and hash, never secrets), `POST /runs` (start a run).
+//! loaded and, under an operator, while it is not stale), `/config` (version and hash, never
+//! secrets), `POST /runs` (start a run).
 
 use crate::state::ProxyState;
 use crate::upstream::{full, ResBody};
@@ -73,6 +74,22 @@ async fn route(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Resp
             None => text(503, "application/json", r#"{"error":"config_unavailable"}"#),
         },
         ("GET", "/readyz") => match &*state.snapshot.load() {
+            // Stale (operator mode, no confirmation within maxStaleness): calls fail closed,
+            // so the pod is not ready either.
+            Some(s)
+                if state.freshness.tracked
+                    && state.freshness.age() > ProxyState::max_staleness(s) =>
+            {
+                text(
+                    503,
+                    "text/plain",
+                    format!(
+                        "configuration is stale: {}s without a confirmed snapshot (maxStaleness {}s)\n",
+                        state.freshness.age().as_secs(),
+                        ProxyState::max_staleness(s).as_secs()
+                    ),
+                )
+            }
             Some(_) => text(200, "text/plain", "ready\n"),
             None => text(503, "text/plain", "no valid configuration loaded\n"),
         },
@@ -87,6 +104,7 @@ async fn route(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Resp
                     "mode": s.agent.mode.as_str(),
                     "tools": s.tools.iter().map(|t| t.name()).collect::<Vec<_>>(),
                     "killSwitchesEngaged": s.kill_switches.iter().map(|k| &k.name).collect::<Vec<_>>(),
+                    "approvalGrants": s.raw.approvals.granted.iter().map(|g| &g.id).collect::<Vec<_>>(),
                     "ageSeconds": state.freshness.age().as_secs_f64(),
                 });
                 text(

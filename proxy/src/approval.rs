@@ -120,6 +120,7 @@ pub struct ApprovalStore {
     used_grants: Mutex<std::collections::HashSet<String>>,
     changed: watch::Sender<u64>,
     evicted: Option<prometheus::IntCounterVec>,
+    recorder: std::sync::OnceLock<UseRecorder>,
 }
 
 impl Default for ApprovalStore {
@@ -129,6 +130,7 @@ impl Default for ApprovalStore {
             used_grants: Mutex::default(),
             changed: watch::channel(0).0,
             evicted: None,
+            recorder: std::sync::OnceLock::new(),
         }
     }
 }
@@ -174,6 +176,22 @@ impl ApprovalStore {
             .count()
     }
 }
+
+/// Why the operator did not record the use of a single-use grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UseRefused {
+    /// Already used (by this or another sidecar), or no longer approved: final.
+    Refused(String),
+    /// The operator could not be asked or could not write: the grant stays usable.
+    Unavailable(String),
+}
+
+/// Records the use of an operator-delivered single-use grant (by its id) where every sidecar
+/// of the identity sees it; only `Ok` lets the call through. Set in operator mode
+/// ([`crate::control::use_recorder`]).
+pub type UseRecorder = std::sync::Arc<
+    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<(), UseRefused>> + Send + Sync,
+>;
 
 /// Facts about the call being gated.
 pub struct GateCall<'a> {
@@ -294,6 +312,10 @@ impl ApprovalStore {
                     let _ = tokio::time::timeout_at(d, rx.changed()).await;
                 }
                 other => {
+                    let other = match other {
+                        Ok(g) => self.record_use(snap, call.key, g).await,
+                        refused => refused,
+                    };
                     let new = if opened {
                         self.inner
                             .lock()
@@ -305,6 +327,46 @@ impl ApprovalStore {
                     };
                     return (other, new);
                 }
+            }
+        }
+    }
+
+    /// Operator mode: record uses of single-use grants through `recorder`.
+    pub fn set_use_recorder(&self, recorder: UseRecorder) {
+        let _ = self.recorder.set(recorder);
+    }
+
+    /// A single-use grant delivered by the operator is used only once the operator has
+    /// recorded the use cluster-wide (it arbitrates races between sidecars and survives
+    /// restarts); the local `used_grants` set alone would let each sidecar, and each restart,
+    /// use it again.
+    async fn record_use(&self, snap: &Snapshot, key: &str, g: Granted) -> Result<Granted, Refusal> {
+        let Some(record) = self.recorder.get() else {
+            return Ok(g);
+        };
+        let from_operator = snap.raw.approvals.single_use
+            && snap
+                .raw
+                .approvals
+                .granted
+                .iter()
+                .any(|x| x.key == key && x.id == g.id);
+        if !from_operator {
+            return Ok(g);
+        }
+        match record(g.id.clone()).await {
+            Ok(()) => Ok(g),
+            Err(UseRefused::Refused(why)) => Err(Refusal::ApprovalRejected(why)),
+            Err(UseRefused::Unavailable(why)) => {
+                // Not used after all: a retry may use it once the operator answers.
+                self.used_grants.lock().expect("grants lock").remove(&g.id);
+                Err(Refusal::Unavailable {
+                    code: "approval_unrecorded",
+                    reason: format!(
+                        "approval {} is single-use and its use could not be recorded: {why}",
+                        g.id
+                    ),
+                })
             }
         }
     }

@@ -7,7 +7,9 @@
 //! freshness; when the operator is unreachable the last good snapshot keeps serving until it
 //! is older than `agent.maxStaleness`, after which calls fail closed with 503 `config_stale`
 //! (unless `agent.failOpen`). A snapshot that does not validate is rejected whole: logged,
-//! counted in `tollgate_config_reload_errors_total`, and the last good one stays.
+//! counted in `tollgate_config_reload_errors_total`, reported to the operator (the identity
+//! goes `Ready=False`), and the last good one stays — but it is not fresh: heartbeats for a
+//! rejected snapshot do not confirm it, so past `maxStaleness` calls fail closed.
 
 use crate::config::Config;
 use crate::snapshot::Snapshot;
@@ -52,6 +54,9 @@ pub async fn poll(state: Arc<ProxyState>, base: Config, base_dir: PathBuf, args:
     let mut version = 0u64;
     let mut hash = String::new();
     let mut backoff = Duration::from_millis(100);
+    // The operator's current snapshot did not validate here.
+    let mut rejected = false;
+    let instance = format!("{:016x}", rand::random::<u64>());
     loop {
         // Heartbeats must come well within maxStaleness, or a quiet operator would look dead.
         let staleness = state
@@ -66,26 +71,49 @@ pub async fn poll(state: Arc<ProxyState>, base: Config, base_dir: PathBuf, args:
             .max(Duration::from_secs(1));
         match fetch(&state, &args, version, &hash, timeout).await {
             Ok(Answer::Unchanged) => {
-                state.freshness.confirm();
+                // A heartbeat confirms the snapshot the operator serves. If this sidecar
+                // rejected it, what it runs is not what the operator means: not fresh.
+                if !rejected {
+                    state.freshness.confirm();
+                }
                 backoff = Duration::from_millis(100);
             }
-            Ok(Answer::Snapshot(v, h, op)) => {
-                state.freshness.confirm();
+            Ok(Answer::Snapshot(v, h, op, delivered)) => {
                 backoff = Duration::from_millis(100);
                 version = v;
                 hash = h;
-                match install(&state, &base, &base_dir, *op, v) {
+                match install(&state, &base, &base_dir, *op, &delivered, v) {
                     Ok(()) => {
+                        if rejected {
+                            report_apply(&state, &args, &instance, &hash, None).await;
+                        }
+                        rejected = false;
                         tracing::info!(version = v, agent = %args.agent, "operator snapshot installed")
                     }
                     Err(e) => {
+                        rejected = true;
                         state.metrics.reload_errors.inc();
-                        tracing::error!(version = v, error = %e, "operator snapshot rejected; keeping the last good one");
+                        tracing::error!(version = v, error = %e, "operator snapshot rejected; keeping the last good one until maxStaleness, then failing closed");
+                        report_apply(&state, &args, &instance, &hash, Some(&e)).await;
+                        // Retry the same snapshot after a pause (its credentials or files may
+                        // appear); asking with no hash makes the operator answer at once.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        hash.clear();
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, url = %args.url, "operator unreachable; serving the last good snapshot");
+                match (e.status, state.snapshot.load().is_some()) {
+                    (Some(403), _) => {
+                        tracing::error!(error = %e.message, url = %args.url, "the operator refused this sidecar's token; check the pod's ServiceAccount and the identity's serviceAccount")
+                    }
+                    (_, true) => {
+                        tracing::warn!(error = %e.message, url = %args.url, "operator unreachable; serving the last good snapshot")
+                    }
+                    (_, false) => {
+                        tracing::warn!(error = %e.message, url = %args.url, "operator unreachable and no snapshot yet; refusing calls with 503 config_unavailable")
+                    }
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -95,20 +123,111 @@ pub async fn poll(state: Arc<ProxyState>, base: Config, base_dir: PathBuf, args:
 
 enum Answer {
     Unchanged,
-    Snapshot(u64, String, Box<Config>),
+    Snapshot(u64, String, Box<Config>, Delivered),
 }
+
+/// Where the injector mounts tool credential Secrets; the operator delivers the same values
+/// with the snapshot, keyed `<secret>/<key>`.
+pub const SECRET_MOUNT: &str = "/var/run/tollgate/secrets";
+
+/// Tool credentials delivered with a snapshot: `<secret>/<key>` → value.
+type Delivered = std::collections::BTreeMap<String, String>;
 
 fn install(
     state: &ProxyState,
     base: &Config,
     base_dir: &Path,
     op: Config,
+    delivered: &Delivered,
     version: u64,
 ) -> Result<(), String> {
-    let merged = merge(base, op);
-    let snap = Snapshot::build(merged, version, base_dir).map_err(|e| e.to_string())?;
+    let mut merged = merge(base, op);
+    // Credentials the operator delivered are used as delivered; the rest are read from the
+    // mounted Secret files (a path this pod lacks rejects the snapshot).
+    let mut inline = Vec::new();
+    for t in &mut merged.tools {
+        let Some(c) = &t.credentials else { continue };
+        let key = c
+            .value_from
+            .file
+            .as_deref()
+            .and_then(|f| f.strip_prefix(SECRET_MOUNT))
+            .map(|k| k.trim_start_matches('/'));
+        if let Some(value) = key.and_then(|k| delivered.get(k)) {
+            inline.push((t.name.clone(), c.clone(), value.clone()));
+            t.credentials = None;
+        }
+    }
+    let mut snap = Snapshot::build(merged, version, base_dir).map_err(|e| e.to_string())?;
+    for (tool, c, value) in inline {
+        let header = http::HeaderName::from_bytes(c.header.as_bytes())
+            .map_err(|_| format!("tools[{tool}].credentials.header: not a valid header name"))?;
+        let mut value =
+            http::HeaderValue::from_str(&format!("{}{value}", c.prefix)).map_err(|_| {
+                format!(
+                    "tools[{tool}].credentials: the delivered secret is not a valid header value"
+                )
+            })?;
+        value.set_sensitive(true);
+        if let Some(t) = snap.tools.iter_mut().find(|t| t.config.name == tool) {
+            t.credential = Some(crate::snapshot::Credential { header, value });
+            t.config.credentials = Some(c.clone());
+        }
+        if let Some(t) = snap.raw.tools.iter_mut().find(|t| t.name == tool) {
+            t.credentials = Some(c);
+        }
+    }
     state.install(Arc::new(snap));
     Ok(())
+}
+
+/// Why a snapshot request failed; `status` is the operator's HTTP status, if it answered.
+struct FetchError {
+    status: Option<u16>,
+    message: String,
+}
+
+impl From<String> for FetchError {
+    fn from(message: String) -> Self {
+        Self {
+            status: None,
+            message,
+        }
+    }
+}
+
+/// Tell the operator this sidecar rejected the snapshot with `hash` (`error`; the identity
+/// goes `Ready=False` with the reason) or, after a rejection, applied one (`None`). Best
+/// effort: the staleness clock runs regardless.
+async fn report_apply(
+    state: &ProxyState,
+    args: &ControlArgs,
+    instance: &str,
+    hash: &str,
+    error: Option<&str>,
+) {
+    let Ok(token) = std::fs::read_to_string(&args.token_file) else {
+        return;
+    };
+    let body = serde_json::json!({"agent": args.agent, "instance": instance, "hash": hash, "error": error});
+    let url = format!("{}/v1/snapshot/report", args.url.trim_end_matches('/'));
+    let Ok(request) = http::Request::post(&url)
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        )
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+    else {
+        return;
+    };
+    if let Err(e) = state
+        .upstreams
+        .send(request, Duration::from_secs(2), Duration::from_secs(5))
+        .await
+    {
+        tracing::warn!(error = %e, "snapshot apply report not delivered to the operator");
+    }
 }
 
 async fn fetch(
@@ -117,7 +236,7 @@ async fn fetch(
     version: u64,
     hash: &str,
     timeout: Duration,
-) -> Result<Answer, String> {
+) -> Result<Answer, FetchError> {
     let token = std::fs::read_to_string(&args.token_file)
         .map_err(|e| format!("token file {}: {e}", args.token_file.display()))?;
     let url = format!(
@@ -142,14 +261,17 @@ async fn fetch(
     let status = res.status();
     let body = tokio::time::timeout(wait, res.into_body().collect())
         .await
-        .map_err(|_| "snapshot body timed out".to_string())?
+        .map_err(|_| FetchError::from("snapshot body timed out".to_string()))?
         .map_err(|e| e.to_string())?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!(
-            "operator answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
+        return Err(FetchError {
+            status: Some(status.as_u16()),
+            message: format!(
+                "operator answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        });
     }
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     if v["unchanged"] == true {
@@ -159,7 +281,13 @@ async fn fetch(
     let new_hash = v["hash"].as_str().unwrap_or("").to_string();
     let config: Config = serde_json::from_value(v["config"].clone())
         .map_err(|e| format!("snapshot does not parse: {e}"))?;
-    Ok(Answer::Snapshot(new_version, new_hash, Box::new(config)))
+    let delivered: Delivered = serde_json::from_value(v["credentials"].clone()).unwrap_or_default();
+    Ok(Answer::Snapshot(
+        new_version,
+        new_hash,
+        Box::new(config),
+        delivered,
+    ))
 }
 
 /// Ask the operator to create an `ApprovalRequest` for a held call (fire and forget: the agent
@@ -210,6 +338,55 @@ pub fn report_approval(
             Err(e) => tracing::error!(error = %e, "approval request not delivered to the operator"),
         }
     });
+}
+
+/// The use recorder of operator mode: `POST /v1/approvals/consume` for each use of a
+/// single-use grant; the operator records it in the `ApprovalRequest` status with a
+/// conditional write, so of all sidecars of the identity, and across restarts, one use wins.
+pub fn use_recorder(
+    args: &ControlArgs,
+    upstreams: &crate::upstream::Upstreams,
+    instance: String,
+) -> crate::approval::UseRecorder {
+    use crate::approval::UseRefused;
+    let (args, upstreams) = (args.clone(), upstreams.clone());
+    std::sync::Arc::new(move |id: String| {
+        let (args, upstreams, instance) = (args.clone(), upstreams.clone(), instance.clone());
+        Box::pin(async move {
+            let token = std::fs::read_to_string(&args.token_file)
+                .map_err(|e| UseRefused::Unavailable(format!("token file: {e}")))?;
+            let body = serde_json::json!({"agent": args.agent, "id": id, "instance": instance});
+            let url = format!("{}/v1/approvals/consume", args.url.trim_end_matches('/'));
+            let request = http::Request::post(&url)
+                .header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", token.trim()),
+                )
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .map_err(|e| UseRefused::Unavailable(e.to_string()))?;
+            let res = upstreams
+                .send(request, Duration::from_secs(2), Duration::from_secs(10))
+                .await
+                .map_err(|e| UseRefused::Unavailable(format!("operator unreachable: {e}")))?;
+            let status = res.status();
+            let body = res
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let reason = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["reason"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("operator answered {status}"));
+            match status.as_u16() {
+                200..=299 => Ok(()),
+                404 | 409 => Err(UseRefused::Refused(reason)),
+                _ => Err(UseRefused::Unavailable(reason)),
+            }
+        }) as futures::future::BoxFuture<'static, _>
+    })
 }
 
 /// Report this sidecar's spend today to the operator every `every` (it shows in the

@@ -103,6 +103,13 @@ pub async fn start_operator(
         Arc::new(limits),
     ));
     let _ = state.control.set(args.clone());
+    state
+        .approvals
+        .set_use_recorder(crate::control::use_recorder(
+            &args,
+            &state.upstreams,
+            format!("{:016x}", rand::random::<u64>()),
+        ));
     tokio::spawn(crate::control::report_usage(
         state.clone(),
         args.clone(),

@@ -27,6 +27,16 @@ fn tool(name: &str) -> Command {
     Command::new(name)
 }
 
+/// The Prometheus Operator's kinds, as a cluster that has its CRDs advertises them.
+const PROMETHEUS_OPERATOR: &[&str] = &[
+    "--api-versions",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
 const ALL_ON: &[&str] = &[
     "--set",
     "networkPolicy.enabled=true",
@@ -68,7 +78,15 @@ fn docs(yaml: &str) -> Vec<Value> {
 
 #[test]
 fn helm_lint_passes_strict_with_defaults_and_everything_on() {
-    for extra in [&[][..], ALL_ON] {
+    // `helm lint` cannot be told the cluster has the Prometheus Operator CRDs (no
+    // --api-versions), so it lints everything else on; the rendering test covers the rest.
+    let lint_all: Vec<&str> = ALL_ON
+        .chunks(2)
+        .filter(|kv| !kv[1].starts_with("observability.prometheusRule"))
+        .flatten()
+        .copied()
+        .collect();
+    for extra in [&[][..], &lint_all[..]] {
         let out = tool("helm")
             .args(["lint", "--strict", chart().to_str().unwrap()])
             .args(extra)
@@ -86,7 +104,7 @@ fn helm_lint_passes_strict_with_defaults_and_everything_on() {
 #[test]
 fn rendered_manifests_validate_against_the_kubernetes_schemas() {
     for extra in [&[][..], ALL_ON] {
-        let (ok, yaml, err) = template(extra);
+        let (ok, yaml, err) = template(&[extra, PROMETHEUS_OPERATOR].concat());
         assert!(ok, "{err}");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("rendered.yaml");
@@ -332,4 +350,134 @@ fn injected_pods_validate_against_the_kubernetes_schema() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Issue 18: the Prometheus Operator options fail the install with a clear message when the
+/// cluster lacks its CRDs (checked with `.Capabilities`), instead of an API error mid-install;
+/// with the CRDs present they render. The chart states the oldest supported Kubernetes.
+#[test]
+fn prometheus_operator_kinds_need_their_crds_and_the_minimum_version_is_enforced() {
+    for (flag, kind) in [
+        (
+            "observability.serviceMonitor.enabled=true",
+            "ServiceMonitor",
+        ),
+        (
+            "observability.prometheusRule.enabled=true",
+            "PrometheusRule",
+        ),
+    ] {
+        let (ok, _, err) = template(&["--set", flag]);
+        assert!(!ok, "{flag} rendered without the Prometheus Operator CRDs");
+        assert!(
+            err.contains("Prometheus Operator CRDs") && err.contains(kind),
+            "{err}"
+        );
+        let (ok, yaml, err) = template(&[&["--set", flag][..], PROMETHEUS_OPERATOR].concat());
+        assert!(ok, "{err}");
+        assert!(
+            docs(&yaml).iter().any(|d| d["kind"] == kind),
+            "{kind} rendered"
+        );
+    }
+    let chart_yaml: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        chart_yaml["kubeVersion"],
+        format!(">=1.{}.0-0", tollgate_operator::run::MIN_KUBERNETES_MINOR)
+    );
+    let (ok, _, err) = template(&["--kube-version", "1.28.3"]);
+    assert!(!ok && err.contains("kubeVersion"), "1.28 is refused: {err}");
+    assert!(template(&["--kube-version", "1.33.0"]).0);
+}
+
+/// Issue 18: ClusterRoles for the people who use Tollgate: approvers (read approval requests,
+/// patch their status) and SREs (kill switches).
+#[test]
+fn the_chart_ships_roles_for_approvers_and_sres() {
+    let (ok, yaml, err) = template(&[]);
+    assert!(ok, "{err}");
+    let roles = docs(&yaml);
+    let role = |suffix: &str| {
+        roles
+            .iter()
+            .find(|d| {
+                d["kind"] == "ClusterRole"
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or("")
+                        .ends_with(suffix)
+            })
+            .unwrap_or_else(|| panic!("no ClusterRole *{suffix}"))
+            .clone()
+    };
+    let verbs = |r: &Value, res: &str| -> Vec<String> {
+        r["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["resources"].as_array().unwrap().iter().any(|y| y == res))
+            .flat_map(|x| {
+                x["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+            })
+            .collect()
+    };
+    let approver = role("-approver");
+    for v in ["get", "list", "watch"] {
+        assert!(verbs(&approver, "approvalrequests").contains(&v.to_string()));
+    }
+    assert_eq!(verbs(&approver, "approvalrequests/status"), ["patch"]);
+    assert!(
+        verbs(&approver, "killswitches").is_empty(),
+        "approvers cannot kill"
+    );
+    let sre = role("-sre");
+    for v in ["create", "patch", "delete"] {
+        assert!(verbs(&sre, "killswitches").contains(&v.to_string()));
+    }
+    assert!(
+        verbs(&sre, "approvalrequests/status").is_empty(),
+        "SREs do not approve"
+    );
+}
+
+/// Issue 18: an emergency stop does not depend on the operator. KillSwitch writes go through
+/// a webhook that is ignored when unreachable; approval decisions still fail closed.
+#[test]
+fn kill_switch_writes_do_not_depend_on_the_operator() {
+    let (ok, yaml, err) = template(&[]);
+    assert!(ok, "{err}");
+    let mutating = docs(&yaml)
+        .into_iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    let hooks = mutating["webhooks"].as_array().unwrap();
+    let covering = |res: &str| {
+        hooks
+            .iter()
+            .filter(|h| {
+                h["rules"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["resources"].as_array().unwrap().iter().any(|x| x == res))
+            })
+            .map(|h| h["failurePolicy"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(covering("killswitches"), ["Ignore"]);
+    assert_eq!(covering("approvalrequests/status"), ["Fail"]);
+    let validating = docs(&yaml)
+        .into_iter()
+        .find(|d| d["kind"] == "ValidatingWebhookConfiguration")
+        .unwrap();
+    assert!(
+        !validating.to_string().contains("killswitches"),
+        "no Fail-closed validating webhook on KillSwitches"
+    );
 }

@@ -20,16 +20,27 @@ struct Operator {
 
 impl Operator {
     fn start(api: &TestApiServer, dir: &std::path::Path, port: u16) -> Self {
+        Self::start_as(api, dir, port, None)
+    }
+
+    /// With `identity`, the replica takes part in leader election under that name.
+    fn start_as(
+        api: &TestApiServer,
+        dir: &std::path::Path,
+        port: u16,
+        identity: Option<&str>,
+    ) -> Self {
         let kc = dir.join("kubeconfig");
         std::fs::write(&kc, api.kubeconfig()).unwrap();
         let log = std::fs::File::create(dir.join(format!("operator-{port}.log"))).unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["run", "--listen", listen.as_str()];
+        match identity {
+            Some(id) => args.extend(["--identity", id, "--lease-namespace", "tollgate-system"]),
+            None => args.push("--no-leader-elect"),
+        }
         let child = Command::new(bin("tollgate-operator"))
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--no-leader-elect",
-            ])
+            .args(&args)
             .env("KUBECONFIG", &kc)
             .env("TOLLGATE_LOG", "info")
             .stdout(Stdio::null())
@@ -565,4 +576,289 @@ fn the_operator_serves_webhooks_and_keeps_the_ca_bundle_current() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+fn grants(p: &TestProxy) -> Vec<String> {
+    get(p.admin, "/config")
+        .ok()
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body_text()).ok())
+        .and_then(|v| {
+            v["approvalGrants"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 18: a single-use approval is used exactly once across the cluster. Two sidecars of
+/// one identity hold the grant and race the identical call: the operator arbitrates the use
+/// with a conditional status write, so exactly one is forwarded; the use is recorded in the
+/// `ApprovalRequest` status, the grant is withdrawn from every snapshot, and a restarted
+/// sidecar (fresh memory) cannot use it again.
+#[test]
+fn single_use_approvals_are_used_once_across_sidecars_and_restarts() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
+        "spec": {"rego": "package tollgate\nimport rego.v1\nrequire_approval contains \"long notes need a human\" if count(input.request.body.text) > 10\n"}}));
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(&api, dir.path(), free_port());
+    let a = sidecar(op.port, "tok-billing");
+    let b = sidecar(op.port, "tok-billing");
+    let refund = "refund order 1234 in full";
+    let (code, body) = note(&a, &up, refund);
+    assert_eq!(code, 403, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = v["approval"].as_str().unwrap().to_string();
+    eventually("ApprovalRequest created", || {
+        api.get(GV, "approvalrequests", "agents", &id).is_some()
+    });
+    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", &id]);
+    assert!(ok, "{out}");
+    eventually("both sidecars hold the grant", || {
+        grants(&a).contains(&id) && grants(&b).contains(&id)
+    });
+    let forwarded_before = up.count();
+    let race: Vec<_> = [a.proxy, b.proxy]
+        .into_iter()
+        .map(|proxy| {
+            let addr = up.addr;
+            std::thread::spawn(move || {
+                call(
+                    proxy,
+                    "POST",
+                    &format!("http://{addr}/v1/notes"),
+                    &[
+                        ("X-Tollgate-Tenant", "acme"),
+                        ("Content-Type", "application/json"),
+                    ],
+                    Some(&json!({"text": refund}).to_string()),
+                )
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = race.into_iter().map(|t| t.join().unwrap().status).collect();
+    assert_eq!(
+        codes.iter().filter(|c| **c == 200).count(),
+        1,
+        "exactly one of the racing sidecars goes through: {codes:?}\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(
+        up.count(),
+        forwarded_before + 1,
+        "the upstream saw one refund"
+    );
+    let status = api.get(GV, "approvalrequests", "agents", &id).unwrap()["status"].clone();
+    assert_eq!(status["phase"], "Approved");
+    assert!(
+        status["consumedAt"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{status}"
+    );
+    assert!(
+        status["consumedBy"]
+            .as_str()
+            .unwrap()
+            .contains("agents/billing"),
+        "{status}"
+    );
+    eventually("the grant is withdrawn from every snapshot", || {
+        !grants(&a).contains(&id) && !grants(&b).contains(&id)
+    });
+    // Neither sidecar, nor a restarted one, can use it again.
+    drop(a);
+    let restarted = sidecar(op.port, "tok-billing");
+    for s in [&restarted, &b] {
+        let (code, body) = note(s, &up, refund);
+        assert_eq!(code, 403, "{body}");
+    }
+    assert_eq!(up.count(), forwarded_before + 1, "still one refund");
+}
+
+fn identity_ready(api: &TestApiServer) -> (String, String, String) {
+    let id = api.get(GV, "agentidentities", "agents", "billing").unwrap();
+    let c = &id["status"]["conditions"][0];
+    (
+        c["status"].as_str().unwrap_or("").to_string(),
+        c["reason"].as_str().unwrap_or("").to_string(),
+        c["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Issue 18: a running sidecar can always apply its snapshot, and one it cannot apply is not
+/// fresh. A Tool with credentials added to a running identity works at once (the operator
+/// delivers the Secret's value with the snapshot; the pod has no mount for it). A snapshot the
+/// sidecar rejects (its Secret does not exist) is reported: the identity goes `Ready=False`
+/// with the sidecar's reason, heartbeats no longer count, and past `maxStaleness` the sidecar
+/// fails closed (503 `config_stale`) and is not ready; once the Secret exists it recovers.
+#[test]
+fn snapshots_reach_running_sidecars_and_a_rejected_one_is_not_fresh() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(&api, dir.path(), free_port());
+    let s = sidecar(op.port, "tok-billing");
+    assert_eq!(note(&s, &up, "hello").0, 200);
+    // A Tool with credentials, added while the sidecar runs.
+    api.put("secrets", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "crm-key", "namespace": "agents"},
+        "stringData": {"token": "s3cret-value"}}));
+    api.put("tools", json!({"apiVersion": GV, "kind": "Tool", "metadata": {"name": "crm-secret", "namespace": "agents"},
+        "spec": {"match": {"host": up.addr.to_string(), "methods": ["POST"], "path": "/v1/secret"},
+                 "credentials": {"secretName": "crm-key", "key": "token", "header": "Authorization", "prefix": "Bearer "}}}));
+    api.put("agentidentities", json!({"apiVersion": GV, "kind": "AgentIdentity", "metadata": {"name": "billing", "namespace": "agents"},
+        "spec": {"serviceAccount": "billing-agent", "tenants": ["acme"], "tools": ["crm-note", "crm-secret"], "policies": ["notes"], "maxStaleness": "3s"}}));
+    let post = |path: &str| {
+        call(
+            s.proxy,
+            "POST",
+            &format!("http://{}{path}", up.addr),
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+            ],
+            Some(r#"{"text": "hello"}"#),
+        )
+    };
+    eventually("the new tool works in the running sidecar", || {
+        post("/v1/secret").status == 200
+    });
+    let seen = up.seen();
+    let last = seen.iter().rev().find(|r| r.path == "/v1/secret").unwrap();
+    assert_eq!(last.header("authorization"), Some("Bearer s3cret-value"));
+    assert!(
+        !s.log().contains("s3cret-value"),
+        "the secret is never logged"
+    );
+    // A Tool whose Secret does not exist: the sidecar cannot apply the snapshot.
+    api.put("tools", json!({"apiVersion": GV, "kind": "Tool", "metadata": {"name": "crm-missing", "namespace": "agents"},
+        "spec": {"match": {"host": up.addr.to_string(), "methods": ["POST"], "path": "/v1/missing"},
+                 "credentials": {"secretName": "crm-missing-key", "key": "token", "header": "Authorization"}}}));
+    api.put("agentidentities", json!({"apiVersion": GV, "kind": "AgentIdentity", "metadata": {"name": "billing", "namespace": "agents"},
+        "spec": {"serviceAccount": "billing-agent", "tenants": ["acme"], "tools": ["crm-note", "crm-secret", "crm-missing"], "policies": ["notes"], "maxStaleness": "3s"}}));
+    eventually("the identity reports the rejection", || {
+        let (status, reason, message) = identity_ready(&api);
+        status == "False" && reason == "SnapshotRejected" && message.contains("crm-missing-key")
+    });
+    eventually("past maxStaleness the sidecar fails closed", || {
+        let (code, body) = note(&s, &up, "hello");
+        code == 503 && body.contains("config_stale")
+    });
+    assert_eq!(
+        get(s.admin, "/readyz").unwrap().status,
+        503,
+        "not ready while stale"
+    );
+    let metrics = get(s.admin, "/metrics").unwrap().body_text();
+    assert!(metrics.contains("tollgate_config_stale 1"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tollgate_config_reload_errors_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let op_metrics = get(
+        format!("127.0.0.1:{}", op.port).parse().unwrap(),
+        "/metrics",
+    )
+    .unwrap()
+    .body_text();
+    assert!(
+        op_metrics.lines().any(
+            |l| l.starts_with("tollgate_operator_snapshots_rejected_total ") && !l.ends_with(" 0")
+        ),
+        "{op_metrics}"
+    );
+    // The Secret appears: the sidecar retries, applies, and is fresh and ready again.
+    api.put("secrets", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "crm-missing-key", "namespace": "agents"},
+        "stringData": {"token": "other"}}));
+    eventually("recovered", || note(&s, &up, "hello").0 == 200);
+    assert_eq!(get(s.admin, "/readyz").unwrap().status, 200);
+    eventually("the identity is Ready again", || {
+        identity_ready(&api).0 == "True"
+    });
+}
+
+fn lease(api: &TestApiServer) -> serde_json::Value {
+    api.get(
+        "coordination.k8s.io/v1",
+        "leases",
+        "tollgate-system",
+        "tollgate-operator",
+    )
+    .map(|l| l["spec"].clone())
+    .unwrap_or_default()
+}
+
+/// Issue 18: leadership acts at once. Renewals keep `acquireTime`; a leader that is stopped
+/// (SIGTERM, as in a rollout) releases the Lease, so the other replica takes over without
+/// waiting out the 15 s lease, and the new leader reconciles what was created during the
+/// failover without waiting for another watch event.
+#[test]
+fn a_new_leader_takes_over_at_once_and_reconciles_everything() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Operator::start_as(&api, dir.path(), free_port(), Some("replica-a"));
+    eventually("replica-a leads", || {
+        lease(&api)["holderIdentity"] == "replica-a"
+    });
+    let first = lease(&api);
+    eventually("the lease is renewed", || {
+        lease(&api)["renewTime"] != first["renewTime"]
+    });
+    assert_eq!(
+        lease(&api)["acquireTime"],
+        first["acquireTime"],
+        "renewals keep acquireTime"
+    );
+    let b = Operator::start_as(&api, dir.path(), free_port(), Some("replica-b"));
+    eventually("the identity has status", || {
+        api.get(GV, "agentidentities", "agents", "billing").unwrap()["status"]["conditions"][0]
+            ["status"]
+            == "True"
+    });
+    // Stop the leader the way Kubernetes does.
+    let pid = a.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let exit = a.child.wait().unwrap();
+    assert!(exit.success(), "a clean shutdown: {exit:?}");
+    let released = lease(&api);
+    assert_ne!(
+        released["holderIdentity"], "replica-a",
+        "released on shutdown: {released}"
+    );
+    // Created during the failover: only a leader that reconciles on gaining the Lease writes
+    // its status (nothing else changes afterwards to trigger a watch event).
+    api.put("agentidentities", json!({"apiVersion": GV, "kind": "AgentIdentity", "metadata": {"name": "late", "namespace": "newns"},
+        "spec": {"serviceAccount": "late-agent", "tenants": ["acme"]}}));
+    let taken = std::time::Instant::now();
+    eventually("replica-b leads", || {
+        lease(&api)["holderIdentity"] == "replica-b"
+    });
+    println!("takeover after shutdown: {:?}", taken.elapsed());
+    assert_eq!(lease(&api)["leaseTransitions"], 1);
+    eventually(
+        "the new leader reconciled the identity created during the failover",
+        || {
+            api.get(GV, "agentidentities", "newns", "late").unwrap()["status"]["conditions"][0]
+                ["status"]
+                == "True"
+                && api
+                    .get("v1", "serviceaccounts", "newns", "late-agent")
+                    .is_some()
+        },
+    );
+    drop(b);
 }

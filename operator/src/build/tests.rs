@@ -122,3 +122,54 @@ fn kill_switches_and_decided_approvals_reach_the_snapshot() {
     );
     assert!(affected_agents(&w, &w.kill_switches[1]).is_empty());
 }
+
+#[test]
+fn kill_switch_status_counts_only_agents_with_the_tool_or_tenant() {
+    let mut w = world();
+    let ks = |scope: serde_json::Value| -> KillSwitch {
+        obj(
+            json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "KillSwitch", "metadata": {"name": "k"}, "spec": {"scope": scope, "engaged": true, "reason": "INC-2"}}),
+        )
+    };
+    let has = ks(json!({"namespace": "agents", "tool": "stripe-refund"}));
+    let lacks = ks(json!({"namespace": "agents", "tool": "github-merge"}));
+    let other_tenant = ks(json!({"tenant": "initech"}));
+    assert_eq!(
+        affected_agents(&w, &has),
+        vec!["agents/billing".to_string()]
+    );
+    assert!(
+        affected_agents(&w, &lacks).is_empty(),
+        "billing has no github-merge"
+    );
+    assert!(
+        affected_agents(&w, &other_tenant).is_empty(),
+        "billing serves acme only"
+    );
+    w.kill_switches = vec![lacks];
+    assert_eq!(affected_agents(&w, &w.kill_switches[0]).len(), 0);
+}
+
+#[test]
+fn a_used_single_use_approval_is_withdrawn_from_the_snapshot() {
+    let mut w = world();
+    w.approvals = vec![obj(
+        json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "ApprovalRequest", "metadata": {"name": "apr-1", "namespace": "agents"},
+        "spec": {"key": "k1", "agent": "billing", "tenant": "acme", "tool": "stripe-refund", "summary": "refund", "expiresAt": "2099-01-01T00:00:00Z"},
+        "status": {"phase": "Approved", "approver": "alice@example.com", "decidedAt": "2026-01-01T00:00:00Z"}}),
+    )];
+    assert_eq!(
+        build_agent(&w, &w.identities[0])
+            .unwrap()
+            .approvals
+            .granted
+            .len(),
+        1
+    );
+    w.approvals[0].status.as_mut().unwrap().consumed_at = Some("2026-01-01T00:01:00Z".into());
+    assert!(build_agent(&w, &w.identities[0])
+        .unwrap()
+        .approvals
+        .granted
+        .is_empty());
+}

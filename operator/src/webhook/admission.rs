@@ -49,11 +49,13 @@ fn patched(
     }
 }
 
-/// `/mutate-pod`. `facts` looks up what the identity needs mounted (its tools' secrets).
+/// `/mutate-pod`. `facts` looks up what the identity needs mounted (its tools' secrets), or
+/// `None` when no such `AgentIdentity` exists: such a pod is refused, since its sidecar would
+/// never get a snapshot and the pod would never become ready.
 pub fn mutate_pod(
     req: &AdmissionRequest<DynamicObject>,
     cfg: &InjectConfig,
-    facts: impl Fn(&str, &str) -> IdentityFacts,
+    facts: impl Fn(&str, &str) -> Option<IdentityFacts>,
 ) -> AdmissionResponse {
     let before = to_value(&req.object);
     let pod: k8s_openapi::api::core::v1::Pod = match serde_json::from_value(before.clone()) {
@@ -64,7 +66,15 @@ pub fn mutate_pod(
         return AdmissionResponse::from(req);
     };
     let ns = req.namespace.clone().unwrap_or_default();
-    match inject(pod, cfg, &facts(&ns, &agent)) {
+    if super::inject::is_injected(&pod) {
+        return AdmissionResponse::from(req);
+    }
+    let Some(facts) = facts(&ns, &agent) else {
+        return AdmissionResponse::from(req).deny(format!(
+            "pod is labelled tollgate.dev/agent={agent} but there is no AgentIdentity {ns}/{agent}: create it first (kubectl get agentidentities -n {ns})"
+        ));
+    };
+    match inject(pod, cfg, &facts) {
         Ok(out) => {
             let after = serde_json::to_value(&out).unwrap_or(Value::Null);
             patched(req, &before, &after)
@@ -117,6 +127,13 @@ fn stamp_approval(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
         {
             return AdmissionResponse::from(req).deny(format!(
                 "ApprovalRequest {} was already {old_phase}; decisions are final",
+                req.name
+            ));
+        }
+        let used = |v: &Value| v.pointer("/status/consumedAt").cloned();
+        if used(&old).is_some() && used(&before) != used(&old) {
+            return AdmissionResponse::from(req).deny(format!(
+                "ApprovalRequest {} was already used; a use cannot be undone",
                 req.name
             ));
         }

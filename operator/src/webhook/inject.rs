@@ -23,8 +23,33 @@ pub const SIDECAR_NAME: &str = "tollgate-proxy";
 pub const IPTABLES_INIT_NAME: &str = "tollgate-iptables";
 /// Where the sidecar's secrets are mounted: `<dir>/<secret>/<key>`.
 pub const SECRETS_DIR: &str = "/var/run/tollgate/secrets";
-/// Where the interception CA certificate is mounted in every container.
-pub const CA_BUNDLE_PATH: &str = "/var/run/tollgate/ca/ca.crt";
+/// Where the interception CA certificate alone is mounted in every container (for
+/// `NODE_EXTRA_CA_CERTS`, which adds to Node's own roots).
+pub const CA_CERT_PATH: &str = "/var/run/tollgate/ca/ca.crt";
+/// The trust bundle the app containers use (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`,
+/// `CURL_CA_BUNDLE`): public roots plus the interception CA, so HTTPS to `NO_PROXY` hosts and
+/// passthrough tools still verifies. Key [`CA_BUNDLE_KEY`] of the CA ConfigMap.
+pub const CA_BUNDLE_PATH: &str = "/var/run/tollgate/ca/ca-bundle.crt";
+/// The ConfigMap key of the trust bundle.
+pub const CA_BUNDLE_KEY: &str = "ca-bundle.crt";
+
+/// Public roots (Mozilla's, from `webpki-root-certs`) followed by `ca_pem`, as PEM.
+pub fn trust_bundle(ca_pem: &str) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for der in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out.push_str(ca_pem.trim_end());
+    out.push('\n');
+    out
+}
 
 /// Injection settings (from the chart's sidecar ConfigMap).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -190,7 +215,7 @@ pub fn inject(mut pod: Pod, cfg: &InjectConfig, facts: &IdentityFacts) -> Result
             ("no_proxy", no_proxy.as_str()),
             ("SSL_CERT_FILE", CA_BUNDLE_PATH),
             ("REQUESTS_CA_BUNDLE", CA_BUNDLE_PATH),
-            ("NODE_EXTRA_CA_CERTS", CA_BUNDLE_PATH),
+            ("NODE_EXTRA_CA_CERTS", CA_CERT_PATH),
             ("CURL_CA_BUNDLE", CA_BUNDLE_PATH),
             ("TOLLGATE_AGENT", agent.as_str()),
         ] {
@@ -442,7 +467,12 @@ mod tests {
             1,
             "the agent's own proxy setting is replaced"
         );
-        assert!(envs.contains(&("NODE_EXTRA_CA_CERTS", CA_BUNDLE_PATH)));
+        // Node adds NODE_EXTRA_CA_CERTS to its roots; the others replace the trust store, so
+        // they get public roots plus the interception CA.
+        assert!(envs.contains(&("NODE_EXTRA_CA_CERTS", CA_CERT_PATH)));
+        for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+            assert!(envs.contains(&(k, CA_BUNDLE_PATH)), "{k}");
+        }
         // Secrets and the token are mounted only in the sidecar.
         let app_mounts: Vec<_> = app
             .volume_mounts
@@ -513,5 +543,29 @@ mod tests {
             serde_json::json!({INTERCEPTION_ANNOTATION: "yolo"}),
         );
         assert!(inject(bad, &cfg(), &IdentityFacts::default()).is_err());
+    }
+
+    #[test]
+    fn the_trust_bundle_holds_public_roots_and_the_interception_ca() {
+        let (ca, _) = tollgate_proxy::tls::new_ca("test interception CA", 1).unwrap();
+        let bundle = trust_bundle(&ca);
+        let certs: Vec<_> = rustls_pemfile_certs(&bundle);
+        assert!(certs.len() > 100, "public roots: {}", certs.len());
+        assert!(
+            bundle.trim_end().ends_with(ca.trim_end()),
+            "the interception CA is in it"
+        );
+        // Every block is a certificate a TLS stack can load.
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(certs);
+        assert_eq!(ignored, 0);
+        assert!(added > 100);
+    }
+
+    fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(|c| c.unwrap())
+            .collect()
     }
 }

@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 /// Looks up what an identity needs mounted (namespace, identity name).
-pub type FactsLookup = Arc<dyn Fn(&str, &str) -> IdentityFacts + Send + Sync>;
+pub type FactsLookup = Arc<dyn Fn(&str, &str) -> Option<IdentityFacts> + Send + Sync>;
 
 /// Webhook handler state.
 #[derive(Clone)]

@@ -112,6 +112,41 @@ fn self_approval_and_changing_a_decision_are_rejected() {
 }
 
 #[test]
+fn a_recorded_use_is_allowed_but_cannot_be_undone() {
+    let approved = approval("Approved", json!({"approver": "bob"}));
+    let used = approval(
+        "Approved",
+        json!({"approver": "bob", "consumedAt": "2026-01-01T00:00:00Z", "consumedBy": "billing/a"}),
+    );
+    let record = review(
+        "ApprovalRequest",
+        "approvalrequests",
+        Some("status"),
+        "UPDATE",
+        "system:serviceaccount:tollgate-system:tollgate-operator",
+        used.clone(),
+        approved.clone(),
+    );
+    assert!(stamp(&record).allowed, "the operator records the use");
+    let undo = review(
+        "ApprovalRequest",
+        "approvalrequests",
+        Some("status"),
+        "UPDATE",
+        "mallory",
+        approved,
+        used,
+    );
+    let resp = stamp(&undo);
+    assert!(!resp.allowed);
+    assert!(
+        resp.result.message.contains("cannot be undone"),
+        "{}",
+        resp.result.message
+    );
+}
+
+#[test]
 fn expired_requests_cannot_be_approved() {
     let mut old = approval("Pending", json!({}));
     old["spec"]["expiresAt"] = json!("2001-01-01T00:00:00Z");
@@ -248,9 +283,9 @@ fn pods_are_patched_with_the_sidecar() {
         &cfg,
         |ns, agent| {
             assert_eq!((ns, agent), ("billing", "billing-dispute-v3"));
-            IdentityFacts {
+            Some(IdentityFacts {
                 secrets: vec!["stripe".into()],
-            }
+            })
         },
     );
     assert!(resp.allowed);
@@ -261,15 +296,29 @@ fn pods_are_patched_with_the_sidecar() {
     let again = mutate_pod(
         &review("Pod", "pods", None, "CREATE", "u", out.clone(), Value::Null),
         &cfg,
-        |_, _| IdentityFacts::default(),
+        |_, _| Some(IdentityFacts::default()),
     );
     assert!(again.patch.is_none());
     let plain = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
     assert!(mutate_pod(
         &review("Pod", "pods", None, "CREATE", "u", plain, Value::Null),
         &cfg,
-        |_, _| IdentityFacts::default()
+        |_, _| Some(IdentityFacts::default())
     )
     .patch
     .is_none());
+    // A pod labelled for an identity that does not exist is refused, not injected to hang.
+    let resp = mutate_pod(
+        &review("Pod", "pods", None, "CREATE", "u", pod.clone(), Value::Null),
+        &cfg,
+        |_, _| None,
+    );
+    assert!(!resp.allowed);
+    assert!(
+        resp.result
+            .message
+            .contains("no AgentIdentity billing/billing-dispute-v3"),
+        "{}",
+        resp.result.message
+    );
 }
