@@ -19,7 +19,6 @@ use crate::upstream::ResBody;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Handle a CONNECT request.
 pub async fn handle_connect(
@@ -86,31 +85,14 @@ pub async fn handle_connect(
     }
     let limits = ConnLimits::from_config(&snap.server.connection);
     if let Some(tool) = tunnel::passthrough_tool(&snap, &host, port) {
-        let tenant = match tenant {
+        let tenant = match crate::passthrough::host_gate(&snap, tenant, &host, port) {
             Ok(t) => t,
             Err(r) => return refuse(r).await,
         };
-        if let Err(r) = crate::killswitch::check(&snap, &tenant, snap.tools[tool].name()) {
-            return refuse(r).await;
-        }
-        let up = tokio::time::timeout(
-            snap.tools[tool]
-                .connect_timeout
-                .max(Duration::from_millis(100)),
-            tokio::net::TcpStream::connect((host.as_str(), port)),
-        )
-        .await;
-        let mut up = match up {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return refuse(Refusal::UpstreamFailed(format!("{host}:{port}: {e}"))).await
-            }
-            Err(_) => {
-                return refuse(Refusal::UpstreamTimeout(format!(
-                    "{host}:{port} did not accept the connection in time"
-                )))
-                .await
-            }
+        let name = snap.tools[tool].name().to_string();
+        let mut up = match crate::passthrough::connect_tool_host(&snap, tool, &host, port).await {
+            Ok(s) => s,
+            Err(r) => return refuse(r).await,
         };
         if let Err(r) =
             pipeline::record_passthrough(&state, &snap, &tunnel, tenant, run.clone(), tool).await

@@ -62,7 +62,7 @@ struct Record {
 /// The idempotency store.
 pub struct Idempotency {
     local: Mutex<HashMap<String, (Record, Instant)>>,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<crate::limits::redis_store::RedisConn>,
     ttl: Duration,
 }
 
@@ -81,7 +81,7 @@ pub fn key(agent: &str, tenant: &str, tool: &str, header: &str) -> String {
 
 impl Idempotency {
     /// A store; with `redis`, records are shared through it.
-    pub fn new(redis: Option<redis::aio::ConnectionManager>, ttl: Duration) -> Self {
+    pub fn new(redis: Option<crate::limits::redis_store::RedisConn>, ttl: Duration) -> Self {
         Self {
             local: Mutex::default(),
             redis,

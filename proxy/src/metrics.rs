@@ -60,6 +60,14 @@ pub struct Metrics {
     pub guards_dropped: IntCounterVec,
     /// Approval requests evicted from the in-memory store, by reason.
     pub approvals_evicted: IntCounterVec,
+    /// `tollgate_connections_closed_total{reason}`: agent connections the sidecar cut
+    /// (`header_timeout`: no request within `server.headerReadTimeout` of accept; `idle`: no
+    /// request in flight for `server.idleTimeout`).
+    pub connections_closed: IntCounterVec,
+    /// `tollgate_limits_unavailable_total{on_unavailable}`: limits-store operations that
+    /// failed (no Redis primary reachable, a reservation not replicated) and how
+    /// `limits.onUnavailable` handled them (`deny` or `local`).
+    pub limits_unavailable: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -109,10 +117,12 @@ impl Metrics {
             audit_errors: reg(&r, IntCounter::new("tollgate_audit_errors_total", "Audit records that could not be written.").unwrap()),
             redis_unavailable: reg(&r, IntGauge::new("tollgate_redis_unavailable", "1 while the Redis limits backend is unreachable.").unwrap()),
             fail_open: reg(&r, IntCounterVec::new(Opts::new("tollgate_fail_open_total", "Calls let through by an explicit fail-open setting."), &["reason"]).unwrap()),
+            limits_unavailable: reg(&r, IntCounterVec::new(Opts::new("tollgate_limits_unavailable_total", "Limits-store operations that failed, by how limits.onUnavailable handled them."), &["on_unavailable"]).unwrap()),
             budget_overrun: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_budget_overrun_usd_total", "Actual cost above the reserved estimate."), &["tenant"]).unwrap()),
             guards_dropped: reg(&r, IntCounterVec::new(Opts::new("tollgate_guards_dropped_total", "Budget reservations and idempotency claims ended by Drop (client gone, panic): charged, released."), &["guard"]).unwrap()),
             approvals_evicted: reg(&r, IntCounterVec::new(Opts::new("tollgate_approvals_evicted_total", "Approval requests evicted from memory: expired, decided, over the per-agent cap."), &["reason"]).unwrap()),
             upstream_errors: reg(&r, IntCounterVec::new(Opts::new("tollgate_upstream_errors_total", "Upstream failures by kind."), &["kind"]).unwrap()),
+            connections_closed: reg(&r, IntCounterVec::new(Opts::new("tollgate_connections_closed_total", "Agent connections closed by the sidecar: no request in time after accept, or idle."), &["reason"]).unwrap()),
             registry: r,
         }
     }

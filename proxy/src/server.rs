@@ -1,14 +1,14 @@
 //! Listeners: the proxy listener (forward proxy + base URL; CONNECT is handed to
-//! [`crate::connect`]) and its connection limits — header read timeout against slowloris,
-//! header count and size caps, HTTP/2 reset-flood limits.
+//! [`crate::connect`]) and the connection limits every agent connection is served under —
+//! header read timeout against slowloris, header count and size caps, HTTP/2 reset-flood
+//! limits, and the connection deadlines of [`crate::conn_deadline`] (a first request within the
+//! header read timeout *of accept*, and idle connections of either HTTP version reaped).
 
 use crate::state::ProxyState;
 use crate::upstream::ResBody;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -23,6 +23,8 @@ pub struct ConnLimits {
     pub max_headers: usize,
     /// Largest header block.
     pub max_header_bytes: usize,
+    /// A connection with no request in flight for this long is closed gracefully.
+    pub idle_timeout: Duration,
 }
 
 impl ConnLimits {
@@ -35,6 +37,10 @@ impl ConnLimits {
                 .unwrap_or(Duration::from_secs(10)),
             max_headers: s.max_headers.unwrap_or(100),
             max_header_bytes: s.max_header_bytes.unwrap_or(64 * 1024),
+            idle_timeout: s
+                .idle_timeout
+                .map(|d| d.get())
+                .unwrap_or(Duration::from_secs(60)),
         }
     }
 }
@@ -85,27 +91,45 @@ pub async fn serve_proxy(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(dispatch(state, req).await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            let closed = state.metrics.connections_closed.clone();
+            let serve = move |req: hyper::Request<Incoming>| dispatch(state.clone(), req);
+            let r = crate::conn_deadline::serve(
+                &builder,
+                TokioIo::new(stream),
+                serve,
+                crate::conn_deadline::Deadlines::from(limits),
+                closed,
+                Some(shutdown),
+                true,
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Serve one agent connection (a decrypted tunnel or a plain transparent one) with Tollgate's
+/// limits and connection deadlines; `serve` answers each request.
+pub async fn serve_connection<IO, F, Fut>(
+    io: TokioIo<IO>,
+    serve: F,
+    limits: ConnLimits,
+    closed: prometheus::IntCounterVec,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<ResBody>> + Send + 'static,
+{
+    let builder = builder(limits);
+    let deadlines = crate::conn_deadline::Deadlines::from(limits);
+    let r = crate::conn_deadline::serve(&builder, io, serve, deadlines, closed, None, false).await;
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "tunnel connection ended with an error");
+    }
 }
 
 async fn dispatch(

@@ -13,9 +13,7 @@ use crate::state::ProxyState;
 use crate::target::{parse_authority, Scheme, Via};
 use crate::tunnel::{self, Expect};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,17 +136,15 @@ async fn serve_plain(
     dst: SocketAddr,
     limits: ConnLimits,
 ) {
-    let svc = service_fn(move |req: hyper::Request<Incoming>| {
+    let closed = state.metrics.connections_closed.clone();
+    let serve = move |req: hyper::Request<Incoming>| {
         let state = state.clone();
         async move {
             let tunnel = plain_tunnel(&req, dst);
-            Ok::<_, Infallible>(pipeline::handle_in_tunnel(state, req, &tunnel).await)
+            tunnel::serve_request(state, req, &tunnel).await
         }
-    });
-    let builder = crate::server::builder(limits);
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-        tracing::debug!(error = %e, "transparent connection ended with an error");
-    }
+    };
+    crate::server::serve_connection(TokioIo::new(stream), serve, limits, closed).await;
 }
 
 /// The tunnel a plain transparent request belongs to: the host its `Host` header names (or the

@@ -17,12 +17,9 @@ use crate::snapshot::Snapshot;
 use crate::state::ProxyState;
 use crate::target::{normalise_host, Scheme};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest ClientHello accepted (real ones are a few hundred bytes; post-quantum key shares
@@ -135,25 +132,19 @@ pub async fn serve_tls<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (via, mut tunnel) = match &expect {
-        Expect::Connect { host, port } => (
-            crate::target::Via::Connect,
-            Tunnel {
-                scheme: Scheme::Https,
-                host: host.clone(),
-                port: *port,
-                via: crate::target::Via::Connect,
-            },
-        ),
-        Expect::Transparent { original_dst } => (
-            crate::target::Via::Transparent,
-            Tunnel {
-                scheme: Scheme::Https,
-                host: original_dst.ip().to_string(),
-                port: original_dst.port(),
-                via: crate::target::Via::Transparent,
-            },
-        ),
+    let mut tunnel = match &expect {
+        Expect::Connect { host, port } => Tunnel {
+            scheme: Scheme::Https,
+            host: host.clone(),
+            port: *port,
+            via: crate::target::Via::Connect,
+        },
+        Expect::Transparent { original_dst } => Tunnel {
+            scheme: Scheme::Https,
+            host: original_dst.ip().to_string(),
+            port: original_dst.port(),
+            via: crate::target::Via::Transparent,
+        },
     };
     let refuse = |tunnel: Tunnel, r: Refusal| {
         let state = state.clone();
@@ -249,15 +240,36 @@ pub async fn serve_tls<IO>(
             return;
         }
         if let Some(tool) = passthrough_tool(&snap, &tunnel.host, tunnel.port) {
+            // The same host-level gate as a CONNECT passthrough, and the upstream is the tool
+            // host the SNI named, dialled by name: never the original destination, which the
+            // agent chose.
+            let gate = crate::passthrough::transparent_tenant(&snap);
+            let label = gate.clone().unwrap_or_default();
+            let gated = crate::passthrough::host_gate(&snap, gate, &tunnel.host, tunnel.port);
+            let tenant = match gated {
+                Ok(t) => t,
+                Err(r) => {
+                    pipeline::refuse_tunnel(&state, &snap, &tunnel, label, r).await;
+                    return;
+                }
+            };
+            let up = crate::passthrough::connect_tool_host(&snap, tool, &tunnel.host, tunnel.port)
+                .await;
+            let up = match up {
+                Ok(s) => s,
+                Err(r) => {
+                    pipeline::refuse_tunnel(&state, &snap, &tunnel, label, r).await;
+                    return;
+                }
+            };
             let run = crate::identify::mint(&snap.agent.runs);
             if let Err(r) =
-                pipeline::record_passthrough(&state, &snap, &tunnel, tenant.clone(), run, tool)
-                    .await
+                pipeline::record_passthrough(&state, &snap, &tunnel, tenant, run, tool).await
             {
                 refuse(tunnel, r).await;
                 return;
             }
-            splice(io, *original_dst, &seen).await;
+            splice(io, up, &seen).await;
             return;
         }
     }
@@ -312,31 +324,45 @@ pub async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let tunnel = Arc::new(tunnel);
-    let svc = service_fn(move |req: hyper::Request<Incoming>| {
+    let closed = state.metrics.connections_closed.clone();
+    let serve = move |req: hyper::Request<Incoming>| {
         let state = state.clone();
         let tunnel = tunnel.clone();
-        async move { Ok::<_, Infallible>(pipeline::handle_in_tunnel(state, req, &tunnel).await) }
-    });
-    let builder = crate::server::builder(limits);
-    if let Err(e) = builder.serve_connection(io, svc).await {
-        tracing::debug!(error = %e, "tunnel connection ended with an error");
-    }
+        async move { serve_request(state, req, &tunnel).await }
+    };
+    crate::server::serve_connection(io, serve, limits, closed).await;
 }
 
-/// Pass a recorded TLS connection through to its original destination, untouched.
-async fn splice<IO>(mut io: IO, dst: SocketAddr, first: &[u8])
+/// One request inside a tunnel (decrypted TLS or plain transparent). A request-line `CONNECT`
+/// is refused here: the tunnel is already pinned to one host, and a CONNECT inside it would be
+/// decided as one path while the upstream received `CONNECT host:port`. Everything else runs the
+/// ordinary pipeline.
+pub async fn serve_request(
+    state: Arc<ProxyState>,
+    req: hyper::Request<Incoming>,
+    tunnel: &Tunnel,
+) -> hyper::Response<crate::upstream::ResBody> {
+    if req.method() == http::Method::CONNECT {
+        if let Some(snap) = state.snapshot.load_full() {
+            let tenant = crate::identify::tenant(req.headers(), &snap).unwrap_or_default();
+            let target = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+            let shown: String = target.chars().take(128).filter(|c| !c.is_control()).collect();
+            let r = Refusal::BadRequest(format!(
+                "CONNECT {shown} inside a tunnel to {}:{}; a tunnel carries requests for its own host only, open another tunnel instead",
+                tunnel.host, tunnel.port
+            ));
+            return pipeline::refuse_tunnel(&state, &snap, tunnel, tenant, r).await;
+        }
+    }
+    pipeline::handle_in_tunnel(state, req, tunnel).await
+}
+
+/// Pass a recorded TLS connection through to the tool host, untouched: the bytes read so far
+/// (the ClientHello) first, then both directions until either side closes.
+async fn splice<IO>(mut io: IO, mut up: tokio::net::TcpStream, first: &[u8])
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let up =
-        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(dst)).await;
-    let mut up = match up {
-        Ok(Ok(s)) => s,
-        _ => {
-            tracing::warn!(%dst, "passthrough upstream unreachable");
-            return;
-        }
-    };
     if up.write_all(first).await.is_err() {
         return;
     }

@@ -57,6 +57,11 @@ struct Setup {
 }
 
 fn setup(extra_tools: &str, extra: &str) -> Setup {
+    setup_with_server(extra_tools, extra, "")
+}
+
+/// `server_extra` is appended inside the `server:` mapping (e.g. `, idleTimeout: 1s`).
+fn setup_with_server(extra_tools: &str, extra: &str, server_extra: &str) -> Setup {
     let pki = TestPki::new();
     let up = Upstream::start_tls(&pki);
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +79,7 @@ tools:
 tls:
   extraCaFile: {upstream_ca}
   intercept: {{caCert: {ca_cert}, caKey: {ca_key}}}
-server: {{connectPorts: [{port}], headerReadTimeout: 1s}}
+server: {{connectPorts: [{port}], headerReadTimeout: 1s{server_extra}}}
 audit: {{path: audit.jsonl}}
 {POLICY}
 {extra}
@@ -459,4 +464,182 @@ fn eventually_or(what: &str, s: &Setup, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out waiting for {what}: {}", s.proxy.log());
+}
+
+/// Issue 13, class 9: a request-line `CONNECT` inside an intercepted tunnel was decided as one
+/// path and sent upstream as `CONNECT host:port`. It is refused with a JSON 400, recorded and
+/// counted, and the upstream sees nothing.
+#[test]
+fn connect_inside_an_intercepted_tunnel_is_refused_recorded_and_counted() {
+    let s = setup("", "");
+    let port = s.up.addr.port();
+    let authority = format!("localhost:{port}");
+    let ca = std::fs::read_to_string(&s.ca_cert).unwrap();
+    for target in [authority.clone(), "evil.example.com:443".to_string()] {
+        let mut t = handshake(
+            tunnel(s.proxy.proxy, &authority),
+            &ca,
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        write!(
+            t,
+            "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nX-Tollgate-Tenant: acme\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let res = read_all(&mut t);
+        assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+        let body = &res[res.find("\r\n\r\n").unwrap() + 4..];
+        let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {res}"));
+        assert_eq!(json["error"], "bad_request", "{json}");
+        assert!(
+            json["reason"].as_str().unwrap().contains("inside a tunnel"),
+            "{json}"
+        );
+    }
+    // The tunnel still serves ordinary requests after a refused CONNECT on another one.
+    let mut ok = handshake(
+        tunnel(s.proxy.proxy, &authority),
+        &ca,
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    write!(ok, "POST /v1/refunds HTTP/1.1\r\nHost: {authority}\r\nX-Tollgate-Tenant: acme\r\nContent-Type: application/json\r\nContent-Length: 13\r\nConnection: close\r\n\r\n{{\"amount\":10}}").unwrap();
+    assert!(read_all(&mut ok).starts_with("HTTP/1.1 200"));
+    let seen = s.up.seen();
+    assert_eq!(seen.len(), 1, "only the ordinary request reached the upstream");
+    assert_eq!(seen[0].method, "POST");
+    let refused_connects = || {
+        s.proxy
+            .audit()
+            .into_iter()
+            .filter(|r| r["method"] == "CONNECT" && r["reasons"].to_string().contains("inside a tunnel"))
+            .collect::<Vec<_>>()
+    };
+    eventually("the refused CONNECTs are recorded", || refused_connects().len() == 2);
+    for r in refused_connects() {
+        assert_eq!(r["decision"], "error", "{r}");
+        assert_eq!(r["tenant"], "acme", "{r}");
+        assert_eq!(r["via"], "connect", "{r}");
+        assert_eq!(r["status"], 400, "{r}");
+    }
+    let m = s.proxy.metrics();
+    assert!(
+        m.contains(r#"tollgate_tunnels_refused_total{reason="bad_request",via="connect"} 2"#),
+        "{m}"
+    );
+}
+
+/// The value of one series in a Prometheus text scrape (0 when absent).
+fn series(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Wait (bounded) for the peer to close `t`; true when it did.
+fn closed_by_peer(t: &mut TcpStream) -> bool {
+    t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match t.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Issue 13, class 10: a connection that sends nothing, or only the start of the HTTP/2
+/// preface (which the version sniffing waits on), is cut `headerReadTimeout` after accept.
+#[test]
+fn a_silent_connection_is_closed_at_the_header_read_timeout_from_accept() {
+    let s = setup("", "");
+    let mut silent = TcpStream::connect(s.proxy.proxy).unwrap();
+    let mut preface = TcpStream::connect(s.proxy.proxy).unwrap();
+    preface.write_all(b"PRI * HTTP/2").unwrap();
+    let mut head = TcpStream::connect(s.proxy.proxy).unwrap();
+    head.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    assert!(closed_by_peer(&mut silent), "a silent connection stays open");
+    assert!(closed_by_peer(&mut preface), "a half preface stays open");
+    assert!(closed_by_peer(&mut head), "a half request head stays open");
+    let m = s.proxy.metrics();
+    assert!(
+        series(&m, r#"tollgate_connections_closed_total{reason="header_timeout"}"#) >= 2.0,
+        "{m}"
+    );
+}
+
+/// HTTP/2 client: send one request on `io`, then wait (bounded) for the server to end the
+/// connection. Returns the response status and whether the connection ended.
+async fn h2_one_call_then_wait<IO>(io: IO, uri: &str) -> (u16, bool)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post(uri)
+        .header("x-tollgate-tenant", "acme")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"{\"amount\":10}",
+        )))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let _ = http_body_util::BodyExt::collect(res.into_body()).await;
+    // Keep the sender (the connection is only idle, not abandoned by the client).
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn).await.is_ok();
+    drop(sender);
+    (status, ended)
+}
+
+/// Issue 13, class 10: an idle HTTP/2 connection is reaped after `server.idleTimeout`, both
+/// h2c (prior knowledge) on the proxy listener and HTTP/2 inside an intercepted tunnel.
+#[test]
+fn idle_http2_connections_are_reaped() {
+    let s = setup_with_server("", "", ", idleTimeout: 1s");
+    let port = s.up.addr.port();
+    let authority = format!("localhost:{port}");
+    let ca = std::fs::read_to_string(&s.ca_cert).unwrap();
+    let proxy = s.proxy.proxy;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // h2c with prior knowledge, forward-proxy form.
+        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let (status, ended) =
+            h2_one_call_then_wait(tcp, &format!("http://{authority}/v1/payouts")).await;
+        assert_eq!(status, 403, "h2c call answered by the pipeline");
+        assert!(ended, "an idle h2c connection must be reaped");
+
+        // HTTP/2 (ALPN h2) inside a CONNECT tunnel.
+        let t = tunnel(proxy, &authority);
+        t.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(t).unwrap();
+        let mut cfg = (*tls_client(&ca)).clone();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (status, ended) =
+            h2_one_call_then_wait(tls, &format!("https://{authority}/v1/refunds")).await;
+        assert_eq!(status, 200, "h2 call in the tunnel allowed");
+        assert!(ended, "an idle HTTP/2 connection in a tunnel must be reaped");
+    });
+    assert_eq!(s.up.count(), 1);
+    let m = s.proxy.metrics();
+    assert!(
+        series(&m, r#"tollgate_connections_closed_total{reason="idle"}"#) >= 2.0,
+        "{m}"
+    );
 }

@@ -98,6 +98,29 @@ impl Netns {
         n
     }
 
+    /// Add another address on the host side, reachable from the namespace: a destination the
+    /// agent can pick that is no tool host. Unique per namespace (third octet `b + 1` is never
+    /// used by another namespace's /30).
+    fn add_host_address(&self) -> String {
+        let mut octets: Vec<u32> = self.host_ip.split('.').map(|o| o.parse().unwrap()).collect();
+        octets[2] += 1;
+        let ip = format!("{}.{}.{}.1", octets[0], octets[1], octets[2]);
+        must(&["ip", "addr", "add", &format!("{ip}/32"), "dev", &self.host_if]);
+        let ns_if = self.host_if.replacen("tgh", "tgn", 1);
+        must(&self.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &ns_if]));
+        ip
+    }
+
+    /// Add names to the namespace's /etc/hosts, all resolving to the host side.
+    fn add_hosts(&self, names: &[&str]) {
+        let path = format!("/etc/netns/{}/hosts", self.name);
+        let mut hosts = std::fs::read_to_string(&path).unwrap();
+        for n in names {
+            hosts.push_str(&format!("{} {n}\n", self.host_ip));
+        }
+        std::fs::write(&path, hosts).unwrap();
+    }
+
     fn exec<'a>(&'a self, rest: &[&'a str]) -> Vec<&'a str> {
         let mut v = vec!["ip", "netns", "exec", self.name.as_str()];
         v.extend_from_slice(rest);
@@ -395,6 +418,152 @@ policies:
                 && r["tool"] == "pay.charge"
                 && r["decision"] == "deny"
                 && r["scheme"] == "https"
+        })
+    });
+}
+
+/// Issue 13, class 8: transparent-mode TLS passthrough used to splice the agent's bytes to the
+/// packet's original destination, so an agent could name a passthrough tool in the SNI and
+/// send the connection anywhere; and it checked neither kill switch nor tenant. Now the
+/// upstream is the tool host the SNI named, dialled by name, after the same host-level gate as
+/// a CONNECT passthrough.
+#[test]
+fn transparent_passthrough_reaches_the_sni_host_after_the_host_level_gate() {
+    let ns = Netns::new();
+    ns.add_hosts(&["vault.tollgate.test", "frozen.tollgate.test"]);
+    let decoy_ip = ns.add_host_address();
+    let pki = TestPki::with_names(&["vault.tollgate.test", "frozen.tollgate.test"]);
+    let vault = Upstream::start_on(&format!("{}:0", ns.host_ip), Some(&pki));
+    let pv = vault.addr.port();
+    // Same port, another address: where the agent points its packets.
+    let decoy = Upstream::start_on(&format!("{decoy_ip}:{pv}"), Some(&pki));
+    let frozen = Upstream::start_on(&format!("{}:0", ns.host_ip), Some(&pki));
+    let pf = frozen.addr.port();
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&upstream_ca, &pki.ca_pem).unwrap();
+    let _ = std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    );
+    let (admin_port, tport) = (free_port(), free_port());
+    let config = format!(
+        r#"
+listen: {{proxy: "127.0.0.1:{pp}", admin: "{ns_ip}:{admin_port}", transparent: "0.0.0.0:{tport}"}}
+agent: {{name: support, tenants: [acme]}}
+tools:
+  - name: vault.read
+    match: {{host: "vault.tollgate.test:{pv}"}}
+    passthrough: true
+  - name: frozen.read
+    match: {{host: "frozen.tollgate.test:{pf}"}}
+    passthrough: true
+killSwitches:
+  - {{name: freeze, scope: {{tool: frozen.read}}, engaged: true, reason: INC-7}}
+audit: {{path: audit.jsonl}}
+"#,
+        pp = free_port(),
+        ns_ip = ns.ns_ip,
+    );
+    let proxy_addr = format!("{}:{tport}", ns.ns_ip).parse().unwrap();
+    let admin = format!("{}:{admin_port}", ns.ns_ip).parse().unwrap();
+    let exe = ns.exec(&[]);
+    let proxy = TestProxy::start_custom(dir, &config, proxy_addr, admin, &exe, &[]);
+    let exe_path = bin("tollgate-proxy").display().to_string();
+    let (tp, ap, ports) = (
+        tport.to_string(),
+        admin_port.to_string(),
+        format!("{pv},{pf}"),
+    );
+    let mut apply = ns.exec(&[&exe_path, "iptables", "--apply"]);
+    apply.extend_from_slice(&[
+        "--proxy-uid",
+        "0",
+        "--to-port",
+        &tp,
+        "--admin-port",
+        &ap,
+        "--ports",
+        &ports,
+        "--no-ipv6",
+    ]);
+    must(&apply);
+    let ca_arg = upstream_ca.display().to_string();
+
+    // By name: passed through untouched (the agent verifies the upstream's own certificate).
+    let vault_url = format!("https://vault.tollgate.test:{pv}/secret");
+    let (code, body) = agent_curl(&ns, &["--cacert", &ca_arg, &vault_url]);
+    assert_eq!(code, 200, "{body}\n{}", proxy.log());
+    assert_eq!(vault.count(), 1);
+
+    // The SNI names the passthrough host, the packets go to another address: the sidecar
+    // dials the tool host, so the decoy sees nothing.
+    let resolve = format!("vault.tollgate.test:{pv}:{decoy_ip}");
+    let (code, body) = agent_curl(&ns, &["--cacert", &ca_arg, "--resolve", &resolve, &vault_url]);
+    assert_eq!(code, 200, "{body}\n{}", proxy.log());
+    assert_eq!(decoy.count(), 0, "the agent-chosen destination received the tunnel");
+    assert_eq!(vault.count(), 2);
+
+    // A kill switch covering a passthrough tool stops its tunnel before any byte is forwarded.
+    let frozen_url = format!("https://frozen.tollgate.test:{pf}/secret");
+    let (code, _) = agent_curl(&ns, &["--cacert", &ca_arg, &frozen_url]);
+    assert_eq!(code, 0, "a killed passthrough tunnel is cut");
+    assert_eq!(frozen.count(), 0);
+
+    let records_hold = || {
+        let recs = proxy.audit();
+        let passed = recs
+            .iter()
+            .filter(|r| {
+                r["passthrough"] == true
+                    && r["via"] == "transparent"
+                    && r["tool"] == "vault.read"
+                    && r["tenant"] == "acme"
+                    && r["host"] == "vault.tollgate.test"
+            })
+            .count();
+        let killed = recs.iter().any(|r| {
+            r["via"] == "transparent"
+                && r["decision"] == "killed"
+                && r["tenant"] == "acme"
+                && r["reasons"].to_string().contains("freeze")
+                && r["host"] == "frozen.tollgate.test"
+        });
+        passed == 2 && killed
+    };
+    for _ in 0..200 {
+        if records_hold() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(records_hold(), "{:#?}", proxy.audit());
+    let m = proxy.metrics();
+    assert!(
+        m.contains(r#"tollgate_tunnels_refused_total{reason="killed",via="transparent"} 1"#),
+        "{m}"
+    );
+
+    // An agent with several tenants: an opaque tunnel cannot say which, so it is refused.
+    let version = |p: &TestProxy| {
+        tollgate_tests::harness::get(p.admin, "/config")
+            .map(|r| r.json()["version"].clone())
+            .unwrap_or_default()
+    };
+    let before = version(&proxy);
+    let tmp = proxy.dir.path().join("tollgate.yaml.tmp");
+    std::fs::write(&tmp, config.replace("tenants: [acme]", "tenants: [acme, globex]")).unwrap();
+    std::fs::rename(&tmp, proxy.config_path()).unwrap();
+    eventually("the two-tenant config is loaded", || version(&proxy) != before);
+    let (code, _) = agent_curl(&ns, &["--cacert", &ca_arg, &vault_url]);
+    assert_eq!(code, 0, "an ambiguous tenant is refused");
+    assert_eq!(vault.count(), 2);
+    eventually("the tenant refusal is recorded", || {
+        proxy.audit().iter().any(|r| {
+            r["via"] == "transparent"
+                && r["decision"] != "allow"
+                && r["reasons"].to_string().contains("carries no X-Tollgate-Tenant")
         })
     });
 }

@@ -647,9 +647,24 @@ pub struct LimitsConfig {
     /// `local` (default) or `redis`.
     #[serde(default)]
     pub backend: LimitsBackend,
-    /// Redis URL (`redis://`, `rediss://`, `redis+sentinel://`).
+    /// Redis URL of a single node (`redis://`, `rediss://`).
     #[serde(default)]
     pub url: Option<String>,
+    /// Redis Sentinel instead of `url`: the sentinels are asked for the primary.
+    #[serde(default)]
+    pub sentinel: Option<RedisSentinelConfig>,
+    /// Redis Cluster instead of `url`: seed nodes; the slot map is discovered.
+    #[serde(default)]
+    pub cluster: Option<RedisClusterConfig>,
+    /// Hash tag of every limits key (default `tg`): all keys of one reservation share it, so
+    /// they live in one Cluster slot. Sidecars that share budgets must use the same tag.
+    #[serde(default)]
+    pub hash_tag: Option<String>,
+    /// Replicas that must acknowledge a budget reservation (Redis `WAIT`) before the call is
+    /// forwarded (default 0). With 1 or more, a reservation survives the loss of its primary;
+    /// one that is not acknowledged in time is released and handled as `onUnavailable`.
+    #[serde(default)]
+    pub min_replicas: u32,
     /// When Redis is unreachable: `deny` (default) or `local`.
     #[serde(default)]
     pub on_unavailable: OnUnavailable,
@@ -662,6 +677,24 @@ pub struct LimitsConfig {
     /// Require an `Idempotency-Key` on mutating calls to tools with `risk.reversible: false`.
     #[serde(default)]
     pub require_idempotency_key_for_irreversible: bool,
+}
+
+/// `limits.sentinel`: Redis Sentinel.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisSentinelConfig {
+    /// Sentinel URLs (`redis://host:26379`), asked in turn.
+    pub urls: Vec<String>,
+    /// The monitored primary's name (`sentinel monitor NAME ...`).
+    pub master_name: String,
+}
+
+/// `limits.cluster`: Redis Cluster.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisClusterConfig {
+    /// Seed node URLs (`redis://host:7000`); credentials are taken from the first.
+    pub urls: Vec<String>,
 }
 
 /// Limits backend kind.
@@ -800,6 +833,10 @@ pub struct ServerConfig {
     /// Ports a CONNECT may target (default [443]).
     #[serde(default)]
     pub connect_ports: Vec<u16>,
+    /// An agent connection (HTTP/1 keep-alive, h2c, HTTP/2 in a tunnel) with no request in
+    /// flight for this long is closed gracefully (default 60s).
+    #[serde(default)]
+    pub idle_timeout: Option<ConfigDuration>,
 }
 
 /// The JSON Schema of [`Config`], as published in `proxy/config.schema.json`.

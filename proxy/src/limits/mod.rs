@@ -168,13 +168,7 @@ impl Limits {
     pub fn new(cfg: &LimitsConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
         let redis = match cfg.backend {
             LimitsBackend::Local => None,
-            LimitsBackend::Redis => {
-                let url = cfg
-                    .url
-                    .as_deref()
-                    .ok_or("limits.url is required with backend: redis")?;
-                Some(redis_store::RedisStore::new(url)?)
-            }
+            LimitsBackend::Redis => Some(redis_store::RedisStore::new(cfg)?),
         };
         let idempotency = crate::idempotency::Idempotency::new(
             redis.as_ref().map(redis_store::RedisStore::conn),
@@ -228,6 +222,14 @@ impl Limits {
         if e.0 != CIRCUIT_OPEN {
             self.trip();
         }
+        let action = match self.on_unavailable {
+            OnUnavailable::Deny => "deny",
+            OnUnavailable::Local => "local",
+        };
+        self.metrics
+            .limits_unavailable
+            .with_label_values(&[action])
+            .inc();
         match self.on_unavailable {
             OnUnavailable::Deny => {
                 tracing::error!(error = %e, op, "limits backend (redis) unavailable; refusing (limits.onUnavailable: deny)");
