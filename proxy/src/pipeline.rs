@@ -72,6 +72,8 @@ pub struct CallContext {
     pub shadow_reasons: Vec<String>,
     /// What Rego decided, once it ran.
     pub policy_decision: &'static str,
+    /// The redacted input as the decision record wrote it; the outcome record reuses it.
+    pub recorded_input: Option<crate::redact::RecordedInput>,
 }
 
 impl CallContext {
@@ -97,6 +99,7 @@ impl CallContext {
             policy_us: 0,
             shadow_reasons: Vec::new(),
             policy_decision: "",
+            recorded_input: None,
         }
     }
 }
@@ -798,7 +801,7 @@ fn approval_call<'k>(
             tool: tool.name().to_string(),
             target: format!("{} {}", target.method, target.uri()),
             reasons: reasons.to_vec(),
-            input_preview: crate::redact::redact_input(&ctx.input, &snap.raw.audit.redaction),
+            input_preview: snap.redactor.redact_input(&ctx.input),
         },
         reasons: reasons.to_vec(),
         now,
@@ -948,6 +951,7 @@ async fn forward_call(
     }
     // The decision record must be durable before anything leaves the pod.
     let rec = record(&snap, &ctx, Phase::Decision, decision, reasons.clone(), 0);
+    ctx.recorded_input = Some(rec.input.clone());
     if let Err(r) = write_record(&state, &snap, rec).await {
         settle(&state, &ctx, None).await;
         release_idem(&state, &ctx).await;
@@ -1306,7 +1310,10 @@ fn record(
             upstream: 0,
         },
         trace_id: ctx.trace_id.clone(),
-        input: crate::redact::redact_input(&ctx.policy_input, &snap.raw.audit.redaction),
+        input: match &ctx.recorded_input {
+            Some(recorded) => recorded.clone(),
+            None => snap.redactor.record_input(&ctx.policy_input),
+        },
         ..Default::default()
     }
 }

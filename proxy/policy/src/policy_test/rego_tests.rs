@@ -40,7 +40,7 @@ pub fn run(
     });
     engine.add_policy(
         "tollgate/base.rego".into(),
-        crate::policy::BASE_MODULE.into(),
+        crate::BASE_MODULE.into(),
     )?;
     for (name, src) in modules.iter().chain(tests) {
         engine
