@@ -70,7 +70,10 @@ fn policy(c: &mut Criterion) {
     let snap = snapshot(0);
     let doc = input_doc(&snap);
     let mut g = c.benchmark_group("policy");
-    assert!(snap.policy.on_rvm(), "the shipped library compiles for the RVM");
+    assert!(
+        snap.policy.on_rvm(),
+        "the shipped library compiles for the RVM"
+    );
     // What the proxy runs per call: the RVM, one VM per thread, input converted by reference.
     g.bench_function("shipped_library", |b| {
         b.iter(|| snap.policy.evaluate(black_box(&doc)).unwrap())

@@ -86,16 +86,18 @@ thread_local! {
 }
 
 impl RvmProgram {
-    fn compile(engine: &mut regorus::Engine, data: regorus::Value, timeout: Duration) -> Result<Self, String> {
+    fn compile(
+        engine: &mut regorus::Engine,
+        data: regorus::Value,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let entry: Arc<str> = ENTRY.into();
         let policy = engine
             .compile_with_entrypoint(&entry)
             .map_err(|e| e.to_string())?;
-        let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(
-            &policy,
-            &[ENTRY],
-        )
-        .map_err(|e| e.to_string())?;
+        let program =
+            regorus::languages::rego::compiler::Compiler::compile_from_policy(&policy, &[ENTRY])
+                .map_err(|e| e.to_string())?;
         let p = Self {
             id: NEXT_PROGRAM.fetch_add(1, Ordering::Relaxed),
             program,
@@ -273,8 +275,8 @@ impl PolicyBundle {
 /// with `request.body_strings` — every string value in `request.body`, at any depth, in
 /// document order — which the shipped library reads instead of calling `walk`.
 pub fn policy_value(input: &serde_json::Value) -> Result<regorus::Value, PolicyError> {
-    let mut v = regorus::Value::deserialize(input)
-        .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
+    let mut v =
+        regorus::Value::deserialize(input).map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
     if let Some(body) = input.pointer("/request/body") {
         let mut strings = Vec::new();
         string_leaves(body, &mut strings);

@@ -337,11 +337,7 @@ fn sync(st: &mut ChainState) -> std::io::Result<()> {
     Ok(())
 }
 
-fn commit(
-    st: &mut ChainState,
-    batch: &mut [AuditRecord],
-    stdout: bool,
-) -> Result<u64, AuditError> {
+fn commit(st: &mut ChainState, batch: &mut [AuditRecord], stdout: bool) -> Result<u64, AuditError> {
     st.maybe_rotate()
         .map_err(|e| AuditError::Io(e.to_string()))?;
     let (start_seq, start_prev) = (st.seq, st.prev.clone());
@@ -352,9 +348,7 @@ fn commit(
     let mut seq = st.seq;
     let mut prev = st.prev.clone();
     // Only a batch of outcome records alone may skip the fsync (module docs).
-    let durable = batch
-        .iter()
-        .any(|r| r.phase != Some(super::Phase::Outcome));
+    let durable = batch.iter().any(|r| r.phase != Some(super::Phase::Outcome));
     for r in batch.iter_mut() {
         seq += 1;
         r.seq = seq;
@@ -365,13 +359,10 @@ fn commit(
         prev = hex::encode(Sha256::digest(&buf[start..]));
         buf.push(b'\n');
     }
-    let res = st.file.write_all(&buf).and_then(|_| {
-        if durable {
-            st.file.sync_data()
-        } else {
-            Ok(())
-        }
-    });
+    let res =
+        st.file
+            .write_all(&buf)
+            .and_then(|_| if durable { st.file.sync_data() } else { Ok(()) });
     if let Err(e) = res {
         // The file may now hold a partial batch; re-read the head so the chain stays valid.
         if let Ok((s, p)) = last_link(&st.path) {
@@ -457,7 +448,10 @@ mod tests {
         );
         let mut buf = Vec::new();
         write_line(&mut buf, &mut r).unwrap();
-        assert_eq!(String::from_utf8(buf).unwrap(), serde_json::to_string(&r).unwrap());
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            serde_json::to_string(&r).unwrap()
+        );
         let mut empty = record(8, Phase::Outcome);
         let mut buf = Vec::new();
         write_line(&mut buf, &mut empty).unwrap();

@@ -262,7 +262,11 @@ impl Serialize for Top<'_> {
                 depth: 0,
             }
             .serialize(s),
-            other => Masked { v: other, r: self.r }.serialize(s),
+            other => Masked {
+                v: other,
+                r: self.r,
+            }
+            .serialize(s),
         }
     }
 }

@@ -112,4 +112,3 @@ pub fn redact_input(input: &Value, cfg: &RedactionConfig) -> Value {
     }
     redact_value(&v, cfg, &extra)
 }
-

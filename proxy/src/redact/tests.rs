@@ -217,7 +217,11 @@ fn documents_match_the_previous_implementation() {
         for cfg in configs() {
             let r = Redactor::new(&cfg);
             let want = oracle::redact_input(&doc, &cfg);
-            assert_eq!(r.redact_input(&doc), want, "document {i}: {doc} under {cfg:?}");
+            assert_eq!(
+                r.redact_input(&doc),
+                want,
+                "document {i}: {doc} under {cfg:?}"
+            );
             // The record's input is byte for byte what serialising the old tree gave.
             let recorded = r.record_input(&doc);
             assert_eq!(

@@ -15,7 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 
 #[derive(Parser, Debug)]
-#[command(name = "bare-proxy", about = "a bare hyper forward proxy (benchmark floor)")]
+#[command(
+    name = "bare-proxy",
+    about = "a bare hyper forward proxy (benchmark floor)"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long)]

@@ -158,7 +158,10 @@ fn curve_specs() -> Vec<(String, u64, Spec)> {
         out.push((
             "policy_modules".to_string(),
             n,
-            Spec::new(&format!("tollgate, {n} policy modules"), Kind::Tollgate(cfg)),
+            Spec::new(
+                &format!("tollgate, {n} policy modules"),
+                Kind::Tollgate(cfg),
+            ),
         ));
     }
     out
@@ -291,8 +294,7 @@ fn main() {
                 r["peak_rss_kib"] = json!(t.pid.map(load::vm_hwm_kib));
             }
             if use_callgrind {
-                r["instructions_per_request"] =
-                    instructions(&spec, &env, args.callgrind_requests);
+                r["instructions_per_request"] = instructions(&spec, &env, args.callgrind_requests);
             }
             curve_results.push(r);
         }

@@ -56,9 +56,7 @@ pub fn fixed_rate(t: &Target, rate: u64, conns: usize, secs: u64) -> (Histogram<
                     for (h, v) in &headers {
                         req = req.header(h, v);
                     }
-                    let req = req
-                        .body(Full::new(Bytes::from_static(BODY)))
-                        .unwrap();
+                    let req = req.body(Full::new(Bytes::from_static(BODY))).unwrap();
                     sent.fetch_add(1, Ordering::Relaxed);
                     match tx.send_request(req).await {
                         Ok(res) if res.status().is_success() => {
@@ -136,7 +134,6 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
-
 
 /// `VmRSS` now, in KiB.
 pub fn vm_rss_kib(pid: u32) -> u64 {

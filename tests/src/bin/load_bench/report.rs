@@ -138,16 +138,59 @@ pub fn budget(results: &[Value]) -> Value {
     };
     let mib = |t: Option<&Value>, f: &str| t?[f].as_f64().map(|k| k / 1024.0);
     let lines = vec![
-        ("pass-through CPU/request vs bare hyper", ratio(pass, "cpu_us_per_request"), 2.0, "x"),
-        ("pass-through instructions/request vs bare hyper", ratio(pass, "instructions_per_request"), 2.0, "x"),
-        ("full pipeline CPU/request vs bare hyper", ratio(full, "cpu_us_per_request"), 5.0, "x"),
-        ("full pipeline instructions/request vs bare hyper", ratio(full, "instructions_per_request"), 5.0, "x"),
-        ("full pipeline added p50 @1k/s (µs)", added("added_p50_us"), 100.0, ""),
-        ("full pipeline added p99 @1k/s (µs)", added("added_p99_us"), 300.0, ""),
-        ("full pipeline idle RSS (MiB)", mib(full, "idle_rss_kib"), 15.0, ""),
-        ("full pipeline peak RSS under load (MiB)", mib(full, "peak_rss_kib"), 50.0, ""),
+        (
+            "pass-through CPU/request vs bare hyper",
+            ratio(pass, "cpu_us_per_request"),
+            2.0,
+            "x",
+        ),
+        (
+            "pass-through instructions/request vs bare hyper",
+            ratio(pass, "instructions_per_request"),
+            2.0,
+            "x",
+        ),
+        (
+            "full pipeline CPU/request vs bare hyper",
+            ratio(full, "cpu_us_per_request"),
+            5.0,
+            "x",
+        ),
+        (
+            "full pipeline instructions/request vs bare hyper",
+            ratio(full, "instructions_per_request"),
+            5.0,
+            "x",
+        ),
+        (
+            "full pipeline added p50 @1k/s (µs)",
+            added("added_p50_us"),
+            100.0,
+            "",
+        ),
+        (
+            "full pipeline added p99 @1k/s (µs)",
+            added("added_p99_us"),
+            300.0,
+            "",
+        ),
+        (
+            "full pipeline idle RSS (MiB)",
+            mib(full, "idle_rss_kib"),
+            15.0,
+            "",
+        ),
+        (
+            "full pipeline peak RSS under load (MiB)",
+            mib(full, "peak_rss_kib"),
+            50.0,
+            "",
+        ),
     ];
-    println!("\n{:<50} {:>10} {:>8} {:>8}", "budget (issue 16)", "measured", "limit", "");
+    println!(
+        "\n{:<50} {:>10} {:>8} {:>8}",
+        "budget (issue 16)", "measured", "limit", ""
+    );
     let mut out = Vec::new();
     for (what, measured, limit, unit) in lines {
         let (m, verdict) = match measured {
@@ -157,7 +200,10 @@ pub fn budget(results: &[Value]) -> Value {
             ),
             None => ("-".to_string(), "not measured"),
         };
-        println!("{what:<50} {m:>10} {:>8} {verdict:>8}", format!("<= {limit}{unit}"));
+        println!(
+            "{what:<50} {m:>10} {:>8} {verdict:>8}",
+            format!("<= {limit}{unit}")
+        );
         out.push(json!({"what": what, "measured": measured, "limit": limit, "met": measured.map(|m| m <= limit)}));
     }
     println!("(shipped-policy evaluation <= 10 µs p50 is measured by `make bench`: policy/*)");
@@ -214,7 +260,12 @@ pub fn write_baseline(path: &Path, requests: u64, results: &[Value], curves: &[V
 }
 
 /// Compare with a baseline; false when a target grew more than `fail_over` percent.
-pub fn compare(path: &Path, results: &[Value], curves: &[Value], fail_over: f64) -> Result<bool, String> {
+pub fn compare(
+    path: &Path,
+    results: &[Value],
+    curves: &[Value],
+    fail_over: f64,
+) -> Result<bool, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     let base: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     let base = &base["instructions_per_request"];
