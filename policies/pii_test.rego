@@ -2,7 +2,7 @@ package tollgate_test
 
 import rego.v1
 
-macro(body) := {"tenant": {"id": "acme_co"}, "tool": {"name": "support.send_macro", "risk": {"financial": false, "reversible": false}, "labels": {"tollgate.dev/kind": "outbound-message"}}, "request": {"method": "POST", "path": "/", "headers": {}, "query": {}, "body": body}, "agent": {"name": "a", "labels": {}}}
+macro(body) := {"tenant": {"id": "acme_co"}, "tool": {"name": "support.send_macro", "risk": {"financial": false, "reversible": false}, "labels": {"tollgate.dev/kind": "outbound-message"}}, "request": {"method": "POST", "path": "/", "headers": {}, "query": {}, "body": body, "body_strings": [s | some s in body; is_string(s)]}, "agent": {"name": "a", "labels": {}}}
 
 test_email_denied if {
 	count(data.tollgate.deny) >= 1 with input as macro({"text": "write to a.b@example.org"})

@@ -29,9 +29,7 @@ pub mod passthrough;
 pub mod metering;
 pub mod metrics;
 pub mod pipeline;
-pub mod policy;
 pub mod policy_input;
-pub mod policy_test;
 pub mod redact;
 pub mod refusal;
 pub mod reload;
@@ -46,3 +44,8 @@ pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 pub mod upstream;
+
+/// The policy engine wrapper and decision types (the `tollgate-policy` crate).
+pub use tollgate_policy as policy;
+/// `policy test`: the offline runner (in the `tollgate-policy` crate).
+pub use tollgate_policy::policy_test;

@@ -19,24 +19,34 @@ pub const SECRET_HEADERS: &[&str] = &[
 ];
 
 /// Serialise JSON with object keys sorted, recursively: equal inputs hash equally however the
-/// agent ordered its keys.
+/// agent ordered its keys. Written straight from the value (no sorted copy of the tree).
 pub fn canonical_json(v: &Value) -> Vec<u8> {
-    fn sort(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                let mut out = Map::new();
-                for k in keys {
-                    out.insert(k.clone(), sort(&m[k]));
+    struct Sorted<'a>(&'a Value);
+    impl serde::Serialize for Sorted<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::{SerializeMap, SerializeSeq};
+            match self.0 {
+                Value::Object(m) => {
+                    let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+                    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                    let mut map = s.serialize_map(Some(entries.len()))?;
+                    for (k, v) in entries {
+                        map.serialize_entry(k, &Sorted(v))?;
+                    }
+                    map.end()
                 }
-                Value::Object(out)
+                Value::Array(a) => {
+                    let mut seq = s.serialize_seq(Some(a.len()))?;
+                    for x in a {
+                        seq.serialize_element(&Sorted(x))?;
+                    }
+                    seq.end()
+                }
+                other => other.serialize(s),
             }
-            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
-            other => other.clone(),
         }
     }
-    serde_json::to_vec(&sort(v)).unwrap_or_default()
+    serde_json::to_vec(&Sorted(v)).unwrap_or_default()
 }
 
 /// Hex sha256.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -846,6 +846,7 @@ fn start_zoo() -> Vec<Stack> {
 }
 
 #[test]
+#[ignore = "the canonical call is not yet wired into the request path (issue 13); run with `make differential`"]
 fn every_stack_executes_what_tollgate_decided() {
     let stacks = start_zoo();
     // Each stack answers directly before the corpus runs (the echo itself works).

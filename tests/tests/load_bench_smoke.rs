@@ -1,5 +1,5 @@
 //! The load benchmark runs end to end (`load-bench --smoke`: real nginx, real wrk, real
-//! Tollgate processes) and writes a complete report. It checks structure, never speed.
+//! Tollgate processes, the bare hyper proxy) and writes a complete report. It checks structure, never speed.
 
 use tollgate_tests::harness::bin;
 
@@ -22,9 +22,11 @@ fn load_bench_smoke_run_reports_every_target() {
         .iter()
         .map(|r| r["target"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(names.len(), 7, "{names:?}");
     assert_eq!(names[0], "direct");
     assert_eq!(names[1], "nginx");
+    assert_eq!(names[2], "bare hyper");
+    assert!(names.contains(&"tollgate pass-through"), "{names:?}");
     assert!(names.iter().any(|n| n.starts_with("tollgate full")));
     for r in results {
         assert!(r["max_rps"].as_f64().unwrap() > 0.0, "{r}");
@@ -39,4 +41,14 @@ fn load_bench_smoke_run_reports_every_target() {
         }
     }
     assert!(text.contains("vs nginx"), "prints the table: {text}");
+    // The ratios against the bare hyper proxy are printed next to the budget, and the CPU
+    // ratio of pass-through is computed (its value is not asserted: timing is not stable).
+    assert!(text.contains("budget (issue 16)"), "{text}");
+    let budget = v["budget"].as_array().unwrap();
+    let pass = budget
+        .iter()
+        .find(|b| b["what"] == "pass-through CPU/request vs bare hyper")
+        .unwrap();
+    assert!(pass["measured"].as_f64().unwrap() > 0.0, "{pass}");
+    assert_eq!(pass["limit"], 2.0);
 }

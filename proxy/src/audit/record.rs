@@ -114,6 +114,7 @@ pub struct AuditRecord {
     pub latency_us: AuditLatency,
     /// W3C trace id.
     pub trace_id: String,
-    /// The policy input, redacted, for replay.
-    pub input: serde_json::Value,
+    /// The policy input, redacted, for replay: serialised once per call, shared by its
+    /// decision and outcome records.
+    pub input: crate::redact::RecordedInput,
 }

@@ -1,8 +1,14 @@
 //! Group-committing, hash-chaining JSONL writer on its own thread.
 //!
-//! Callers send a record and await the acknowledgement; the writer drains whatever is queued,
+//! Callers queue a record and await the acknowledgement; the writer takes whatever is queued,
 //! chains and writes the batch, fsyncs once, then acknowledges the whole batch. So the disk is
 //! touched once per batch, not once per call, and no caller waits longer than one commit.
+//!
+//! The hand-off costs one lock per record and one wake-up per batch in each direction: only
+//! the record that finds the writer idle wakes it, and the writer wakes a batch's callers with
+//! one notification. A batch of only `outcome` records (which gate nothing: the call's decision
+//! record was durable before it was forwarded) is written without an fsync; the next batch
+//! that needs one, or the writer going idle for [`LAZY_SYNC`], makes it durable.
 
 use super::AuditRecord;
 use sha2::{Digest, Sha256};
@@ -10,9 +16,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Notify;
+
+/// How long written-but-unsynced outcome records may wait for an fsync when nothing else comes.
+pub const LAZY_SYNC: Duration = Duration::from_millis(20);
 
 /// `prev` of the first record of a new chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -28,15 +37,47 @@ pub enum AuditError {
     Stopped,
 }
 
-struct Pending {
-    record: AuditRecord,
-    ack: oneshot::Sender<Result<u64, AuditError>>,
+/// One batch's acknowledgement: set once by the writer, awaited by every record in it.
+#[derive(Default)]
+struct BatchAck {
+    /// Sequence number of the batch's first record, or why the batch failed.
+    done: OnceLock<Result<u64, AuditError>>,
+    notify: Notify,
+}
+
+/// What callers and the writer share.
+struct Queue {
+    records: Vec<AuditRecord>,
+    /// The acknowledgement of the records now queued.
+    batch: Arc<BatchAck>,
+    /// The writer is waiting for records: the next append wakes it.
+    writer_idle: bool,
+    /// Every handle is gone: the writer drains and stops.
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+/// Closes the queue when the last handle goes.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.0.queue.lock() {
+            q.closed = true;
+        }
+        self.0.wake.notify_one();
+    }
 }
 
 /// Handle to the audit writer.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<Pending>,
+    shared: Arc<Shared>,
+    _closer: Arc<Closer>,
     records: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
 }
@@ -50,28 +91,55 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         let state = ChainState::open(path, max_file_bytes)
             .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                records: Vec::with_capacity(256),
+                batch: Arc::default(),
+                writer_idle: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
         let records = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
-        let (r, e) = (records.clone(), errors.clone());
+        let (r, e, sh) = (records.clone(), errors.clone(), shared.clone());
         std::thread::Builder::new()
             .name("tollgate-audit".into())
-            .spawn(move || run(state, rx, stdout, r, e))
+            .spawn(move || run(state, &sh, stdout, r, e))
             .map_err(|e| AuditError::Io(e.to_string()))?;
         Ok(Self {
-            tx,
+            _closer: Arc::new(Closer(shared.clone())),
+            shared,
             records,
             errors,
         })
     }
 
-    /// Append a record and wait until it is durable. Returns its sequence number.
+    /// Append a record and wait until it is written — durable (fsynced) unless it is an
+    /// `outcome` record. Returns its sequence number.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        let (ack, rx) = oneshot::channel();
-        self.tx
-            .send(Pending { record, ack })
-            .map_err(|_| AuditError::Stopped)?;
-        rx.await.map_err(|_| AuditError::Stopped)?
+        let (batch, index) = {
+            let mut q = self.shared.queue.lock().map_err(|_| AuditError::Stopped)?;
+            if q.closed {
+                return Err(AuditError::Stopped);
+            }
+            q.records.push(record);
+            if q.writer_idle {
+                q.writer_idle = false;
+                self.shared.wake.notify_one();
+            }
+            (q.batch.clone(), q.records.len() as u64 - 1)
+        };
+        loop {
+            let notified = batch.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a notification in between is not missed.
+            notified.as_mut().enable();
+            if let Some(done) = batch.done.get() {
+                return done.clone().map(|first| first + index);
+            }
+            notified.await;
+        }
     }
 
     /// Records written so far.
@@ -92,6 +160,8 @@ struct ChainState {
     prev: String,
     size: u64,
     max_bytes: Option<u64>,
+    /// Written without an fsync since the last one.
+    unsynced: bool,
 }
 
 impl ChainState {
@@ -109,6 +179,7 @@ impl ChainState {
             prev,
             size,
             max_bytes,
+            unsynced: false,
         })
     }
 
@@ -182,20 +253,46 @@ pub fn line_hash(line: &str) -> String {
 
 fn run(
     mut st: ChainState,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
+    shared: &Shared,
     stdout: bool,
     records: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
 ) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(256);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < 4096 {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+    let mut spare: Vec<AuditRecord> = Vec::with_capacity(256);
+    loop {
+        let (mut batch, ack) = {
+            let Ok(mut q) = shared.queue.lock() else {
+                return;
+            };
+            while q.records.is_empty() {
+                if q.closed {
+                    let _ = sync(&mut st);
+                    return;
+                }
+                q.writer_idle = true;
+                if st.unsynced {
+                    // Idle with outcome records not yet synced: sync them soon.
+                    let Ok((g, timeout)) = shared.wake.wait_timeout(q, LAZY_SYNC) else {
+                        return;
+                    };
+                    q = g;
+                    if timeout.timed_out() && q.records.is_empty() {
+                        if let Err(e) = sync(&mut st) {
+                            tracing::error!(error = %e, path = %st.path.display(), "audit fsync failed");
+                        }
+                    }
+                } else {
+                    let Ok(g) = shared.wake.wait(q) else {
+                        return;
+                    };
+                    q = g;
+                }
             }
-        }
+            q.writer_idle = false;
+            let batch = std::mem::replace(&mut q.records, std::mem::take(&mut spare));
+            let ack = std::mem::take(&mut q.batch);
+            (batch, ack)
+        };
         let result = commit(&mut st, &mut batch, stdout);
         match &result {
             Ok(_) => {
@@ -208,17 +305,39 @@ fn run(
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        for (i, p) in batch.drain(..).enumerate() {
-            let r = match &result {
-                Ok(first_seq) => Ok(first_seq + i as u64),
-                Err(e) => Err(e.clone()),
-            };
-            let _ = p.ack.send(r);
-        }
+        let _ = ack.done.set(result);
+        ack.notify.notify_waiters();
+        batch.clear();
+        spare = batch;
     }
 }
 
-fn commit(st: &mut ChainState, batch: &mut [Pending], stdout: bool) -> Result<u64, AuditError> {
+/// One record as a JSON line (without the newline). The input, serialised once when the call
+/// was decided, is spliced in as it is: `input` is the record's last field, so the line is
+/// the record serialised with `"input":null` and that `null` replaced by the text.
+fn write_line(buf: &mut Vec<u8>, r: &mut AuditRecord) -> serde_json::Result<()> {
+    let input = std::mem::take(&mut r.input);
+    let res = serde_json::to_writer(&mut *buf, &*r);
+    if res.is_ok() {
+        const TAIL: &[u8] = b"null}";
+        debug_assert!(buf.ends_with(TAIL), "input is the last field of a record");
+        buf.truncate(buf.len() - TAIL.len());
+        buf.extend_from_slice(input.json().as_bytes());
+        buf.push(b'}');
+    }
+    r.input = input;
+    res
+}
+
+fn sync(st: &mut ChainState) -> std::io::Result<()> {
+    if st.unsynced {
+        st.file.sync_data()?;
+        st.unsynced = false;
+    }
+    Ok(())
+}
+
+fn commit(st: &mut ChainState, batch: &mut [AuditRecord], stdout: bool) -> Result<u64, AuditError> {
     st.maybe_rotate()
         .map_err(|e| AuditError::Io(e.to_string()))?;
     let (start_seq, start_prev) = (st.seq, st.prev.clone());
@@ -228,17 +347,22 @@ fn commit(st: &mut ChainState, batch: &mut [Pending], stdout: bool) -> Result<u6
         .unwrap_or_default();
     let mut seq = st.seq;
     let mut prev = st.prev.clone();
-    for p in batch.iter_mut() {
+    // Only a batch of outcome records alone may skip the fsync (module docs).
+    let durable = batch.iter().any(|r| r.phase != Some(super::Phase::Outcome));
+    for r in batch.iter_mut() {
         seq += 1;
-        p.record.seq = seq;
-        p.record.ts = ts.clone();
-        p.record.prev = prev.clone();
-        let line = serde_json::to_string(&p.record).map_err(|e| AuditError::Io(e.to_string()))?;
-        prev = line_hash(&line);
-        buf.extend_from_slice(line.as_bytes());
+        r.seq = seq;
+        r.ts.clone_from(&ts);
+        r.prev = prev;
+        let start = buf.len();
+        write_line(&mut buf, r).map_err(|e| AuditError::Io(e.to_string()))?;
+        prev = hex::encode(Sha256::digest(&buf[start..]));
         buf.push(b'\n');
     }
-    let res = st.file.write_all(&buf).and_then(|_| st.file.sync_data());
+    let res =
+        st.file
+            .write_all(&buf)
+            .and_then(|_| if durable { st.file.sync_data() } else { Ok(()) });
     if let Err(e) = res {
         // The file may now hold a partial batch; re-read the head so the chain stays valid.
         if let Ok((s, p)) = last_link(&st.path) {
@@ -253,9 +377,102 @@ fn commit(st: &mut ChainState, batch: &mut [Pending], stdout: bool) -> Result<u6
     st.size += buf.len() as u64;
     st.seq = seq;
     st.prev = prev;
+    st.unsynced = !durable;
     if stdout {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(&buf);
     }
     Ok(start_seq + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Phase;
+
+    fn record(call: usize, phase: Phase) -> AuditRecord {
+        AuditRecord {
+            phase: Some(phase),
+            call: format!("call_{call}"),
+            decision: "allow".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Many concurrent callers, batched: each gets its own sequence number, every number from
+    /// 1 to N is handed out once, and the file is a valid chain of exactly those records.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_get_distinct_seqs_and_a_valid_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, false, None).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let log = log.clone();
+            let phase = if i % 3 == 0 {
+                Phase::Outcome
+            } else {
+                Phase::Decision
+            };
+            tasks.push(tokio::spawn(async move {
+                (i, log.append(record(i, phase)).await.unwrap())
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        let mut only: Vec<u64> = seqs.iter().map(|(_, s)| *s).collect();
+        only.sort_unstable();
+        assert_eq!(only, (1..=400).collect::<Vec<u64>>());
+        assert_eq!(log.records_written(), 400);
+        let report = crate::audit::verify::verify(&[path.clone()]).unwrap();
+        assert!(report.ok(), "{report:?}");
+        // The line with seq N is the record that was acknowledged with N.
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for (i, seq) in seqs {
+            assert_eq!(lines[seq as usize - 1]["call"], format!("call_{i}"));
+        }
+    }
+
+    /// The spliced line is the record serialised as a whole.
+    #[test]
+    fn spliced_input_line_equals_the_serialised_record() {
+        let mut r = record(7, Phase::Decision);
+        r.input = crate::redact::RecordedInput::from(
+            &serde_json::json!({"request": {"body": {"amount": 1.5, "text": "a\"b"}}, "version": 1}),
+        );
+        let mut buf = Vec::new();
+        write_line(&mut buf, &mut r).unwrap();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            serde_json::to_string(&r).unwrap()
+        );
+        let mut empty = record(8, Phase::Outcome);
+        let mut buf = Vec::new();
+        write_line(&mut buf, &mut empty).unwrap();
+        assert!(buf.ends_with(b"\"input\":null}"));
+    }
+
+    /// An outcome-only batch is written (readable, chained) and acknowledged; the writer
+    /// syncs it when idle, and a dropped log still leaves every record in the file.
+    #[tokio::test]
+    async fn outcome_records_are_written_and_the_chain_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        {
+            let log = AuditLog::open(&path, false, None).unwrap();
+            assert_eq!(log.append(record(1, Phase::Outcome)).await.unwrap(), 1);
+            assert_eq!(log.append(record(2, Phase::Decision)).await.unwrap(), 2);
+            assert_eq!(log.append(record(3, Phase::Outcome)).await.unwrap(), 3);
+        }
+        let log = AuditLog::open(&path, false, None).unwrap();
+        assert_eq!(log.append(record(4, Phase::Decision)).await.unwrap(), 4);
+        let report = crate::audit::verify::verify(&[path]).unwrap();
+        assert!(report.ok(), "{report:?}");
+    }
 }

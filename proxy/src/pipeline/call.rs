@@ -32,6 +32,8 @@ pub struct Element {
     pub input_hash: String,
     /// The policy input, once built (redacted into the record).
     pub policy_input: Value,
+    /// The redacted input as the decision record wrote it; the outcome record reuses it.
+    pub recorded: std::sync::OnceLock<crate::redact::RecordedInput>,
     /// What Rego decided, once it ran.
     pub policy_decision: &'static str,
     /// Policy evaluation time.
@@ -202,8 +204,12 @@ impl Call {
             },
             trace_id: self.trace_id.clone(),
             input: e
-                .map(|e| crate::redact::redact_input(&e.policy_input, &snap.audit.redaction))
-                .unwrap_or(Value::Null),
+                .map(|e| {
+                    e.recorded
+                        .get_or_init(|| snap.redactor.record_input(&e.policy_input))
+                        .clone()
+                })
+                .unwrap_or_default(),
             ..Default::default()
         }
     }

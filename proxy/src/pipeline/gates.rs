@@ -232,6 +232,7 @@ pub(super) async fn policy(
         e.policy_decision = ev.label();
         e.policy_us = ev.elapsed.as_micros() as u64;
         e.policy_input = ev.doc;
+        e.recorded = std::sync::OnceLock::new();
         if let Some(reasons) = gate(call, verdict)? {
             asks.push((i, reasons));
         }
@@ -280,10 +281,7 @@ async fn approval_gate(
             tool: tool.name().to_string(),
             target: format!("{} {}", target.method, target.uri()),
             reasons: reasons.to_vec(),
-            input_preview: crate::redact::redact_input(
-                &call.elements[i].input,
-                &snap.audit.redaction,
-            ),
+            input_preview: snap.redactor.redact_input(&call.elements[i].input),
         },
         reasons: reasons.to_vec(),
         now,

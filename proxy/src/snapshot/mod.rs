@@ -128,6 +128,8 @@ pub struct Snapshot {
     pub upstreams: HashMap<String, Upstream>,
     /// Compiled policy.
     pub policy: PolicyBundle,
+    /// Compiled audit redaction (`audit.redaction`).
+    pub redactor: crate::redact::Redactor,
     /// Engaged kill switches.
     pub kill_switches: Vec<KillSwitchConfig>,
     /// Body limit.
@@ -262,6 +264,7 @@ impl Snapshot {
             tool_index,
             upstreams,
             policy,
+            redactor: crate::redact::Redactor::new(&raw.audit.redaction),
             kill_switches: raw
                 .kill_switches
                 .iter()

@@ -1,6 +1,6 @@
-//! Redaction of what is recorded and logged: credentials and auth headers are removed, and
-//! emails, card numbers (Luhn-checked), SSNs, phone numbers and bearer tokens in string values
-//! are masked. `input_hash` is computed before this, on the unredacted canonical input.
+//! The redaction implementation before issue 16, kept verbatim as the test oracle: the
+//! compiled [`super::Redactor`] must produce exactly what this produces (see `tests.rs`).
+//! Five `replace_all` passes per string, patterns recompiled per call, a cloned tree.
 
 use crate::config::RedactionConfig;
 use regex::Regex;
@@ -49,7 +49,7 @@ pub fn redact_str(s: &str, cfg: &RedactionConfig, extra: &[Regex]) -> String {
 }
 
 /// Luhn checksum of a digit string.
-pub fn luhn(digits: &str) -> bool {
+fn luhn(digits: &str) -> bool {
     if digits.len() < 13 || digits.len() > 19 {
         return false;
     }
@@ -111,39 +111,4 @@ pub fn redact_input(input: &Value, cfg: &RedactionConfig) -> Value {
         }
     }
     redact_value(&v, cfg, &extra)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn pii_is_masked() {
-        let cfg = RedactionConfig::default();
-        let s = redact_str("mail jane.doe@example.com card 4242 4242 4242 4242 ssn 123-45-6789 call (555) 123-4567 key sk_live_abcdefghijkl", &cfg, &[]);
-        assert!(!s.contains("jane.doe"), "{s}");
-        assert!(!s.contains("4242 4242"), "{s}");
-        assert!(!s.contains("123-45-6789"), "{s}");
-        assert!(!s.contains("123-4567"), "{s}");
-        assert!(!s.contains("sk_live_abcdefghijkl"), "{s}");
-        // Not a valid Luhn number: an order id stays readable.
-        assert!(redact_str("order 1234567812345678", &cfg, &[]).contains("1234567812345678"));
-    }
-
-    #[test]
-    fn fields_and_headers_are_dropped() {
-        let cfg = RedactionConfig {
-            fields: vec!["password".into()],
-            headers: vec!["X-Secret".into()],
-            ..Default::default()
-        };
-        let v = redact_input(
-            &json!({"request": {"headers": {"x-secret": "s", "authorization": "Bearer x", "accept": "a"}, "body": {"password": "hunter2", "n": 1}}}),
-            &cfg,
-        );
-        assert_eq!(v["request"]["headers"], json!({"accept": "a"}));
-        assert_eq!(v["request"]["body"]["password"], "[REDACTED]");
-        assert_eq!(v["request"]["body"]["n"], 1);
-    }
 }

@@ -9,7 +9,7 @@
 //! ```
 
 use super::CaseResult;
-use crate::policy::PolicyBundle;
+use crate::PolicyBundle;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -74,9 +74,19 @@ pub fn run(
         let data = if c.data.is_null() { json!({}) } else { c.data };
         let mut input = default_input();
         merge(&mut input, &c.input);
+        // The proxy's evaluator (the RVM) and the regorus Engine must agree on every case.
         let outcome = PolicyBundle::compile(modules, &data, Duration::from_secs(1))
             .map_err(|e| e.to_string())
-            .and_then(|b| b.evaluate(&input).map_err(|e| e.to_string()));
+            .and_then(|b| {
+                let d = b.evaluate(&input).map_err(|e| e.to_string())?;
+                if b.on_rvm() {
+                    let engine = b.evaluate_with_engine(&input).map_err(|e| e.to_string())?;
+                    if engine != d {
+                        return Err(format!("the RVM decided {d:?}, the Engine {engine:?}"));
+                    }
+                }
+                Ok(d)
+            });
         let (passed, message) = match outcome {
             Err(e) => (false, format!("error: {e}")),
             Ok(d) => {

@@ -1,12 +1,23 @@
-//! Embedded Rego (regorus): compiled once per snapshot, evaluated per call on a clone.
+//! Embedded Rego (regorus): compiled once per snapshot into an RVM program, evaluated per call
+//! on a VM kept per worker thread (no engine clone per call). A bundle the RVM cannot compile
+//! (a user module with a feature it lacks) is evaluated on a clone of the prepared `Engine`
+//! instead, and says so in the log. Both see the same input, plus what the proxy derives for
+//! policies: `input.request.body_strings`, every string in the body (see policies/README.md).
 //!
 //! The contract: `data.tollgate.deny` and `data.tollgate.require_approval` must each be a set
 //! of strings. Anything else — an evaluation error, the execution timer firing, a non-set or
 //! a non-string entry — is an error, and the pipeline turns every policy error into a deny.
 
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The rule every evaluation reads: both decision sets at once.
+const ENTRY: &str = "data.tollgate.tollgate_internal_decision";
 
 /// Always loaded, so both partial sets are defined even when no module adds to them.
 pub const BASE_MODULE: &str = r#"package tollgate
@@ -50,10 +61,83 @@ pub struct PolicyDecision {
 /// A compiled policy bundle.
 #[derive(Clone)]
 pub struct PolicyBundle {
+    /// Prepared engine: compile-time checks, and evaluation when `rvm` is `None`.
     engine: regorus::Engine,
+    rvm: Option<Arc<RvmProgram>>,
     hash: String,
     timeout: Duration,
     modules: usize,
+}
+
+/// The bundle compiled for the RVM, with what each thread's VM is loaded with.
+struct RvmProgram {
+    /// Unique per compiled bundle: a thread's VM is reloaded when the bundle changes.
+    id: u64,
+    program: Arc<regorus::rvm::program::Program>,
+    data: regorus::Value,
+    timeout: Duration,
+}
+
+static NEXT_PROGRAM: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// One VM per thread (tokio worker), loaded with the last bundle this thread evaluated.
+    static VM: RefCell<Option<(u64, regorus::rvm::RegoVM)>> = const { RefCell::new(None) };
+}
+
+impl RvmProgram {
+    fn compile(
+        engine: &mut regorus::Engine,
+        data: regorus::Value,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let entry: Arc<str> = ENTRY.into();
+        let policy = engine
+            .compile_with_entrypoint(&entry)
+            .map_err(|e| e.to_string())?;
+        let program =
+            regorus::languages::rego::compiler::Compiler::compile_from_policy(&policy, &[ENTRY])
+                .map_err(|e| e.to_string())?;
+        let p = Self {
+            id: NEXT_PROGRAM.fetch_add(1, Ordering::Relaxed),
+            program,
+            data,
+            timeout,
+        };
+        // Fail at load time, not per call, if the data does not fit the program.
+        p.vm()?;
+        Ok(p)
+    }
+
+    fn vm(&self) -> Result<regorus::rvm::RegoVM, String> {
+        let mut vm = regorus::rvm::RegoVM::new();
+        vm.load_program(self.program.clone());
+        vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
+        // The execution timer bounds an evaluation; the instruction cap is only a backstop.
+        vm.set_max_instructions(usize::MAX);
+        vm.set_execution_timer_config(Some(regorus::utils::limits::ExecutionTimerConfig {
+            limit: self.timeout,
+            check_interval: NonZeroU32::new(64).expect("non-zero"),
+        }));
+        Ok(vm)
+    }
+
+    fn eval(&self, input: regorus::Value) -> Result<regorus::Value, PolicyError> {
+        VM.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().map(|(id, _)| *id) != Some(self.id) {
+                *slot = Some((self.id, self.vm().map_err(PolicyError::Eval)?));
+            }
+            let (_, vm) = slot.as_mut().expect("loaded above");
+            vm.set_input(input);
+            let out = vm
+                .execute_entry_point_by_name(ENTRY)
+                .map_err(|e| PolicyError::Eval(e.to_string()));
+            // Do not keep the call's input alive in the thread's VM.
+            vm.set_input(regorus::Value::Null);
+            out
+        })
+    }
 }
 
 impl std::fmt::Debug for PolicyBundle {
@@ -101,10 +185,19 @@ impl PolicyBundle {
         };
         let data_obj = serde_json::json!({ "tollgate_config": data });
         hasher.update(serde_json::to_vec(&data_obj).unwrap_or_default());
+        let data_value = regorus::Value::from(data_obj);
         engine
-            .add_data(regorus::Value::from(data_obj))
+            .add_data(data_value.clone())
             .map_err(|e| PolicyError::Compile(e.to_string()))?;
+        let rvm = match RvmProgram::compile(&mut engine.clone(), data_value, timeout) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the policy bundle does not compile for the RVM; evaluating it on the slower regorus Engine");
+                None
+            }
+        };
         let mut bundle = Self {
+            rvm,
             engine,
             hash: hex::encode(hasher.finalize()),
             timeout,
@@ -139,29 +232,86 @@ impl PolicyBundle {
         self.timeout
     }
 
-    /// Evaluate on a clone of the prepared engine.
+    /// Whether evaluation runs on the RVM (false: on the regorus Engine).
+    pub fn on_rvm(&self) -> bool {
+        self.rvm.is_some()
+    }
+
+    /// Evaluate `input` (plus the derived fields) on this thread's VM, or on a clone of the
+    /// prepared engine when the bundle is not on the RVM.
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<PolicyDecision, PolicyError> {
         // Only the built-in module: nothing can deny or ask, so skip the engine.
         if self.modules == 0 {
             return Ok(PolicyDecision::default());
         }
-        self.evaluate_value(regorus::Value::from(input.clone()))
+        let input = policy_value(input)?;
+        match &self.rvm {
+            Some(p) => decision(&p.eval(input)?),
+            None => self.evaluate_on_engine(input),
+        }
     }
 
-    fn evaluate_value(&self, input: regorus::Value) -> Result<PolicyDecision, PolicyError> {
+    /// Evaluate on a clone of the prepared regorus Engine, whatever the bundle normally uses
+    /// (benchmarks and the RVM/Engine agreement test).
+    pub fn evaluate_with_engine(
+        &self,
+        input: &serde_json::Value,
+    ) -> Result<PolicyDecision, PolicyError> {
+        self.evaluate_on_engine(policy_value(input)?)
+    }
+
+    /// Evaluate on a clone of the prepared engine (the fallback).
+    fn evaluate_on_engine(&self, input: regorus::Value) -> Result<PolicyDecision, PolicyError> {
         let mut engine = self.engine.clone();
         engine.set_input(input);
         let v = engine
-            .eval_rule("data.tollgate.tollgate_internal_decision".to_string())
+            .eval_rule(ENTRY.to_string())
             .map_err(|e| PolicyError::Eval(e.to_string()))?;
-        Ok(PolicyDecision {
-            deny: strings(&v[&regorus::Value::from("deny")], "deny")?,
-            require_approval: strings(
-                &v[&regorus::Value::from("require_approval")],
-                "require_approval",
-            )?,
-        })
+        decision(&v)
     }
+}
+
+/// The policy input as regorus sees it: converted straight from the JSON tree (no copy of it),
+/// with `request.body_strings` — every string value in `request.body`, at any depth, in
+/// document order — which the shipped library reads instead of calling `walk`.
+pub fn policy_value(input: &serde_json::Value) -> Result<regorus::Value, PolicyError> {
+    let mut v =
+        regorus::Value::deserialize(input).map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
+    if let Some(body) = input.pointer("/request/body") {
+        let mut strings = Vec::new();
+        string_leaves(body, &mut strings);
+        if let Ok(obj) = v.as_object_mut() {
+            if let Some(req) = obj.get_mut(&regorus::Value::from("request")) {
+                if let Ok(req) = req.as_object_mut() {
+                    req.insert(
+                        regorus::Value::from("body_strings"),
+                        regorus::Value::from(strings),
+                    );
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+fn string_leaves(v: &serde_json::Value, out: &mut Vec<regorus::Value>) {
+    match v {
+        serde_json::Value::String(s) => out.push(regorus::Value::from(s.as_str())),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| string_leaves(x, out)),
+        serde_json::Value::Object(m) => m.values().for_each(|x| string_leaves(x, out)),
+        _ => {}
+    }
+}
+
+/// Both sets of the decision rule's result.
+fn decision(v: &regorus::Value) -> Result<PolicyDecision, PolicyError> {
+    Ok(PolicyDecision {
+        deny: strings(&v[&regorus::Value::from("deny")], "deny")?,
+        require_approval: strings(
+            &v[&regorus::Value::from("require_approval")],
+            "require_approval",
+        )?,
+    })
 }
 
 fn strings(v: &regorus::Value, rule: &'static str) -> Result<Vec<String>, PolicyError> {

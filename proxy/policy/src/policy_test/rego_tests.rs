@@ -38,10 +38,7 @@ pub fn run(
         limit: Duration::from_secs(2),
         check_interval: NonZeroU32::new(64).expect("non-zero"),
     });
-    engine.add_policy(
-        "tollgate/base.rego".into(),
-        crate::policy::BASE_MODULE.into(),
-    )?;
+    engine.add_policy("tollgate/base.rego".into(), crate::BASE_MODULE.into())?;
     for (name, src) in modules.iter().chain(tests) {
         engine
             .add_policy(name.clone(), src.clone())
