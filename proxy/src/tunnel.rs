@@ -253,8 +253,8 @@ pub async fn serve_tls<IO>(
                     return;
                 }
             };
-            let up = crate::passthrough::connect_tool_host(&snap, tool, &tunnel.host, tunnel.port)
-                .await;
+            let up =
+                crate::passthrough::connect_tool_host(&snap, tool, &tunnel.host, tunnel.port).await;
             let up = match up {
                 Ok(s) => s,
                 Err(r) => {
@@ -346,7 +346,11 @@ pub async fn serve_request(
         if let Some(snap) = state.snapshot.load_full() {
             let tenant = crate::identify::tenant(req.headers(), &snap).unwrap_or_default();
             let target = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-            let shown: String = target.chars().take(128).filter(|c| !c.is_control()).collect();
+            let shown: String = target
+                .chars()
+                .take(128)
+                .filter(|c| !c.is_control())
+                .collect();
             let r = Refusal::BadRequest(format!(
                 "CONNECT {shown} inside a tunnel to {}:{}; a tunnel carries requests for its own host only, open another tunnel instead",
                 tunnel.host, tunnel.port

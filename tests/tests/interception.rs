@@ -490,7 +490,8 @@ fn connect_inside_an_intercepted_tunnel_is_refused_recorded_and_counted() {
         let res = read_all(&mut t);
         assert!(res.starts_with("HTTP/1.1 400"), "{res}");
         let body = &res[res.find("\r\n\r\n").unwrap() + 4..];
-        let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {res}"));
+        let json: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {res}"));
         assert_eq!(json["error"], "bad_request", "{json}");
         assert!(
             json["reason"].as_str().unwrap().contains("inside a tunnel"),
@@ -507,16 +508,24 @@ fn connect_inside_an_intercepted_tunnel_is_refused_recorded_and_counted() {
     write!(ok, "POST /v1/refunds HTTP/1.1\r\nHost: {authority}\r\nX-Tollgate-Tenant: acme\r\nContent-Type: application/json\r\nContent-Length: 13\r\nConnection: close\r\n\r\n{{\"amount\":10}}").unwrap();
     assert!(read_all(&mut ok).starts_with("HTTP/1.1 200"));
     let seen = s.up.seen();
-    assert_eq!(seen.len(), 1, "only the ordinary request reached the upstream");
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the ordinary request reached the upstream"
+    );
     assert_eq!(seen[0].method, "POST");
     let refused_connects = || {
         s.proxy
             .audit()
             .into_iter()
-            .filter(|r| r["method"] == "CONNECT" && r["reasons"].to_string().contains("inside a tunnel"))
+            .filter(|r| {
+                r["method"] == "CONNECT" && r["reasons"].to_string().contains("inside a tunnel")
+            })
             .collect::<Vec<_>>()
     };
-    eventually("the refused CONNECTs are recorded", || refused_connects().len() == 2);
+    eventually("the refused CONNECTs are recorded", || {
+        refused_connects().len() == 2
+    });
     for r in refused_connects() {
         assert_eq!(r["decision"], "error", "{r}");
         assert_eq!(r["tenant"], "acme", "{r}");
@@ -563,12 +572,18 @@ fn a_silent_connection_is_closed_at_the_header_read_timeout_from_accept() {
     preface.write_all(b"PRI * HTTP/2").unwrap();
     let mut head = TcpStream::connect(s.proxy.proxy).unwrap();
     head.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
-    assert!(closed_by_peer(&mut silent), "a silent connection stays open");
+    assert!(
+        closed_by_peer(&mut silent),
+        "a silent connection stays open"
+    );
     assert!(closed_by_peer(&mut preface), "a half preface stays open");
     assert!(closed_by_peer(&mut head), "a half request head stays open");
     let m = s.proxy.metrics();
     assert!(
-        series(&m, r#"tollgate_connections_closed_total{reason="header_timeout"}"#) >= 2.0,
+        series(
+            &m,
+            r#"tollgate_connections_closed_total{reason="header_timeout"}"#
+        ) >= 2.0,
         "{m}"
     );
 }
@@ -597,7 +612,9 @@ where
     let status = res.status().as_u16();
     let _ = http_body_util::BodyExt::collect(res.into_body()).await;
     // Keep the sender (the connection is only idle, not abandoned by the client).
-    let ended = tokio::time::timeout(Duration::from_secs(30), conn).await.is_ok();
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .is_ok();
     drop(sender);
     (status, ended)
 }
@@ -634,7 +651,10 @@ fn idle_http2_connections_are_reaped() {
         let (status, ended) =
             h2_one_call_then_wait(tls, &format!("https://{authority}/v1/refunds")).await;
         assert_eq!(status, 200, "h2 call in the tunnel allowed");
-        assert!(ended, "an idle HTTP/2 connection in a tunnel must be reaped");
+        assert!(
+            ended,
+            "an idle HTTP/2 connection in a tunnel must be reaped"
+        );
     });
     assert_eq!(s.up.count(), 1);
     let m = s.proxy.metrics();

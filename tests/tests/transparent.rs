@@ -102,10 +102,21 @@ impl Netns {
     /// agent can pick that is no tool host. Unique per namespace (third octet `b + 1` is never
     /// used by another namespace's /30).
     fn add_host_address(&self) -> String {
-        let mut octets: Vec<u32> = self.host_ip.split('.').map(|o| o.parse().unwrap()).collect();
+        let mut octets: Vec<u32> = self
+            .host_ip
+            .split('.')
+            .map(|o| o.parse().unwrap())
+            .collect();
         octets[2] += 1;
         let ip = format!("{}.{}.{}.1", octets[0], octets[1], octets[2]);
-        must(&["ip", "addr", "add", &format!("{ip}/32"), "dev", &self.host_if]);
+        must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &self.host_if,
+        ]);
         let ns_if = self.host_if.replacen("tgh", "tgn", 1);
         must(&self.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &ns_if]));
         ip
@@ -500,9 +511,16 @@ audit: {{path: audit.jsonl}}
     // The SNI names the passthrough host, the packets go to another address: the sidecar
     // dials the tool host, so the decoy sees nothing.
     let resolve = format!("vault.tollgate.test:{pv}:{decoy_ip}");
-    let (code, body) = agent_curl(&ns, &["--cacert", &ca_arg, "--resolve", &resolve, &vault_url]);
+    let (code, body) = agent_curl(
+        &ns,
+        &["--cacert", &ca_arg, "--resolve", &resolve, &vault_url],
+    );
     assert_eq!(code, 200, "{body}\n{}", proxy.log());
-    assert_eq!(decoy.count(), 0, "the agent-chosen destination received the tunnel");
+    assert_eq!(
+        decoy.count(),
+        0,
+        "the agent-chosen destination received the tunnel"
+    );
     assert_eq!(vault.count(), 2);
 
     // A kill switch covering a passthrough tool stops its tunnel before any byte is forwarded.
@@ -553,9 +571,15 @@ audit: {{path: audit.jsonl}}
     };
     let before = version(&proxy);
     let tmp = proxy.dir.path().join("tollgate.yaml.tmp");
-    std::fs::write(&tmp, config.replace("tenants: [acme]", "tenants: [acme, globex]")).unwrap();
+    std::fs::write(
+        &tmp,
+        config.replace("tenants: [acme]", "tenants: [acme, globex]"),
+    )
+    .unwrap();
     std::fs::rename(&tmp, proxy.config_path()).unwrap();
-    eventually("the two-tenant config is loaded", || version(&proxy) != before);
+    eventually("the two-tenant config is loaded", || {
+        version(&proxy) != before
+    });
     let (code, _) = agent_curl(&ns, &["--cacert", &ca_arg, &vault_url]);
     assert_eq!(code, 0, "an ambiguous tenant is refused");
     assert_eq!(vault.count(), 2);
@@ -563,7 +587,9 @@ audit: {{path: audit.jsonl}}
         proxy.audit().iter().any(|r| {
             r["via"] == "transparent"
                 && r["decision"] != "allow"
-                && r["reasons"].to_string().contains("carries no X-Tollgate-Tenant")
+                && r["reasons"]
+                    .to_string()
+                    .contains("carries no X-Tollgate-Tenant")
         })
     });
 }

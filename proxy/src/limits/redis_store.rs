@@ -152,9 +152,9 @@ impl RedisConn {
             (Some(url), None, None) => Self::single(url),
             (None, Some(s), None) => Self::sentinel(&s.urls, &s.master_name),
             (None, None, Some(c)) => Self::cluster(&c.urls),
-            (None, None, None) => {
-                Err("backend: redis needs one of limits.url, limits.sentinel, limits.cluster".into())
-            }
+            (None, None, None) => Err(
+                "backend: redis needs one of limits.url, limits.sentinel, limits.cluster".into(),
+            ),
             _ => Err(
                 "limits.url, limits.sentinel and limits.cluster are alternatives; set exactly one"
                     .into(),
@@ -453,7 +453,7 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let acked: i64 = redis::cmd("WAIT")
             .arg(self.min_replicas)
-            .arg(TIMEOUT.as_millis() as u64)
+            .arg((TIMEOUT / 2).as_millis() as u64)
             .query_async(&mut conn)
             .await
             .map_err(err)?;
