@@ -1,5 +1,5 @@
 # Tollgate developer entry points. `make demo` and `make test` are the README's two commands.
-.PHONY: demo test deps build lint generate check-generated bench load-bench soak
+.PHONY: demo test deps build lint generate check-generated bench load-bench soak fuzz-smoke
 
 # Run the standalone demo (a proxy, stand-in APIs and a scripted agent).
 demo:
@@ -8,6 +8,7 @@ demo:
 # Everything the tests need, then the whole suite. CI runs exactly this (see .ci/run).
 test: deps build
 	cargo nextest run --workspace --no-fail-fast
+	$(MAKE) fuzz-smoke
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
@@ -27,6 +28,10 @@ generate:
 		mkdir -p charts/tollgate/files/crds && cp crds/*.yaml charts/tollgate/files/crds/; \
 	fi
 	@mkdir -p charts/tollgate/files/policies && find policies -maxdepth 1 -name '*.rego' ! -name '*_test.rego' -exec cp {} charts/tollgate/files/policies/ \;
+
+# A bounded coverage-guided libFuzzer run of every fuzz target (FUZZ_SECONDS each, default 10).
+fuzz-smoke:
+	bash .ci/fuzz-smoke.sh
 
 # Criterion micro-benchmarks.
 bench:

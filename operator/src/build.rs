@@ -94,6 +94,7 @@ fn tool_config(t: &Tool) -> ToolConfig {
         labels: t.labels().clone(),
         require_idempotency_key: s.require_idempotency_key,
         passthrough: s.passthrough,
+        request: s.request.clone(),
     }
 }
 
@@ -213,6 +214,7 @@ pub fn build_agent(world: &World, id: &AgentIdentity) -> Result<Config, Vec<Stri
             over_budget: id.spec.over_budget,
             max_staleness: id.spec.max_staleness,
             fail_open: id.spec.fail_open,
+            runs: Default::default(),
         },
         tools,
         tenants,

@@ -201,6 +201,10 @@ pub struct ToolSpec {
     /// TLS passthrough (host-level policy only).
     #[serde(default)]
     pub passthrough: bool,
+    /// Canonical-call options (body mode, path matching, meaning-carrying and forwarded
+    /// headers, Idempotency-Key forwarding).
+    #[serde(default)]
+    pub request: tollgate_proxy::config::RequestOptions,
 }
 
 /// A Rego module.

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz` (ready once a valid config is
-//! loaded and, under an operator, while it is not stale), `/config` (version and hash, never secrets).
+//! loaded and, under an operator, while it is not stale), `/config` (version and hash, never
+//! secrets), `POST /runs` (start a run).
 
 use crate::state::ProxyState;
 use crate::upstream::{full, ResBody};
@@ -53,6 +54,25 @@ async fn route(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Resp
             text(200, "text/plain; version=0.0.4", state.metrics.render())
         }
         ("GET", "/healthz") => text(200, "text/plain", "ok\n"),
+        // Start a run: a fresh signed run id (the same an agent gets by omitting
+        // X-Tollgate-Run, so it grants nothing new; with `agent.runs.source: orchestrator`,
+        // refused here too — the orchestrator signs its own with the shared key).
+        ("POST", "/runs") => match &*state.snapshot.load() {
+            Some(s) if s.agent.runs.source == crate::config::RunSource::Sidecar => {
+                let run = crate::identify::mint(&s.agent.runs);
+                text(
+                    200,
+                    "application/json",
+                    serde_json::json!({ "run": run }).to_string(),
+                )
+            }
+            Some(_) => text(
+                403,
+                "application/json",
+                r#"{"error":"runs_started_by_orchestrator"}"#,
+            ),
+            None => text(503, "application/json", r#"{"error":"config_unavailable"}"#),
+        },
         ("GET", "/readyz") => match &*state.snapshot.load() {
             // Stale (operator mode, no confirmation within maxStaleness): calls fail closed,
             // so the pod is not ready either.

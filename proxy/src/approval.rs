@@ -119,6 +119,7 @@ pub struct ApprovalStore {
     inner: Mutex<HashMap<String, ApprovalRequest>>,
     used_grants: Mutex<std::collections::HashSet<String>>,
     changed: watch::Sender<u64>,
+    evicted: Option<prometheus::IntCounterVec>,
     recorder: std::sync::OnceLock<UseRecorder>,
 }
 
@@ -128,8 +129,51 @@ impl Default for ApprovalStore {
             inner: Mutex::default(),
             used_grants: Mutex::default(),
             changed: watch::channel(0).0,
+            evicted: None,
             recorder: std::sync::OnceLock::new(),
         }
+    }
+}
+
+/// Most pending approval requests one sidecar (one agent) holds by default.
+pub const DEFAULT_MAX_PENDING: usize = 100;
+
+impl ApprovalStore {
+    /// A store that counts evictions in `tollgate_approvals_evicted_total{reason}`.
+    pub fn counted(evicted: prometheus::IntCounterVec) -> Self {
+        Self {
+            evicted: Some(evicted),
+            ..Self::default()
+        }
+    }
+
+    /// Drop what no call can use any more: expired requests, and approvals already used
+    /// when grants are single-use. Returns how many are still pending.
+    fn evict(
+        &self,
+        map: &mut HashMap<String, ApprovalRequest>,
+        now: &str,
+        single_use: bool,
+    ) -> usize {
+        let (mut expired, mut decided) = (0u64, 0u64);
+        map.retain(|_, r| {
+            if r.expires_at.as_str() <= now {
+                expired += 1;
+                false
+            } else if r.used && single_use {
+                decided += 1;
+                false
+            } else {
+                true
+            }
+        });
+        if let Some(m) = &self.evicted {
+            m.with_label_values(&["expired"]).inc_by(expired);
+            m.with_label_values(&["decided"]).inc_by(decided);
+        }
+        map.values()
+            .filter(|r| r.state == ApprovalState::Pending)
+            .count()
     }
 }
 
@@ -340,15 +384,9 @@ impl ApprovalStore {
     ) -> Result<Granted, Refusal> {
         let now = rfc(call.now);
         // Operator-delivered decisions first.
-        if let Some(g) = snap
-            .raw
-            .approvals
-            .granted
-            .iter()
-            .find(|g| g.key == call.key)
-        {
+        if let Some(g) = snap.approvals.granted.iter().find(|g| g.key == call.key) {
             check_grant(g, &now)?;
-            if snap.raw.approvals.single_use
+            if snap.approvals.single_use
                 && !self
                     .used_grants
                     .lock()
@@ -367,12 +405,7 @@ impl ApprovalStore {
             });
         }
         let mut map = self.inner.lock().expect("approvals lock");
-        let ttl = snap
-            .raw
-            .approvals
-            .ttl
-            .map(|d| d.get())
-            .unwrap_or(Duration::from_secs(15 * 60));
+        let ttl = snap.approvals.ttl;
         let fresh = || ApprovalRequest {
             id: approval_id(call.key),
             key: call.key.to_string(),
@@ -385,6 +418,20 @@ impl ApprovalStore {
             reason: None,
             used: false,
         };
+        if !map.contains_key(call.key) {
+            // Opening a request: first make room, and cap what one agent may keep pending, so
+            // refused calls cannot grow memory without bound.
+            let pending = self.evict(&mut map, &now, snap.approvals.single_use);
+            if pending >= snap.approvals.max_pending {
+                if let Some(m) = &self.evicted {
+                    m.with_label_values(&["over_cap"]).inc();
+                }
+                return Err(Refusal::ApprovalRejected(format!(
+                    "{pending} approval requests are already pending for this agent (approvals.maxPending {}); decide or let them expire first",
+                    snap.approvals.max_pending
+                )));
+            }
+        }
         let entry = map.entry(call.key.to_string()).or_insert_with(|| {
             *opened = true;
             fresh()
@@ -418,7 +465,7 @@ impl ApprovalStore {
                     .unwrap_or_default()
             ))),
             ApprovalState::Approved => {
-                if entry.used && snap.raw.approvals.single_use {
+                if entry.used && snap.approvals.single_use {
                     return Err(Refusal::ApprovalRejected(format!(
                         "approval {} was single-use and has already been used",
                         entry.id

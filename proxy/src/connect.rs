@@ -8,7 +8,8 @@
 //! opaque tunnel after host-level checks (tenant, kill switch), recorded as passthrough.
 
 use crate::intercept::Tunnel;
-use crate::pipeline::{self, refusal_response};
+use crate::pipeline;
+use crate::refusal::render as refusal_response;
 use crate::refusal::Refusal;
 use crate::server::ConnLimits;
 use crate::state::ProxyState;
@@ -25,7 +26,6 @@ pub async fn handle_connect(
     state: Arc<ProxyState>,
     mut req: hyper::Request<Incoming>,
 ) -> hyper::Response<ResBody> {
-    let run = crate::identify::new_run_id();
     let Some(snap) = state.snapshot.load_full() else {
         return refusal_response(
             &Refusal::Unavailable {
@@ -33,10 +33,11 @@ pub async fn handle_connect(
                 reason: "no configuration loaded".into(),
             },
             None,
-            &run,
+            "",
             None,
         );
     };
+    let run = crate::identify::mint(&snap.agent.runs);
     let authority = req
         .uri()
         .authority()
@@ -63,11 +64,7 @@ pub async fn handle_connect(
     // own records and gates passthrough.
     let tenant = crate::identify::tenant(req.headers(), &snap);
     let label = tenant.clone().unwrap_or_default();
-    let allowed_ports = if snap.raw.server.connect_ports.is_empty() {
-        vec![443]
-    } else {
-        snap.raw.server.connect_ports.clone()
-    };
+    let allowed_ports = &snap.server.connect_ports;
     let refuse = |r: Refusal| {
         let state = state.clone();
         let snap = snap.clone();
@@ -87,14 +84,13 @@ pub async fn handle_connect(
         )))
         .await;
     }
-    let limits = ConnLimits::from_config(&snap.raw.server);
+    let limits = ConnLimits::from_config(&snap.server.connection);
     if let Some(tool) = tunnel::passthrough_tool(&snap, &host, port) {
         let tenant = match tenant {
             Ok(t) => t,
             Err(r) => return refuse(r).await,
         };
-        let name = snap.tools[tool].name().to_string();
-        if let Err(r) = crate::killswitch::check(&snap, &tenant, &name) {
+        if let Err(r) = crate::killswitch::check(&snap, &tenant, snap.tools[tool].name()) {
             return refuse(r).await;
         }
         let up = tokio::time::timeout(
@@ -119,7 +115,7 @@ pub async fn handle_connect(
         if let Err(r) =
             pipeline::record_passthrough(&state, &snap, &tunnel, tenant, run.clone(), tool).await
         {
-            return refusal_response(&r, Some(&name), &run, None);
+            return refuse(r).await;
         }
         tokio::spawn(async move {
             match hyper::upgrade::on(&mut req).await {

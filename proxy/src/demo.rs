@@ -185,7 +185,13 @@ pub async fn run() -> anyhow::Result<()> {
             )),
         ),
     ];
-    let run_id = "run_demo_0001";
+    // Run ids are minted (and signed) by the sidecar; the demo starts one the way an
+    // orchestrator holding the run key would.
+    let run_id = match running.state.snapshot.load_full() {
+        Some(snap) => crate::identify::mint(&snap.agent.runs),
+        None => anyhow::bail!("the demo proxy has no configuration"),
+    };
+    let run_id = run_id.as_str();
     for (i, (title, method, url, tenant, body)) in steps.iter().enumerate() {
         let (status, json) = call(proxy, method, url, tenant, run_id, *body).await?;
         println!("{}. {title}", i + 1);

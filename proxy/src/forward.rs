@@ -108,6 +108,37 @@ pub fn traceparent(agent_headers: &HeaderMap) -> (String, String) {
     (format!("00-{trace}-{span}-01"), trace)
 }
 
+/// A JSON answer from the proxy itself (refusals, dry-run), with the run id and `extra`
+/// headers.
+pub fn json_response(
+    status: http::StatusCode,
+    body: &serde_json::Value,
+    run: &str,
+    extra: &[(&str, &str)],
+) -> http::Response<crate::upstream::ResBody> {
+    let mut res = http::Response::new(crate::upstream::full(
+        serde_json::to_vec(body).unwrap_or_default(),
+    ));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(run) {
+        h.insert(RUN_HEADER, v);
+    }
+    for (k, v) in extra {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    res
+}
+
 /// Response headers for the agent: upstream headers minus hop-by-hop, plus the run id.
 pub fn response_headers(h: &mut HeaderMap, run: &str) {
     strip_hop_by_hop(h);

@@ -1,38 +1,100 @@
 //! Identify: the tenant and run of a call, from `X-Tollgate-Tenant` and `X-Tollgate-Run`.
 //! The sidecar serves exactly one agent, so the agent is the snapshot's.
+//!
+//! Run ids are unforgeable: `run_<nonce>.<mac>`, where `mac` is the first 32 hex digits of
+//! HMAC-SHA256(key, nonce). The sidecar mints one for a call without a run header and echoes
+//! it; a trusted orchestrator holding the same key (`agent.runs.keyFrom`) can start runs
+//! itself. A run header whose MAC does not verify is refused, so an agent cannot name a run
+//! it was not given — in particular not a fresh one with a fresh `perRunUsd` budget. With
+//! `agent.runs.source: orchestrator` a call without a run id is refused too, so only the
+//! orchestrator starts runs; with the default `sidecar`, an agent that drops its run id gets
+//! a new run, and only the per-agent and per-tenant caps bound it (see SECURITY.md).
 
+use crate::config::RunSource;
 use crate::refusal::Refusal;
 use crate::snapshot::{is_token, Snapshot};
+use hmac::{Hmac, Mac};
 use http::HeaderMap;
+use sha2::Sha256;
+use std::sync::{Arc, OnceLock};
 
 /// Tenant header.
 pub const TENANT_HEADER: &str = "x-tollgate-tenant";
 /// Run header (echoed back on every response).
 pub const RUN_HEADER: &str = "x-tollgate-run";
 
-/// Who is acting.
-#[derive(Clone, Debug)]
-pub struct Identity {
-    /// Tenant id (empty when refused before it was known).
-    pub tenant: String,
-    /// Run id, given or generated.
-    pub run: String,
+/// How runs are started and verified (lowered from `agent.runs`).
+#[derive(Clone)]
+pub struct Runs {
+    /// Who may start a run.
+    pub source: RunSource,
+    key: Arc<Vec<u8>>,
 }
 
-/// Read the run id, generating one if absent. A malformed run header is refused.
-pub fn run_id(headers: &HeaderMap) -> Result<String, Refusal> {
-    match single(headers, RUN_HEADER)? {
-        Some(r) if is_token(r) => Ok(r.to_string()),
-        Some(_) => Err(Refusal::BadRequest(
-            "X-Tollgate-Run must be 1-128 characters of letters, digits, '_', '-', '.', ':'".into(),
-        )),
-        None => Ok(new_run_id()),
+impl std::fmt::Debug for Runs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runs")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
 }
 
-/// A fresh run id: `run_` + 16 random hex digits.
-pub fn new_run_id() -> String {
-    format!("run_{:016x}", rand::random::<u64>())
+impl Runs {
+    /// Runs signed with `key`; `None` uses this process's random key (runs then verify only
+    /// on this sidecar, for its lifetime).
+    pub fn new(source: RunSource, key: Option<Vec<u8>>) -> Self {
+        static PROCESS_KEY: OnceLock<Arc<Vec<u8>>> = OnceLock::new();
+        let key = match key {
+            Some(k) => Arc::new(k),
+            None => PROCESS_KEY
+                .get_or_init(|| Arc::new(rand::random::<[u8; 32]>().to_vec()))
+                .clone(),
+        };
+        Self { source, key }
+    }
+}
+
+/// The MAC of a run nonce: 32 hex digits of HMAC-SHA256(key, nonce).
+pub fn sign(key: &[u8], nonce: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(nonce.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
+/// A fresh, signed run id.
+pub fn mint(runs: &Runs) -> String {
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    format!("run_{nonce}.{}", sign(&runs.key, &nonce))
+}
+
+/// Does `id` carry a valid MAC?
+pub fn verify(runs: &Runs, id: &str) -> bool {
+    let Some((nonce, mac)) = id.strip_prefix("run_").and_then(|r| r.rsplit_once('.')) else {
+        return false;
+    };
+    let mut m = Hmac::<Sha256>::new_from_slice(&runs.key).expect("HMAC takes any key length");
+    m.update(nonce.as_bytes());
+    let Ok(given) = hex::decode(mac) else {
+        return false;
+    };
+    given.len() == 16 && m.verify_truncated_left(&given).is_ok()
+}
+
+/// The run of a call: the verified run header, or a freshly minted run.
+pub fn run(headers: &HeaderMap, runs: &Runs) -> Result<String, Refusal> {
+    match single(headers, RUN_HEADER)? {
+        Some(r) if !is_token(r) => Err(Refusal::BadRequest(
+            "X-Tollgate-Run must be 1-128 characters of letters, digits, '_', '-', '.', ':'".into(),
+        )),
+        Some(r) if verify(runs, r) => Ok(r.to_string()),
+        Some(_) => Err(Refusal::BadRequest(
+            "X-Tollgate-Run is not a run this sidecar or its orchestrator started; omit it to start a run and send back the X-Tollgate-Run you are given".into(),
+        )),
+        None if runs.source == RunSource::Orchestrator => Err(Refusal::BadRequest(
+            "this agent's runs are started by its orchestrator: X-Tollgate-Run is required".into(),
+        )),
+        None => Ok(mint(runs)),
+    }
 }
 
 /// Read and check the tenant.
@@ -71,4 +133,42 @@ fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Ref
         )));
     }
     Ok(Some(v.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(run: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(r) = run {
+            h.insert(RUN_HEADER, r.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn minted_runs_verify_and_forged_ones_do_not() {
+        let runs = Runs::new(RunSource::Sidecar, Some(b"k".to_vec()));
+        let id = run(&headers(None), &runs).unwrap();
+        assert!(id.starts_with("run_"), "{id}");
+        assert_eq!(run(&headers(Some(&id)), &runs).unwrap(), id);
+        // A fresh name, a tampered nonce, another key's run: all refused.
+        assert!(run(&headers(Some("run_fresh")), &runs).is_err());
+        let tampered = id.replacen("run_", "run_0", 1);
+        assert!(run(&headers(Some(&tampered)), &runs).is_err());
+        let other = Runs::new(RunSource::Sidecar, Some(b"other".to_vec()));
+        assert!(run(&headers(Some(&mint(&other))), &runs).is_err());
+    }
+
+    #[test]
+    fn an_orchestrator_with_the_key_starts_runs() {
+        let runs = Runs::new(RunSource::Orchestrator, Some(b"shared".to_vec()));
+        assert!(
+            run(&headers(None), &runs).is_err(),
+            "agents cannot start runs"
+        );
+        let id = format!("run_job-42.{}", sign(b"shared", "job-42"));
+        assert_eq!(run(&headers(Some(&id)), &runs).unwrap(), id);
+    }
 }

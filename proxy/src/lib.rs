@@ -9,7 +9,9 @@
 pub mod admin;
 pub mod approval;
 pub mod audit;
+pub mod canonical;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod connect;
 pub mod control;
@@ -35,6 +37,7 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod stages;
 pub mod state;
 pub mod target;
 pub mod tls;

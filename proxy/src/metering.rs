@@ -84,6 +84,9 @@ pub fn estimate(cost: &CostModel, input: &Value, body_len: usize) -> Result<Esti
     Ok(e)
 }
 
+/// Most choices one LLM call may ask for.
+const MAX_CHOICES: u64 = 128;
+
 fn llm_price(llm: &LlmCost, input: &Value) -> Result<(f64, f64, u64), String> {
     let model = input.get("model").and_then(Value::as_str).unwrap_or("");
     let price = llm
@@ -94,9 +97,25 @@ fn llm_price(llm: &LlmCost, input: &Value) -> Result<(f64, f64, u64), String> {
     let max = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
         .find_map(|k| input.get(*k).and_then(Value::as_u64))
+        .or(price.max_output_tokens)
         .or(llm.default_max_tokens)
         .unwrap_or(4096);
-    Ok((price.prompt_per_mtok, price.completion_per_mtok, max))
+    // Every one of `n` choices (OpenAI `n`, Gemini `candidateCount`) may use the whole budget.
+    let choices = match ["n", "candidate_count", "candidateCount"]
+        .iter()
+        .find_map(|k| input.get(*k))
+    {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=MAX_CHOICES).contains(n))
+            .ok_or_else(|| format!("`n` must be an integer from 1 to {MAX_CHOICES}; the call's cost cannot be bounded"))?,
+    };
+    Ok((
+        price.prompt_per_mtok,
+        price.completion_per_mtok,
+        max.saturating_mul(choices),
+    ))
 }
 
 /// Add `stream_options.include_usage` to a streamed OpenAI-style request that lacks it.
@@ -316,6 +335,25 @@ mod tests {
         );
         let e = estimate(&llm(), &json!({"model": "gpt-4o"}), 0).unwrap();
         assert_eq!(e.tokens.completion, 1000, "defaultMaxTokens");
+    }
+
+    #[test]
+    fn every_choice_and_the_models_own_limit_are_reserved() {
+        let e = estimate(
+            &llm(),
+            &json!({"model": "gpt-4o", "max_tokens": 100, "n": 25}),
+            0,
+        )
+        .unwrap();
+        assert_eq!(e.tokens.completion, 2500, "n choices of max_tokens each");
+        assert!(estimate(&llm(), &json!({"model": "gpt-4o", "n": 0}), 0).is_err());
+        assert!(estimate(&llm(), &json!({"model": "gpt-4o", "n": 1e9}), 0).is_err());
+        let c: CostModel = serde_json::from_value(json!({"llm": {"prices": {"m": {"promptPerMtok": 1.0, "completionPerMtok": 1.0, "maxOutputTokens": 64000}}, "defaultMaxTokens": 1000}})).unwrap();
+        let e = estimate(&c, &json!({"model": "m"}), 0).unwrap();
+        assert_eq!(
+            e.tokens.completion, 64000,
+            "the model's own limit before the tool default"
+        );
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub budget_overrun: prometheus::CounterVec,
     /// `tollgate_upstream_errors_total{kind}`.
     pub upstream_errors: IntCounterVec,
+    /// Budget reservations and idempotency claims ended by `Drop` (client gone, panic).
+    pub guards_dropped: IntCounterVec,
+    /// Approval requests evicted from the in-memory store, by reason.
+    pub approvals_evicted: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -106,6 +110,8 @@ impl Metrics {
             redis_unavailable: reg(&r, IntGauge::new("tollgate_redis_unavailable", "1 while the Redis limits backend is unreachable.").unwrap()),
             fail_open: reg(&r, IntCounterVec::new(Opts::new("tollgate_fail_open_total", "Calls let through by an explicit fail-open setting."), &["reason"]).unwrap()),
             budget_overrun: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_budget_overrun_usd_total", "Actual cost above the reserved estimate."), &["tenant"]).unwrap()),
+            guards_dropped: reg(&r, IntCounterVec::new(Opts::new("tollgate_guards_dropped_total", "Budget reservations and idempotency claims ended by Drop (client gone, panic): charged, released."), &["guard"]).unwrap()),
+            approvals_evicted: reg(&r, IntCounterVec::new(Opts::new("tollgate_approvals_evicted_total", "Approval requests evicted from memory: expired, decided, over the per-agent cap."), &["reason"]).unwrap()),
             upstream_errors: reg(&r, IntCounterVec::new(Opts::new("tollgate_upstream_errors_total", "Upstream failures by kind."), &["kind"]).unwrap()),
             registry: r,
         }

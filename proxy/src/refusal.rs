@@ -288,6 +288,36 @@ impl Refusal {
     }
 }
 
+/// The one rendering of a refusal: the JSON error body with its status, or for MCP calls a
+/// JSON-RPC error (one per element of a batch) with the same reason and the body as `data`.
+/// `run` is echoed in `X-Tollgate-Run`.
+pub fn render(
+    r: &Refusal,
+    tool: Option<&str>,
+    run: &str,
+    mcp_id: Option<&serde_json::Value>,
+) -> http::Response<crate::upstream::ResBody> {
+    use serde_json::Value;
+    let body = r.body(tool, run);
+    let retry = r.retry_after().map(|s| s.to_string());
+    let extra: Vec<(&str, &str)> = retry
+        .as_deref()
+        .map(|s| ("retry-after", s))
+        .into_iter()
+        .collect();
+    if let Some(id) = mcp_id {
+        // MCP clients read JSON-RPC errors; a batch (ids as an array; JSON-RPC ids are never
+        // arrays) gets one error per element.
+        let error = |id: &Value| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001, "message": format!("{}: {}", r.code(), body["reason"].as_str().unwrap_or("")), "data": body}});
+        let rpc = match id {
+            Value::Array(ids) => Value::Array(ids.iter().map(error).collect()),
+            id => error(id),
+        };
+        return crate::forward::json_response(StatusCode::OK, &rpc, run, &extra);
+    }
+    crate::forward::json_response(r.status(), &body, run, &extra)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,12 @@ impl PathTemplate {
 
     /// Does a normalised path match? Returns captured parameters on success.
     pub fn matches<'p>(&self, path: &'p str) -> Option<Vec<(&str, &'p str)>> {
+        self.matches_with(path, false)
+    }
+
+    /// [`matches`](Self::matches), comparing literal segments ASCII-case-insensitively when
+    /// `fold_case` (for tools whose upstream routes that way: Express, ASP.NET).
+    pub fn matches_with<'p>(&self, path: &'p str, fold_case: bool) -> Option<Vec<(&str, &'p str)>> {
         let mut caps = Vec::new();
         let body = path.strip_prefix('/')?;
         let has_trailing = body.ends_with('/') && !body.is_empty();
@@ -84,7 +90,8 @@ impl PathTemplate {
                     return Some(caps);
                 }
                 Segment::Literal(l) => {
-                    if parts.get(i) != Some(&l.as_str()) {
+                    let p = parts.get(i)?;
+                    if !(*p == l.as_str() || (fold_case && p.eq_ignore_ascii_case(l))) {
                         return None;
                     }
                 }
@@ -143,6 +150,11 @@ pub struct MatchRule {
     pub path: Option<PathTemplate>,
     /// MCP tool name, for JSON-RPC `tools/call`.
     pub mcp_tool: Option<String>,
+    /// Literal path segments match whatever their ASCII case (`request.pathCaseInsensitive`).
+    pub path_case_insensitive: bool,
+    /// `;` parameters are stripped from path segments before matching
+    /// (`request.pathParams`); without it a `;` stays part of the segment.
+    pub path_params: bool,
 }
 
 impl MatchRule {
@@ -153,15 +165,26 @@ impl MatchRule {
         }
     }
 
+    fn path_ok(&self, t: &Target) -> bool {
+        let Some(p) = &self.path else {
+            return true;
+        };
+        if self.path_params && t.path.contains(';') {
+            let stripped = crate::target::strip_path_params(&t.path);
+            return p
+                .matches_with(&stripped, self.path_case_insensitive)
+                .is_some();
+        }
+        p.matches_with(&t.path, self.path_case_insensitive)
+            .is_some()
+    }
+
     fn http_matches(&self, t: &Target) -> bool {
         self.mcp_tool.is_none()
             && self.port_ok(t)
             && self.scheme.is_none_or(|s| s == t.scheme)
             && (self.methods.is_empty() || self.methods.contains(&t.method))
-            && self
-                .path
-                .as_ref()
-                .is_none_or(|p| p.matches(&t.path).is_some())
+            && self.path_ok(t)
     }
 }
 
@@ -268,10 +291,7 @@ impl Catalog {
             if r.http_matches(t) {
                 return RouteMatch::Tool(r.tool);
             }
-            if r.mcp_tool.is_some()
-                && r.port_ok(t)
-                && r.path.as_ref().is_none_or(|p| p.matches(&t.path).is_some())
-            {
+            if r.mcp_tool.is_some() && r.port_ok(t) && r.path_ok(t) {
                 mcp = true;
             }
         }

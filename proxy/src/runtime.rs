@@ -115,7 +115,7 @@ pub async fn start_operator(
         args.clone(),
         std::time::Duration::from_secs(5),
     ));
-    let running = start_with_state(state.clone(), &base, None, None).await?;
+    let running = start_with_state(state.clone(), &base.listen, &base.server, None, None).await?;
     tokio::spawn(crate::control::poll(
         state,
         base,
@@ -133,15 +133,19 @@ pub async fn start(
     admin: Option<TcpListener>,
     tracked: bool,
 ) -> Result<Running, StartError> {
-    let raw = snap.raw.clone();
-    let audit_path = resolve(base, &raw.audit.path);
-    let audit = AuditLog::open(&audit_path, raw.audit.stdout, raw.audit.max_file_bytes)
+    let audit_path = resolve(base, &snap.audit.path);
+    let audit = AuditLog::open(&audit_path, snap.audit.stdout, snap.audit.max_file_bytes)
         .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
-    let extra_ca = raw.tls.extra_ca_file.as_deref().map(|p| resolve(base, p));
+    let extra_ca = snap
+        .server
+        .extra_ca_file
+        .as_deref()
+        .map(|p| resolve(base, p));
     let upstreams = Upstreams::new(extra_ca.as_deref()).map_err(StartError::Setup)?;
     let metrics = Arc::new(Metrics::new());
     let limits =
-        crate::limits::Limits::new(&raw.limits, metrics.clone()).map_err(StartError::Setup)?;
+        crate::limits::Limits::new(&snap.limits, metrics.clone()).map_err(StartError::Setup)?;
+    let (listen, server) = (snap.server.listen.clone(), snap.server.connection.clone());
     let state = Arc::new(ProxyState::new(
         Some(Arc::new(snap)),
         tracked,
@@ -150,13 +154,14 @@ pub async fn start(
         upstreams,
         Arc::new(limits),
     ));
-    start_with_state(state, &raw, proxy, admin).await
+    start_with_state(state, &listen, &server, proxy, admin).await
 }
 
 /// Start serving an existing state (used by operator mode, which may have no snapshot yet).
 pub async fn start_with_state(
     state: Arc<ProxyState>,
-    raw: &crate::config::Config,
+    listen: &crate::config::ListenConfig,
+    server: &crate::config::ServerConfig,
     proxy: Option<TcpListener>,
     admin: Option<TcpListener>,
 ) -> Result<Running, StartError> {
@@ -170,11 +175,11 @@ pub async fn start_with_state(
     };
     let proxy = match proxy {
         Some(l) => l,
-        None => bind(&raw.listen.proxy).await?,
+        None => bind(&listen.proxy).await?,
     };
     let admin = match admin {
         Some(l) => l,
-        None => bind(&raw.listen.admin).await?,
+        None => bind(&listen.admin).await?,
     };
     let proxy_addr = proxy
         .local_addr()
@@ -188,9 +193,9 @@ pub async fn start_with_state(
         state.clone(),
         shutdown.clone(),
     ));
-    let limits = ConnLimits::from_config(&raw.server);
+    let limits = ConnLimits::from_config(server);
     let proxy_task = tokio::spawn(serve_proxy(proxy, state.clone(), limits, shutdown.clone()));
-    if let Some(addr) = &raw.listen.transparent {
+    if let Some(addr) = &listen.transparent {
         let transparent = bind(addr).await?;
         tracing::info!(addr = %addr, "transparent listener (iptables REDIRECT target)");
         tokio::spawn(crate::transparent::serve_transparent(

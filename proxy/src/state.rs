@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Default `maxStaleness`.
-pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(60);
+pub use crate::snapshot::DEFAULT_MAX_STALENESS;
 
 /// Freshness of the active snapshot. In standalone mode the file is the source of truth and
 /// never goes stale; under an operator, heartbeats keep it fresh.
@@ -84,13 +84,14 @@ impl ProxyState {
         upstreams: Upstreams,
         limits: Arc<crate::limits::Limits>,
     ) -> Self {
+        let approvals = ApprovalStore::counted(metrics.approvals_evicted.clone());
         let s = Self {
             snapshot: ArcSwapOption::new(None),
             freshness: Freshness::new(tracked),
             metrics,
             audit,
             upstreams,
-            approvals: ApprovalStore::default(),
+            approvals,
             limits,
             control: std::sync::OnceLock::new(),
             spend_today: std::sync::Mutex::default(),
@@ -118,11 +119,7 @@ impl ProxyState {
 
     /// `maxStaleness` of the active snapshot.
     pub fn max_staleness(snap: &Snapshot) -> Duration {
-        snap.raw
-            .agent
-            .max_staleness
-            .map(|d| d.get())
-            .unwrap_or(DEFAULT_MAX_STALENESS)
+        snap.agent.max_staleness
     }
 
     /// Refresh gauges that are computed at scrape time.

@@ -293,6 +293,16 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// The path with `;` parameters removed from every segment (`/a;x=1/b` → `/a/b`), as servlet
+/// containers route it. Only used for matching tools that opt in (`request.pathParams`); the
+/// canonical-call builder refuses parameters on empty or dot segments (`/..;/`) first.
+pub fn strip_path_params(path: &str) -> String {
+    path.split('/')
+        .map(|seg| seg.split_once(';').map_or(seg, |(head, _)| head))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Normalise a query string: refuse control bytes, keep the rest byte for byte.
 pub fn check_query(q: &str) -> Result<(), TargetError> {
     if q.bytes().any(|b| b <= 0x20 || b == 0x7f || b == b'#') || q.contains("%00") {

@@ -78,7 +78,7 @@ async fn handle(
     let Some(snap) = state.snapshot.load_full() else {
         return Ok(());
     };
-    let limits = ConnLimits::from_config(&snap.raw.server);
+    let limits = ConnLimits::from_config(&snap.server.connection);
     let dst = match original_dst(&stream) {
         Ok(d) if Some(d) != own => d,
         Ok(_) | Err(_) => {

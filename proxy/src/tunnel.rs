@@ -249,7 +249,7 @@ pub async fn serve_tls<IO>(
             return;
         }
         if let Some(tool) = passthrough_tool(&snap, &tunnel.host, tunnel.port) {
-            let run = crate::identify::new_run_id();
+            let run = crate::identify::mint(&snap.agent.runs);
             if let Err(r) =
                 pipeline::record_passthrough(&state, &snap, &tunnel, tenant.clone(), run, tool)
                     .await

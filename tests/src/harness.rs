@@ -409,6 +409,22 @@ impl TestProxy {
     pub fn metrics(&self) -> String {
         get(self.admin, "/metrics").unwrap().body_text()
     }
+
+    /// Start a run: `POST /runs` on the admin port answers a fresh run id signed by the
+    /// sidecar (agents get one by omitting `X-Tollgate-Run`).
+    pub fn new_run(&self) -> String {
+        let r = raw(
+            self.admin,
+            format!(
+                "POST /runs HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.admin
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        r.json()["run"].as_str().unwrap().to_string()
+    }
 }
 
 impl Drop for TestProxy {

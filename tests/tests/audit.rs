@@ -31,7 +31,6 @@ fn post(p: &TestProxy, up: &Upstream, path: &str, body: &str) -> u16 {
         &[
             ("X-Tollgate-Tenant", "acme"),
             ("Content-Type", "application/json"),
-            ("X-Tollgate-Run", "run_audit"),
         ],
         Some(body),
     )
@@ -411,20 +410,25 @@ fn run_summaries_follow_the_run_record_shape() {
         &config(&up, "{path: audit.jsonl}", "policies: {paths: [policies]}"),
         &[],
     );
-    let first = call(
-        p.proxy,
-        "POST",
-        &format!("http://{}/v1/notes", up.addr),
-        &[
-            ("X-Tollgate-Tenant", "acme"),
-            ("Content-Type", "application/json"),
-            ("X-Tollgate-Run", "run_audit"),
-        ],
-        Some(r#"{"text":"hello"}"#),
-    );
+    // Run ids are minted by the sidecar; both calls name the same run.
+    let run_id = p.new_run();
+    let in_run = |path: &str, body: &str| {
+        call(
+            p.proxy,
+            "POST",
+            &format!("http://{}{path}", up.addr),
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+                ("X-Tollgate-Run", &run_id),
+            ],
+            Some(body),
+        )
+    };
+    let first = in_run("/v1/notes", r#"{"text":"hello"}"#);
     assert_eq!(first.status, 200, "{}", first.body_text());
     assert_eq!(
-        post(&p, &up, "/v1/refunds", r#"{"charge":"ch_1","amount":900}"#),
+        in_run("/v1/refunds", r#"{"charge":"ch_1","amount":900}"#).status,
         403
     );
     eventually("records", || p.audit().len() == 3);
@@ -436,7 +440,7 @@ fn run_summaries_follow_the_run_record_shape() {
     assert!(out.status.success());
     let run: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
-    assert_eq!(run["run_id"], "run_audit");
+    assert_eq!(run["run_id"], run_id.as_str());
     assert_eq!(run["agent"], "billing");
     assert_eq!(run["tenant_id"], "acme");
     assert_eq!(run["tool_calls"].as_array().unwrap().len(), 2);

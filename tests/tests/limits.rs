@@ -65,7 +65,6 @@ fn burst(p: &TestProxy, up: &Upstream, n: usize) -> (usize, Vec<String>) {
                     &[
                         ("X-Tollgate-Tenant", "acme"),
                         ("Content-Type", "application/json"),
-                        ("X-Tollgate-Run", &format!("run_{i}")),
                     ],
                     Some("{}"),
                 );
@@ -327,6 +326,7 @@ fn over_budget_calls_escalate_to_an_approval_when_configured() {
         ),
         ENV,
     );
+    let run_id = p.new_run();
     let run = |body: &str| {
         call(
             p.proxy,
@@ -335,7 +335,7 @@ fn over_budget_calls_escalate_to_an_approval_when_configured() {
             &[
                 ("X-Tollgate-Tenant", "acme"),
                 ("Content-Type", "application/json"),
-                ("X-Tollgate-Run", "run_esc"),
+                ("X-Tollgate-Run", &run_id),
             ],
             Some(body),
         )
@@ -344,7 +344,11 @@ fn over_budget_calls_escalate_to_an_approval_when_configured() {
     let r = run(r#"{"n":2}"#);
     assert_eq!(r.status, 403, "{}", r.body_text());
     assert_eq!(r.json()["error"], "approval_required");
-    assert!(r.body_text().contains("run run_esc"), "{}", r.body_text());
+    assert!(
+        r.body_text().contains(&format!("run {run_id}")),
+        "{}",
+        r.body_text()
+    );
     let id = r.json()["approval"].as_str().unwrap().to_string();
     let out = std::process::Command::new(tollgate_tests::harness::bin("tollgate-proxy"))
         .args([

@@ -66,6 +66,7 @@ fn allowed_call_is_forwarded_with_credentials_injected_and_tollgate_headers_stri
     let up = Upstream::start();
     let p = start(&up, "enforce", "");
     let url = format!("http://{}/v1/refunds", up.addr);
+    let run = p.new_run();
     let r = call(
         p.proxy,
         "POST",
@@ -73,7 +74,7 @@ fn allowed_call_is_forwarded_with_credentials_injected_and_tollgate_headers_stri
         &[
             T,
             JSON,
-            ("X-Tollgate-Run", "run_abc"),
+            ("X-Tollgate-Run", &run),
             ("Authorization", "Bearer agent-guess"),
             ("Connection", "close, X-Hop"),
             ("X-Hop", "1"),
@@ -85,7 +86,7 @@ fn allowed_call_is_forwarded_with_credentials_injected_and_tollgate_headers_stri
         Some(r#"{"charge":"ch_1","amount":100}"#),
     );
     assert_eq!(r.status, 200, "{}", r.body_text());
-    assert_eq!(r.header("x-tollgate-run"), Some("run_abc"));
+    assert_eq!(r.header("x-tollgate-run"), Some(run.as_str()));
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
     let s = &seen[0];

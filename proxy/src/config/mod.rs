@@ -119,6 +119,34 @@ pub struct AgentConfig {
     /// Keep serving on a stale snapshot instead of failing closed. Counted in a metric.
     #[serde(default)]
     pub fail_open: bool,
+    /// How runs start and how run ids are verified.
+    #[serde(default)]
+    pub runs: RunsConfig,
+}
+
+/// Runs: who starts them, and the key their ids are signed with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunsConfig {
+    /// `sidecar` (default): a call without `X-Tollgate-Run` starts a run; `orchestrator`: only
+    /// a holder of the key starts runs, and calls without a run id are refused.
+    #[serde(default)]
+    pub source: RunSource,
+    /// HMAC key shared with a trusted orchestrator (at least 16 bytes). Without it the sidecar
+    /// signs with a random per-process key.
+    #[serde(default)]
+    pub key_from: Option<SecretSource>,
+}
+
+/// Who starts runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunSource {
+    /// The sidecar mints a run for a call that names none.
+    #[default]
+    Sidecar,
+    /// Only the orchestrator (holding `keyFrom`) starts runs.
+    Orchestrator,
 }
 
 fn default_namespace() -> String {
@@ -206,6 +234,63 @@ pub struct ToolConfig {
     /// Forward TLS to this tool's host without interception (host-level policy only).
     #[serde(default)]
     pub passthrough: bool,
+    /// How calls to this tool are canonicalised and rebuilt for the upstream (see SECURITY.md,
+    /// "Forwarding what was decided"). Every default is the strict choice.
+    #[serde(default)]
+    pub request: RequestOptions,
+}
+
+/// Canonical-call options of a tool.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestOptions {
+    /// `parsed` (default): JSON or form bodies only, anything else refused. `opaque`: any body
+    /// is forwarded as sent (decoded), and policy sees `{"opaque": true, "media_type", "bytes",
+    /// "sha256"}` instead of fields; an input schema cannot apply.
+    #[serde(default)]
+    pub body: BodyMode,
+    /// Match literal path segments case-insensitively, for upstreams that route that way
+    /// (Express, ASP.NET). Default false: matching is exact.
+    #[serde(default)]
+    pub path_case_insensitive: bool,
+    /// Accept `;` matrix parameters in path segments (stripped for matching, forwarded as
+    /// sent). Default false: a `;` in the path is refused.
+    #[serde(default)]
+    pub path_params: bool,
+    /// Headers that change what the call means (e.g. `Stripe-Account`): part of the canonical
+    /// call, so policy, the approval hash and the audit record see them; forwarded.
+    #[serde(default)]
+    pub meaning_headers: Vec<String>,
+    /// Headers forwarded besides the default set (see `canonical::DEFAULT_FORWARD_HEADERS`).
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    /// How an agent's `Idempotency-Key` reaches the upstream: `namespaced` (default, a hash of
+    /// agent, tenant and key) or `verbatim` (only when the agent brings its own credential;
+    /// refused when Tollgate injects one, as keys would then be shared across tenants).
+    #[serde(default)]
+    pub idempotency_key: IdempotencyKeyForwarding,
+}
+
+/// What a tool's body may be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BodyMode {
+    /// JSON or form-urlencoded, parsed strictly.
+    #[default]
+    Parsed,
+    /// Any media type, not parsed.
+    Opaque,
+}
+
+/// How the `Idempotency-Key` is forwarded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdempotencyKeyForwarding {
+    /// `hex(sha256("tollgate-idempotency-v1" NUL agent NUL tenant NUL key))`.
+    #[default]
+    Namespaced,
+    /// The agent's key unchanged (refused under an injected credential).
+    Verbatim,
 }
 
 /// Free-form JSON (schemas, Rego data): any value.
@@ -305,6 +390,10 @@ pub struct ModelPrice {
     pub prompt_per_mtok: f64,
     /// USD per million completion (output) tokens.
     pub completion_per_mtok: f64,
+    /// This model's output limit, assumed when a request sets no `max_tokens` (before the
+    /// tool's `defaultMaxTokens`).
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
 }
 
 /// A credential injected into the upstream request.
@@ -494,6 +583,10 @@ pub struct ApprovalsConfig {
     /// Longest `Prefer: wait=N` hold, in seconds (default 60).
     #[serde(default)]
     pub max_wait_s: Option<u64>,
+    /// Most approval requests this agent may have pending at once (default 100); past it,
+    /// calls needing a new approval are refused until some are decided or expire.
+    #[serde(default)]
+    pub max_pending: Option<usize>,
     /// Slack-compatible webhook URL notified of new requests.
     #[serde(default)]
     pub notify_url: Option<String>,
@@ -507,6 +600,7 @@ impl Default for ApprovalsConfig {
             granted: Vec::new(),
             admin_tokens: Vec::new(),
             max_wait_s: None,
+            max_pending: None,
             notify_url: None,
         }
     }

@@ -119,6 +119,46 @@ impl LocalStore {
     }
 }
 
+/// Calls per run, for `input.run.calls`. Bounded: runs idle for a week are forgotten, and
+/// past [`RunCalls::MAX_RUNS`] the oldest are dropped first.
+#[derive(Default)]
+pub struct RunCalls {
+    runs: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+impl RunCalls {
+    /// Most runs remembered at once.
+    pub const MAX_RUNS: usize = 100_000;
+    const IDLE: Duration = Duration::from_secs(7 * 86_400);
+
+    /// Calls counted in `run`.
+    pub fn count(&self, run: &str) -> u64 {
+        let m = self.runs.lock().expect("run calls lock");
+        m.get(run).map(|(n, _)| *n).unwrap_or(0)
+    }
+
+    /// Count `n` more calls in `run`.
+    pub fn add(&self, run: &str, n: u64) {
+        let now = Instant::now();
+        let mut m = self.runs.lock().expect("run calls lock");
+        if m.len() >= Self::MAX_RUNS && !m.contains_key(run) {
+            m.retain(|_, (_, seen)| now.duration_since(*seen) < Self::IDLE);
+            if m.len() >= Self::MAX_RUNS {
+                if let Some(oldest) = m
+                    .iter()
+                    .min_by_key(|(_, (_, s))| *s)
+                    .map(|(k, _)| k.clone())
+                {
+                    m.remove(&oldest);
+                }
+            }
+        }
+        let e = m.entry(run.to_owned()).or_insert((0, now));
+        e.0 += n;
+        e.1 = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{CapKind, Held};

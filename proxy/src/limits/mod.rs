@@ -13,8 +13,11 @@
 //! `tollgate_fail_open_total{reason="limits_redis"}`); Redis is retried on every call, so
 //! recovery is automatic.
 
+pub mod guard;
 pub mod local;
 pub mod redis_store;
+
+pub use guard::{BudgetGuard, IdemGuard};
 
 use crate::config::{LimitsBackend, LimitsConfig, OnUnavailable, RateLimitConfig, RateLimitScope};
 use crate::metrics::Metrics;
@@ -22,6 +25,9 @@ use crate::refusal::Refusal;
 use crate::snapshot::Snapshot;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The cap of a counter that never refuses (far above any spend, far below overflow).
+pub const UNCAPPED: i64 = i64::MAX / 4;
 
 /// USD → micro-dollars.
 pub fn to_micros(usd: f64) -> i64 {
@@ -129,6 +135,7 @@ pub struct Limits {
     on_unavailable: OnUnavailable,
     reservation_ttl: Duration,
     metrics: Arc<Metrics>,
+    run_calls: local::RunCalls,
     /// Circuit breaker: after a Redis failure, calls skip Redis until this time (ms since
     /// the epoch) instead of each paying a connection timeout; then Redis is tried again.
     redis_down_until: std::sync::atomic::AtomicU64,
@@ -140,6 +147,9 @@ fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The error of a call that skipped Redis because it failed moments ago.
+const CIRCUIT_OPEN: &str = "redis: unavailable (retrying shortly)";
 
 /// How long Redis is skipped after a failure.
 const REDIS_RETRY_AFTER: Duration = Duration::from_millis(500);
@@ -182,6 +192,7 @@ impl Limits {
                 .map(|d| d.get())
                 .unwrap_or(Duration::from_secs(300)),
             metrics,
+            run_calls: local::RunCalls::default(),
             redis_down_until: 0.into(),
         })
     }
@@ -195,7 +206,7 @@ impl Limits {
                     .redis_down_until
                     .load(std::sync::atomic::Ordering::Relaxed);
                 if now_ms() < until {
-                    Err(StoreError("redis: unavailable (retrying shortly)".into()))
+                    Err(StoreError(CIRCUIT_OPEN.into()))
                 } else {
                     Ok(Some(r))
                 }
@@ -212,7 +223,11 @@ impl Limits {
 
     fn redis_failed(&self, op: &str, e: &StoreError) -> Result<(), Refusal> {
         self.metrics.redis_unavailable.set(1);
-        self.trip();
+        // Only a real failure (re)opens the circuit: a call skipped while it is open must not
+        // extend it, or steady traffic would keep Redis skipped forever.
+        if e.0 != CIRCUIT_OPEN {
+            self.trip();
+        }
         match self.on_unavailable {
             OnUnavailable::Deny => {
                 tracing::error!(error = %e, op, "limits backend (redis) unavailable; refusing (limits.onUnavailable: deny)");
@@ -314,6 +329,23 @@ impl Limits {
             }))
     }
 
+    /// Settle a local reservation without a runtime (a guard dropped outside one).
+    fn settle_local(&self, r: &Reservation, actual: &[i64]) {
+        if r.held == Held::Local {
+            self.local.settle(r, actual);
+        }
+    }
+
+    /// Calls so far in a run (`input.run.calls`), read before this call counts.
+    pub fn run_calls(&self, run_key: &str) -> u64 {
+        self.run_calls.count(run_key)
+    }
+
+    /// Count one admitted call in a run.
+    pub fn count_run_call(&self, run_key: &str, n: u64) {
+        self.run_calls.add(run_key, n);
+    }
+
     /// Settle a reservation to the actual amounts (per entry); zero releases.
     pub async fn settle(&self, r: &Reservation, actual: &[i64]) {
         if r.held == Held::Redis {
@@ -376,12 +408,12 @@ pub fn rate_checks(snap: &Snapshot, tenant: &str, tool: &str) -> Vec<RateCheck> 
             burst,
         });
     };
-    if let Some(t) = snap.raw.tenants.get(tenant) {
+    if let Some(t) = snap.tenants.get(tenant) {
         for rl in &t.rate_limits {
             add(rl, &format!("tenants.{tenant}"));
         }
     }
-    for rl in &snap.raw.agent.rate_limits {
+    for rl in &snap.agent.rate_limits {
         add(rl, "agent");
     }
     out
@@ -399,7 +431,17 @@ pub fn caps(snap: &Snapshot, tenant: &str, run: &str, now: time::OffsetDateTime)
     let agent = format!("{}/{}", snap.agent.namespace, snap.agent.name);
     const DAY: Duration = Duration::from_secs(2 * 86_400);
     const MONTH: Duration = Duration::from_secs(32 * 86_400);
-    let mut out = Vec::new();
+    let b = &snap.agent.budget;
+    // The run counter always exists, so `input.run.spent_usd` is real; without `perRunUsd`
+    // it never refuses.
+    let mut out = vec![Cap {
+        name: format!("run {run}"),
+        scope: "run",
+        key: format!("run:{agent}:{run}"),
+        cap: b.per_run_usd.map(to_micros).unwrap_or(UNCAPPED),
+        kind: CapKind::Spend,
+        ttl: Duration::from_secs(7 * 86_400),
+    }];
     let mut push = |name: String, scope, key: String, cap: Option<f64>, kind, ttl| {
         if let Some(c) = cap {
             out.push(Cap {
@@ -412,15 +454,6 @@ pub fn caps(snap: &Snapshot, tenant: &str, run: &str, now: time::OffsetDateTime)
             });
         }
     };
-    let b = &snap.raw.agent.budget;
-    push(
-        format!("run {run}"),
-        "run",
-        format!("run:{agent}:{run}"),
-        b.per_run_usd,
-        CapKind::Spend,
-        Duration::from_secs(7 * 86_400),
-    );
     push(
         format!("agent {agent} per day"),
         "agent_day",
@@ -429,7 +462,7 @@ pub fn caps(snap: &Snapshot, tenant: &str, run: &str, now: time::OffsetDateTime)
         CapKind::Spend,
         DAY,
     );
-    if let Some(t) = snap.raw.tenants.get(tenant) {
+    if let Some(t) = snap.tenants.get(tenant) {
         push(
             format!("tenant {tenant} per day"),
             "tenant_day",

@@ -23,6 +23,8 @@ fn rule(tool: usize, host: &str, methods: &[&str], path: Option<&str>) -> MatchR
         methods: methods.iter().map(|m| m.parse().unwrap()).collect(),
         path: path.map(|p| PathTemplate::parse(p).unwrap()),
         mcp_tool: None,
+        path_case_insensitive: false,
+        path_params: false,
     }
 }
 
@@ -109,4 +111,45 @@ fn host_known_respects_ports() {
     assert!(!c.host_known("api.stripe.com", 444, Scheme::Https));
     assert!(c.host_known("x.zendesk.com", 443, Scheme::Https));
     assert!(!c.host_known("example.com", 443, Scheme::Https));
+}
+
+#[test]
+fn case_insensitive_matching_is_opt_in() {
+    let mut r = rule(0, "api.example.com", &["POST"], Some("/v1/refunds/{id}"));
+    let t = |p: &str| Target {
+        scheme: Scheme::Https,
+        host: "api.example.com".into(),
+        port: 443,
+        method: http::Method::POST,
+        path: p.into(),
+        query: None,
+        via: crate::target::Via::ForwardProxy,
+    };
+    let c = Catalog::new(vec![r.clone()]);
+    assert_eq!(c.match_target(&t("/V1/Refunds/re_1")), RouteMatch::None);
+    r.path_case_insensitive = true;
+    let c = Catalog::new(vec![r]);
+    assert_eq!(c.match_target(&t("/V1/Refunds/re_1")), RouteMatch::Tool(0));
+    assert_eq!(c.match_target(&t("/v1/refunds/re_1")), RouteMatch::Tool(0));
+    assert_eq!(c.match_target(&t("/v1/refundsx/re_1")), RouteMatch::None);
+}
+
+#[test]
+fn path_parameters_are_stripped_for_matching_only_when_opted_in() {
+    let mut r = rule(0, "api.example.com", &["GET"], Some("/v1/charges/list"));
+    let t = Target {
+        scheme: Scheme::Https,
+        host: "api.example.com".into(),
+        port: 443,
+        method: http::Method::GET,
+        path: "/v1/charges;jsessionid=1/list".into(),
+        query: None,
+        via: crate::target::Via::ForwardProxy,
+    };
+    assert_eq!(
+        Catalog::new(vec![r.clone()]).match_target(&t),
+        RouteMatch::None
+    );
+    r.path_params = true;
+    assert_eq!(Catalog::new(vec![r]).match_target(&t), RouteMatch::Tool(0));
 }

@@ -4,7 +4,17 @@
 //! Everything that can fail — tool templates, schemas, credentials, Rego — fails here, at load
 //! time, with the field named; the request path never re-parses raw config.
 
-use crate::config::{self, Config, ConfigError, KillSwitchConfig, Mode, ToolConfig};
+mod settings;
+
+pub use settings::{
+    Approvals, Audit, Server, DEFAULT_APPROVAL_MAX_WAIT, DEFAULT_APPROVAL_TTL,
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_MAX_STALENESS, DEFAULT_POLICY_TIMEOUT, DEFAULT_TIMEOUTS,
+};
+
+use crate::config::{
+    self, AgentBudget, Config, ConfigError, KillSwitchConfig, LimitsConfig, Mode, OverBudget,
+    RateLimitConfig, TenantConfig, ToolConfig,
+};
 use crate::policy::PolicyBundle;
 use crate::route::{parse_host_pattern, Catalog, MatchRule, PathTemplate};
 use crate::target::{parse_authority, Scheme};
@@ -86,6 +96,18 @@ pub struct Agent {
     pub mode: Mode,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Keep serving on a stale snapshot (counted).
+    pub fail_open: bool,
+    /// What an over-budget call becomes.
+    pub over_budget: OverBudget,
+    /// How old a snapshot may get without an operator heartbeat.
+    pub max_staleness: Duration,
+    /// Per-run and per-agent budgets.
+    pub budget: AgentBudget,
+    /// Per-agent rate limits.
+    pub rate_limits: Vec<RateLimitConfig>,
+    /// How runs start and how their ids verify.
+    pub runs: crate::identify::Runs,
 }
 
 /// The validated snapshot.
@@ -114,8 +136,18 @@ pub struct Snapshot {
     pub admin_tokens: Vec<(String, String)>,
     /// Interception CA (`tls.intercept`), for CONNECT and transparent mode.
     pub intercept: Option<Arc<crate::tls::InterceptCa>>,
-    /// The raw config this came from.
-    pub raw: Config,
+    /// Tenants and their limits.
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// Approval settings.
+    pub approvals: Approvals,
+    /// Audit settings.
+    pub audit: Audit,
+    /// Limits backend (read at start) and idempotency requirements.
+    pub limits: LimitsConfig,
+    /// Listener, connection and body settings.
+    pub server: Server,
+    /// The config as loaded, for `/config` (secrets are references, never values).
+    pub redacted: serde_json::Value,
     /// When it was built.
     pub loaded_at: SystemTime,
 }
@@ -132,7 +164,8 @@ impl std::fmt::Debug for Snapshot {
 impl Snapshot {
     /// Validate and compile a raw config. `base_dir` resolves relative policy paths.
     pub fn build(raw: Config, version: u64, base_dir: &Path) -> Result<Self, ConfigError> {
-        let agent = validate_agent(&raw)?;
+        let lowered = settings::lower(&raw, base_dir)?;
+        let agent = validate_agent(&raw, lowered.agent)?;
         let mut tools = Vec::with_capacity(raw.tools.len());
         let mut rules = Vec::new();
         let mut tool_index = HashMap::new();
@@ -204,7 +237,7 @@ impl Snapshot {
             .policies
             .timeout
             .map(|d| d.get())
-            .unwrap_or(Duration::from_millis(50));
+            .unwrap_or(DEFAULT_POLICY_TIMEOUT);
         let policy = PolicyBundle::compile(&modules, &raw.policies.data, timeout)
             .map_err(|e| ConfigError::Policy(e.to_string()))?;
         let hash = hex::encode(Sha256::digest(serde_json::to_vec(&raw).unwrap_or_default()));
@@ -238,7 +271,12 @@ impl Snapshot {
             max_body: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             admin_tokens,
             intercept,
-            raw,
+            tenants: lowered.tenants,
+            approvals: lowered.approvals,
+            audit: lowered.audit,
+            limits: lowered.limits,
+            server: lowered.server,
+            redacted: lowered.redacted,
             loaded_at: SystemTime::now(),
         })
     }
@@ -249,7 +287,7 @@ impl Snapshot {
     }
 }
 
-fn validate_agent(raw: &Config) -> Result<Agent, ConfigError> {
+fn validate_agent(raw: &Config, g: settings::AgentGates) -> Result<Agent, ConfigError> {
     let a = &raw.agent;
     if a.name.trim().is_empty() {
         return Err(ConfigError::invalid("agent.name", "must not be empty"));
@@ -274,6 +312,12 @@ fn validate_agent(raw: &Config) -> Result<Agent, ConfigError> {
         tenants: a.tenants.clone(),
         mode: a.mode,
         labels: a.labels.clone(),
+        fail_open: g.fail_open,
+        over_budget: g.over_budget,
+        max_staleness: g.max_staleness,
+        budget: g.budget,
+        rate_limits: g.rate_limits,
+        runs: g.runs,
     })
 }
 
@@ -325,6 +369,8 @@ fn compile_match(i: usize, t: &ToolConfig, field: &str) -> Result<MatchRule, Con
         methods,
         path,
         mcp_tool: m.mcp_tool.clone(),
+        path_case_insensitive: t.request.path_case_insensitive,
+        path_params: t.request.path_params,
     })
 }
 
@@ -343,6 +389,8 @@ fn compile_tool(t: &ToolConfig, field: &str, base_dir: &Path) -> Result<Tool, Co
         .as_ref()
         .map(|c| resolve_credential(c, &format!("{field}.credentials"), base_dir))
         .transpose()?;
+    crate::canonical::validate_options(t)
+        .map_err(|(f, m)| ConfigError::invalid(format!("{field}.request.{f}"), m))?;
     let to = &t.timeouts;
     let total = to.total.map(|d| d.get()).unwrap_or(Duration::from_secs(30));
     if let Some(cost) = &t.cost {

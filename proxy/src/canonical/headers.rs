@@ -1,0 +1,151 @@
+//! Request headers that different parsers read differently, and the media type of the body.
+
+use super::CanonicalError;
+use http::header::{self, HeaderMap, HeaderName};
+
+/// Headers that must appear at most once: proxies and frameworks disagree on which of two
+/// copies counts (gunicorn reads the last `Content-Type`, most the first).
+pub const SINGLETON_HEADERS: &[HeaderName] = &[
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::HOST,
+    header::AUTHORIZATION,
+];
+
+/// Headers that turn one method into another in Rails, Laravel, Symfony, Express's
+/// `method-override` and many Java stacks. Refused whatever their value.
+pub const METHOD_OVERRIDE_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The names a `Connection` header may list: hop-by-hop headers only. Naming an end-to-end
+/// header (`Connection: Content-Type`) would make the next hop drop the header the decision
+/// was based on.
+const CONNECTION_TOKENS: &[&str] = &[
+    "close",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Refuse ambiguous headers (see the constants above).
+pub fn check(h: &HeaderMap) -> Result<(), CanonicalError> {
+    for name in SINGLETON_HEADERS {
+        if h.get_all(name).iter().count() > 1 {
+            return Err(CanonicalError::RepeatedHeader(name.as_str().to_string()));
+        }
+    }
+    for name in METHOD_OVERRIDE_HEADERS {
+        if h.contains_key(*name) {
+            return Err(CanonicalError::MethodOverride(format!("header {name}")));
+        }
+    }
+    for v in h.get_all(header::CONNECTION) {
+        let v = v
+            .to_str()
+            .map_err(|_| CanonicalError::BadHeader("connection".into(), "not ASCII".into()))?;
+        for token in v.split(',').map(|t| t.trim().to_ascii_lowercase()) {
+            if !token.is_empty() && !CONNECTION_TOKENS.contains(&token.as_str()) {
+                return Err(CanonicalError::ConnectionNamesEndToEnd(token));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the `Content-Type` says the body is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MediaType {
+    /// No `Content-Type`.
+    Absent,
+    /// `application/json` or `application/<anything>+json`.
+    Json,
+    /// `application/x-www-form-urlencoded`.
+    Form,
+    /// Any other type: its essence (lower-case `type/subtype`).
+    Other(String),
+}
+
+/// Parse the single `Content-Type` strictly: a `type/subtype` of token characters, then
+/// `;name=value` parameters. A list (`a/b, c/d`), a repeated parameter, or a charset other than
+/// UTF-8 on JSON or form is refused: decoders disagree on all of them.
+pub fn media_type(h: &HeaderMap) -> Result<MediaType, CanonicalError> {
+    let Some(v) = h.get(header::CONTENT_TYPE) else {
+        return Ok(MediaType::Absent);
+    };
+    let bad = |why: &str| CanonicalError::BadContentType(why.to_string());
+    let v = v.to_str().map_err(|_| bad("not ASCII"))?;
+    let mut parts = v.split(';');
+    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    match essence.split_once('/') {
+        Some((t, s)) if token(t) && token(s) => {}
+        _ => return Err(bad("not a single type/subtype")),
+    }
+    let mut names = Vec::new();
+    let mut charset = None;
+    for p in parts {
+        let (n, val) = p
+            .split_once('=')
+            .ok_or_else(|| bad("parameter without a value"))?;
+        let n = n.trim().to_ascii_lowercase();
+        if !token(&n) {
+            return Err(bad("malformed parameter name"));
+        }
+        if names.contains(&n) {
+            return Err(bad("repeated parameter"));
+        }
+        let val = val.trim().trim_matches('"').to_ascii_lowercase();
+        if n == "charset" {
+            charset = Some(val);
+        }
+        names.push(n);
+    }
+    let kind = if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        MediaType::Json
+    } else if essence == "application/x-www-form-urlencoded" {
+        MediaType::Form
+    } else {
+        return Ok(MediaType::Other(essence));
+    };
+    if let Some(c) = charset {
+        if c != "utf-8" && c != "utf8" {
+            return Err(CanonicalError::BadContentType(format!(
+                "charset {c:?}: JSON and form bodies must be UTF-8"
+            )));
+        }
+    }
+    Ok(kind)
+}
+
+/// The single value of header `name`, as visible ASCII; `None` when absent.
+pub fn single_value(h: &HeaderMap, name: &HeaderName) -> Result<Option<String>, CanonicalError> {
+    let mut values = h.get_all(name).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(CanonicalError::RepeatedHeader(name.as_str().to_string()));
+    }
+    let s = v
+        .to_str()
+        .ok()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        .ok_or_else(|| {
+            CanonicalError::BadHeader(name.as_str().to_string(), "not visible ASCII".into())
+        })?;
+    Ok(Some(s.to_string()))
+}

@@ -1,0 +1,242 @@
+//! The request path. [`run`] is the stage list of DESIGN.md ("The request path"), one stage
+//! per line, each able to end the call with a [`Refusal`]; [`finish`] is the single exit that
+//! turns every outcome into the response, the metric and the outcome record, exactly once.
+//!
+//! Where the order differs from a naive reading of DESIGN: the budget reservation sits between
+//! the rate limit and policy, as DESIGN lists it. A call that policy then refuses, or that
+//! waits for an approval and is refused, releases the reservation through its guard, so
+//! holding it early costs nothing and lets policy see the cost the call will be charged.
+//!
+//! Shadow mode is applied once, in [`gate`]: a gate refusal is noted and the call goes ahead.
+//! Malformed requests, unknown tenants and unknown tools are refused in every mode.
+
+mod call;
+mod finish;
+mod gates;
+mod passthrough;
+mod respond;
+
+pub use call::{Call, Element};
+pub use finish::Outcome;
+pub use passthrough::{record_passthrough, refuse_tunnel};
+
+use crate::config::Mode;
+use crate::forward;
+use crate::identify;
+use crate::intercept::Tunnel;
+use crate::refusal::{self, Refusal};
+use crate::route::RouteMatch;
+use crate::stages;
+use crate::state::ProxyState;
+use crate::target::Target;
+use crate::upstream::ResBody;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// Handle one request on the proxy listener (forward-proxy or base-URL form).
+pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ResBody> {
+    handle_with(state, req, None).await
+}
+
+/// Handle one request that arrived inside a tunnel (decrypted CONNECT, transparent): the same
+/// pipeline, with the target pinned to the tunnel's host.
+pub async fn handle_in_tunnel(
+    state: Arc<ProxyState>,
+    req: Request<Incoming>,
+    tunnel: &Tunnel,
+) -> Response<ResBody> {
+    handle_with(state, req, Some(tunnel)).await
+}
+
+/// What the stages admitted.
+enum Admitted {
+    /// Forward this body to the target.
+    Forward(Target, Bytes),
+    /// An identical idempotent call already completed: answer with its stored response.
+    Replay(crate::idempotency::Stored),
+}
+
+async fn handle_with(
+    state: Arc<ProxyState>,
+    req: Request<Incoming>,
+    tunnel: Option<&Tunnel>,
+) -> Response<ResBody> {
+    let Some(snap) = state.snapshot.load_full() else {
+        let r = Refusal::Unavailable {
+            code: "config_unavailable",
+            reason: "no valid configuration has been loaded yet".into(),
+        };
+        return refusal::render(&r, None, "", None);
+    };
+    let (parts, body) = req.into_parts();
+    let run_id = match identify::run(&parts.headers, &snap.agent.runs) {
+        Ok(r) => r,
+        Err(r) => return refusal::render(&r, None, "", None),
+    };
+    let mut call = Call::new(state, snap, run_id);
+    let (traceparent, trace_id) = forward::traceparent(&parts.headers);
+    call.traceparent = traceparent;
+    call.trace_id = trace_id;
+    let span = tracing::info_span!("call", call = %call.id, run = %call.run, trace_id = %call.trace_id, tool = tracing::field::Empty, decision = tracing::field::Empty);
+    async move {
+        match run(&mut call, &parts, body, tunnel).await {
+            Ok(Admitted::Forward(target, body)) => forward_call(call, &parts, target, body).await,
+            Ok(Admitted::Replay(stored)) => finish::finish(call, Outcome::Replayed(stored)).await,
+            Err(r) => finish::finish(call, Outcome::Refused(r)).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The stage list.
+async fn run(
+    call: &mut Call,
+    parts: &http::request::Parts,
+    body: Incoming,
+    tunnel: Option<&Tunnel>,
+) -> Result<Admitted, Refusal> {
+    let snap = call.snap.clone();
+    // 1. Intercept: the target, pinned to the tunnel's host inside a tunnel.
+    let target = gates::target(call, parts, tunnel)?;
+    gates::fresh(call)?;
+    stages::body::framing(&parts.headers)?;
+    // 2. Identify.
+    call.stage = "identify";
+    call.tenant = identify::tenant(&parts.headers, &snap)?;
+    // 3. Match the tool by target (an MCP host is decided by the body below).
+    let route = snap.catalog.match_target(&target);
+    if let RouteMatch::Tool(i) = route {
+        call.routed = Some(i);
+    }
+    // 4. The canonical call: read and parse the body, match MCP tools, validate each input.
+    call.stage = "input";
+    let bytes = stages::body::read(
+        body,
+        &parts.headers,
+        snap.max_body,
+        snap.server.body_read_timeout,
+    )
+    .await?;
+    call.body_len = bytes.len();
+    let mut decoded = stages::body::decode(&parts.headers, bytes)?;
+    let calls = stages::tools::match_calls(&snap, &target, route, &mut decoded, &mut call.mcp_id)?;
+    gates::elements(call, calls, &decoded, parts)?;
+    // 5. Gates, in order: kill switch → rate limit → budget reservation → policy → approval.
+    call.stage = "kill_switch";
+    gates::kill_switches(call)?;
+    call.stage = "rate_limit";
+    gates::rate_limits(call).await?;
+    call.stage = "budget";
+    gates::budget(call, parts, &target).await?;
+    call.stage = "policy";
+    let asks = gates::policy(call, parts, &target).await?;
+    call.stage = "approval";
+    gates::approvals(call, parts, &target, asks).await?;
+    // 6. Forward what was decided — unless an identical idempotent call already completed.
+    call.stage = "idempotency";
+    if let Some(stored) = gates::idempotency(call, parts, &target).await? {
+        return Ok(Admitted::Replay(stored));
+    }
+    let counted = call.elements.len() as u64;
+    call.state.limits.count_run_call(&call.run, counted);
+    Ok(Admitted::Forward(target, decoded.bytes))
+}
+
+/// Apply shadow mode to a gate's result: in `shadow` the refusal is noted and the call goes on.
+fn gate<T: Default>(call: &mut Call, r: Result<T, Refusal>) -> Result<T, Refusal> {
+    match r {
+        Err(r) if call.snap.agent.mode == Mode::Shadow => {
+            call.shadow_reasons.extend(r.reasons());
+            Ok(T::default())
+        }
+        other => other,
+    }
+}
+
+/// Forward an admitted call: dry-run answers, the durable decision record, the upstream.
+async fn forward_call(
+    mut call: Call,
+    parts: &http::request::Parts,
+    target: Target,
+    body: Bytes,
+) -> Response<ResBody> {
+    let snap = call.snap.clone();
+    let tool = call.elements.first().map(|e| &snap.tools[e.tool]);
+    if snap.agent.mode == Mode::DryRun && forward::is_mutating(&target.method) {
+        let headers =
+            forward::upstream_headers(&parts.headers, &target, tool, &call.traceparent, body.len());
+        let reasons = call.shadow_reasons.clone();
+        let answer = forward::dry_run_body(
+            &target,
+            call.tool_name().unwrap_or(""),
+            &headers,
+            &body,
+            call.passed().as_str(),
+            &reasons,
+        );
+        return finish::finish(call, Outcome::DryRun(answer)).await;
+    }
+    // The decision record must be durable before anything leaves the pod.
+    call.stage = "decision_record";
+    if let Err(r) = finish::durable_decision(&call).await {
+        return finish::finish(call, Outcome::AuditFailed(r)).await;
+    }
+    // Streamed LLM calls are asked to report usage, when the tool says so.
+    let inject = tool
+        .and_then(|t| t.config.cost.as_ref())
+        .and_then(|c| c.llm.as_ref())
+        .is_some_and(|l| l.inject_stream_usage);
+    let body = match inject
+        .then(|| {
+            call.elements
+                .first()
+                .and_then(|e| crate::metering::inject_stream_usage(&e.input))
+        })
+        .flatten()
+    {
+        Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+        None => body,
+    };
+    let headers =
+        forward::upstream_headers(&parts.headers, &target, tool, &call.traceparent, body.len());
+    let mut req = Request::builder()
+        .method(target.method.clone())
+        .uri(target.uri())
+        .body(http_body_util::Full::new(body))
+        .expect("valid request parts");
+    *req.headers_mut() = headers;
+    let t = tool.map(|t| (t.connect_timeout, t.header_timeout, t.total_timeout));
+    let (connect, header, total) = t.unwrap_or(crate::snapshot::DEFAULT_TIMEOUTS);
+    call.stage = "upstream";
+    call.sent = true;
+    if let Some(b) = call.budget.as_mut() {
+        b.sent();
+    }
+    let started = std::time::Instant::now();
+    let result = call
+        .state
+        .upstreams
+        .send(req, connect, header.min(total))
+        .instrument(tracing::info_span!("upstream", host = %target.host))
+        .await;
+    let upstream_us = started.elapsed().as_micros() as u64;
+    call.state
+        .metrics
+        .duration
+        .with_label_values(&["upstream"])
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = match result {
+        Err(e) => Outcome::UpstreamFailed(gates::upstream_refusal(&call, &target, e), upstream_us),
+        Ok(res) => Outcome::Answered {
+            response: res,
+            upstream_us,
+            total,
+            target,
+        },
+    };
+    finish::finish(call, outcome).await
+}

@@ -1,0 +1,11 @@
+//! The pipeline's stages, one module each. A stage takes small inputs (headers, the snapshot's
+//! tables, the tool call) and returns `Result<_, Refusal>`; none imports the pipeline or the
+//! process state, so each can be read and tested on its own. The order they run in is
+//! [`crate::pipeline`]'s `run`.
+
+pub mod body;
+pub mod budget;
+pub mod fresh;
+pub mod idempotency;
+pub mod policy;
+pub mod tools;

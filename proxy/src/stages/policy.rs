@@ -1,0 +1,65 @@
+//! Policy: build the `input` document for one element and evaluate the bundle on it. "Not
+//! allowed" is an explicit `deny` or `require_approval`; an evaluation error fails closed.
+
+use crate::metering::Estimate;
+use crate::policy::PolicyDecision;
+use crate::policy_input::{self, CallFacts};
+use crate::refusal::Refusal;
+use crate::snapshot::{Snapshot, Tool};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// What policy decided about one element.
+#[derive(Debug)]
+pub struct Evaluated {
+    /// The input document (kept, redacted, for the record).
+    pub doc: Value,
+    /// Rego's verdict, or the evaluation error.
+    pub verdict: Result<PolicyDecision, String>,
+    /// Evaluation time.
+    pub elapsed: Duration,
+}
+
+impl Evaluated {
+    /// The label of what Rego alone decided.
+    pub fn label(&self) -> &'static str {
+        match &self.verdict {
+            Err(_) => "error",
+            Ok(d) if !d.deny.is_empty() => "deny",
+            Ok(d) if !d.require_approval.is_empty() => "approval_required",
+            Ok(_) => "allow",
+        }
+    }
+
+    /// The gate: `Ok(None)` allowed, `Ok(Some(reasons))` approval required, `Err` refused.
+    pub fn gate(&self) -> Result<Option<Vec<String>>, Refusal> {
+        match &self.verdict {
+            Err(e) => Err(Refusal::PolicyError(e.clone())),
+            Ok(d) if !d.deny.is_empty() => Err(Refusal::PolicyDenied(d.deny.clone())),
+            Ok(d) if !d.require_approval.is_empty() => Ok(Some(d.require_approval.clone())),
+            Ok(_) => Ok(None),
+        }
+    }
+}
+
+/// Build the input for `tool` and evaluate.
+pub fn evaluate(
+    snap: &Snapshot,
+    tool: &Tool,
+    facts: &CallFacts<'_>,
+    estimate: &Estimate,
+    now: time::OffsetDateTime,
+) -> Evaluated {
+    let mut doc = policy_input::build(snap, tool, facts, now);
+    doc["cost"] = serde_json::json!({
+        "estimate_usd": crate::limits::to_usd(estimate.spend),
+        "exposure_usd": crate::limits::to_usd(estimate.exposure),
+    });
+    let t0 = Instant::now();
+    let verdict = snap.policy.evaluate(&doc).map_err(|e| e.to_string());
+    Evaluated {
+        doc,
+        verdict,
+        elapsed: t0.elapsed(),
+    }
+}

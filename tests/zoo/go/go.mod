@@ -1,0 +1,3 @@
+module zooecho
+
+go 1.24
