@@ -104,7 +104,7 @@ async fn route(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Resp
                     "mode": s.agent.mode.as_str(),
                     "tools": s.tools.iter().map(|t| t.name()).collect::<Vec<_>>(),
                     "killSwitchesEngaged": s.kill_switches.iter().map(|k| &k.name).collect::<Vec<_>>(),
-                    "approvalGrants": s.raw.approvals.granted.iter().map(|g| &g.id).collect::<Vec<_>>(),
+                    "approvalGrants": s.approvals.granted.iter().map(|g| &g.id).collect::<Vec<_>>(),
                     "ageSeconds": state.freshness.age().as_secs_f64(),
                 });
                 text(

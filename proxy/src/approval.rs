@@ -344,9 +344,8 @@ impl ApprovalStore {
         let Some(record) = self.recorder.get() else {
             return Ok(g);
         };
-        let from_operator = snap.raw.approvals.single_use
+        let from_operator = snap.approvals.single_use
             && snap
-                .raw
                 .approvals
                 .granted
                 .iter()

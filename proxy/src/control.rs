@@ -171,10 +171,7 @@ fn install(
         value.set_sensitive(true);
         if let Some(t) = snap.tools.iter_mut().find(|t| t.config.name == tool) {
             t.credential = Some(crate::snapshot::Credential { header, value });
-            t.config.credentials = Some(c.clone());
-        }
-        if let Some(t) = snap.raw.tools.iter_mut().find(|t| t.name == tool) {
-            t.credentials = Some(c);
+            t.config.credentials = Some(c);
         }
     }
     state.install(Arc::new(snap));

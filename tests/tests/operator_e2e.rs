@@ -889,20 +889,40 @@ fn kill_by_tool_is_namespaced_counted_right_and_pending_approvals_show_a_phase()
     let (ok, out) = kubectl_tollgate(
         &api,
         dir.path(),
-        &["-n", "agents", "kill", "stop-notes", "--tool", "crm-note", "--reason", "INC-7"],
+        &[
+            "-n",
+            "agents",
+            "kill",
+            "stop-notes",
+            "--tool",
+            "crm-note",
+            "--reason",
+            "INC-7",
+        ],
     );
     assert!(ok, "{out}");
     let ks = api.get(GV, "killswitches", "", "stop-notes").unwrap();
     assert_eq!(ks["spec"]["scope"]["namespace"], "agents", "{ks}");
     assert_eq!(ks["spec"]["scope"]["tool"], "crm-note");
-    eventually("the sidecar is stopped for that tool", || note(&s, &up, "hi").0 == 503);
+    eventually("the sidecar is stopped for that tool", || {
+        note(&s, &up, "hi").0 == 503
+    });
     eventually("status counts the agent that has the tool", || {
         api.get(GV, "killswitches", "", "stop-notes").unwrap()["status"]["affectedAgents"] == 1
     });
     let (ok, out) = kubectl_tollgate(
         &api,
         dir.path(),
-        &["-n", "agents", "kill", "stop-merges", "--tool", "github-merge", "--reason", "INC-8"],
+        &[
+            "-n",
+            "agents",
+            "kill",
+            "stop-merges",
+            "--tool",
+            "github-merge",
+            "--reason",
+            "INC-8",
+        ],
     );
     assert!(ok, "{out}");
     eventually("status counts no agent for a tool nobody has", || {

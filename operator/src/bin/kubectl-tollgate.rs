@@ -173,9 +173,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             // Tools are namespaced: `--tool X` means X in the current namespace (`-n`, or the
             // kubeconfig's), not every tool named X in the cluster; `-A` widens it on purpose.
-            let namespace = in_namespace.or_else(|| {
-                (tool.is_some() && !all && !cli.all_namespaces).then(|| ns.clone())
-            });
+            let namespace = in_namespace
+                .or_else(|| (tool.is_some() && !all && !cli.all_namespaces).then(|| ns.clone()));
             let api: Api<KillSwitch> = Api::all(client);
             let ks = KillSwitch::new(
                 &name,
