@@ -862,3 +862,71 @@ fn a_new_leader_takes_over_at_once_and_reconciles_everything() {
     );
     drop(b);
 }
+
+/// Issue 18, the admin's path: `kubectl tollgate kill --tool` keeps the tool's namespace, the
+/// KillSwitch status counts only agents that have the tool, and a new ApprovalRequest shows
+/// phase `Pending` (the PHASE column) before anyone decides it.
+#[test]
+fn kill_by_tool_is_namespaced_counted_right_and_pending_approvals_show_a_phase() {
+    let api = TestApiServer::start();
+    let up = Upstream::start();
+    seed(&api, &up);
+    api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
+        "spec": {"rego": "package tollgate\nimport rego.v1\nrequire_approval contains \"long notes need a human\" if count(input.request.body.text) > 10\n"}}));
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(&api, dir.path(), free_port());
+    let s = sidecar(op.port, "tok-billing");
+    let (code, body) = note(&s, &up, "a note long enough to hold");
+    assert_eq!(code, 403, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["approval"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("the pending request shows its phase", || {
+        api.get(GV, "approvalrequests", "agents", &id)
+            .is_some_and(|a| a["status"]["phase"] == "Pending")
+    });
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "-n",
+            "agents",
+            "kill",
+            "stop-notes",
+            "--tool",
+            "crm-note",
+            "--reason",
+            "INC-7",
+        ],
+    );
+    assert!(ok, "{out}");
+    let ks = api.get(GV, "killswitches", "", "stop-notes").unwrap();
+    assert_eq!(ks["spec"]["scope"]["namespace"], "agents", "{ks}");
+    assert_eq!(ks["spec"]["scope"]["tool"], "crm-note");
+    eventually("the sidecar is stopped for that tool", || {
+        note(&s, &up, "hi").0 == 503
+    });
+    eventually("status counts the agent that has the tool", || {
+        api.get(GV, "killswitches", "", "stop-notes").unwrap()["status"]["affectedAgents"] == 1
+    });
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "-n",
+            "agents",
+            "kill",
+            "stop-merges",
+            "--tool",
+            "github-merge",
+            "--reason",
+            "INC-8",
+        ],
+    );
+    assert!(ok, "{out}");
+    eventually("status counts no agent for a tool nobody has", || {
+        let k = api.get(GV, "killswitches", "", "stop-merges").unwrap();
+        k["status"]["affectedAgents"] == 0 && k["status"]["observedGeneration"] == 1
+    });
+}

@@ -6,7 +6,7 @@
 //! kubectl tollgate approve NAME [-n NS] [--reason R] approve a held call (approver = you)
 //! kubectl tollgate deny NAME [-n NS] [--reason R]    deny it
 //! kubectl tollgate kill NAME --reason R [--all | --in-namespace N | --tenant T | --agent A | --tool T]
-//!   (`--agent`/`--tool` are scoped to the current namespace, `-n`, unless `-A`)
+//!   (`--tool` is scoped to the current namespace, `-n`, unless `-A`)
 //! kubectl tollgate unkill NAME                       lift a kill switch
 //! kubectl tollgate status [-n NS | -A]               identities, readiness, snapshot versions, kill switches
 //! ```
@@ -171,13 +171,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .into(),
                 );
             }
-            // Tools and agents are namespaced: `--tool X` means X in the current namespace
-            // (`-n`, or the kubeconfig's), not every tool named X in the cluster; `-A` or
-            // `--all` widens it on purpose.
-            let namespace = in_namespace.or_else(|| {
-                ((tool.is_some() || agent.is_some()) && !all && !cli.all_namespaces)
-                    .then(|| ns.clone())
-            });
+            // Tools are namespaced: `--tool X` means X in the current namespace (`-n`, or the
+            // kubeconfig's), not every tool named X in the cluster; `-A` widens it on purpose.
+            let namespace = in_namespace
+                .or_else(|| (tool.is_some() && !all && !cli.all_namespaces).then(|| ns.clone()));
             let api: Api<KillSwitch> = Api::all(client);
             let ks = KillSwitch::new(
                 &name,

@@ -254,7 +254,6 @@ pub fn inject(mut pod: Pod, cfg: &InjectConfig, facts: &IdentityFacts) -> Result
                     audience: Some("tollgate".into()),
                     expiration_seconds: Some(3600),
                     path: "token".into(),
-                    ..Default::default()
                 }),
                 ..Default::default()
             }]),
