@@ -89,7 +89,6 @@ pub async fn handle_connect(
             Ok(t) => t,
             Err(r) => return refuse(r).await,
         };
-        let name = snap.tools[tool].name().to_string();
         let mut up = match crate::passthrough::connect_tool_host(&snap, tool, &host, port).await {
             Ok(s) => s,
             Err(r) => return refuse(r).await,

@@ -56,7 +56,7 @@ fn burst(p: &TestProxy, up: &Upstream, n: usize) -> (usize, Vec<String>) {
     let proxy = p.proxy;
     let addr = up.addr;
     let results: Vec<_> = (0..n)
-        .map(|i| {
+        .map(|_| {
             std::thread::spawn(move || {
                 let r = call(
                     proxy,
@@ -545,7 +545,12 @@ fn unsettled_redis_reservations_expire() {
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = tollgate_proxy::limits::redis_store::RedisStore::new(&redis.url()).unwrap();
+        let cfg = tollgate_proxy::config::LimitsConfig {
+            backend: tollgate_proxy::config::LimitsBackend::Redis,
+            url: Some(redis.url()),
+            ..Default::default()
+        };
+        let store = tollgate_proxy::limits::redis_store::RedisStore::new(&cfg).unwrap();
         let cap = tollgate_proxy::limits::Cap {
             name: "tenant acme per day".into(),
             scope: "tenant_day",

@@ -14,9 +14,13 @@
 //! `make perf-check` (`--instructions-only --baseline tests/perf-baseline.json`) is the
 //! instruction-count regression check.
 
+#[path = "load_bench/callgrind.rs"]
 mod callgrind;
+#[path = "load_bench/load.rs"]
 mod load;
+#[path = "load_bench/report.rs"]
 mod report;
+#[path = "load_bench/targets.rs"]
 mod targets;
 
 use clap::Parser;
