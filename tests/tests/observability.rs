@@ -257,6 +257,7 @@ policies:
         deny contains "no" if input.request.body.deny
         require_approval contains "big" if input.request.body.amount > 100
 audit: {{path: audit.jsonl}}
+server: {{headerReadTimeout: 200ms}}
 "#,
         dead.addr,
         free_port()
@@ -291,7 +292,19 @@ audit: {{path: audit.jsonl}}
                 );
                 call(p, "POST", &format!("http://{a}/v1/macros"), &h, Some("{}"));
                 call(p, "POST", &format!("http://{d}/v1/x"), &h, Some("{}"));
+                // A CONNECT to a host no tool serves (tunnel refused), and a connection that
+                // never sends a byte (closed at the header read timeout).
+                if let Ok(mut c) = std::net::TcpStream::connect(p) {
+                    use std::io::{Read, Write};
+                    let _ = c.write_all(
+                        b"CONNECT nowhere.invalid:443 HTTP/1.1\r\nHost: nowhere.invalid:443\r\n\r\n",
+                    );
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = c.read(&mut [0u8; 512]);
+                }
+                let silent = std::net::TcpStream::connect(p);
                 std::thread::sleep(Duration::from_millis(300));
+                drop(silent);
             }
         })
     };
