@@ -826,7 +826,8 @@ fn last_decision(p: &TestProxy) -> Option<Value> {
 }
 
 fn start_zoo() -> Vec<Stack> {
-    let starters: Vec<(&str, fn() -> Stack)> = vec![
+    type Starter = (&'static str, fn() -> Stack);
+    let starters: Vec<Starter> = vec![
         ("nginx", start_nginx),
         ("flask", || start_python("flask", "flask_app.py")),
         ("fastapi", || start_python("fastapi", "fastapi_app.py")),
@@ -835,7 +836,8 @@ fn start_zoo() -> Vec<Stack> {
         ("tomcat", start_tomcat),
     ];
     // Start every stack at once: start-up is dominated by the JVM and the Go build.
-    let handles: Vec<_> = starters
+    type Starting = (&'static str, std::thread::JoinHandle<Stack>);
+    let handles: Vec<Starting> = starters
         .into_iter()
         .map(|(name, f)| (name, std::thread::spawn(f)))
         .collect();

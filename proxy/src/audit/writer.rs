@@ -359,10 +359,10 @@ fn commit(st: &mut ChainState, batch: &mut [AuditRecord], stdout: bool) -> Resul
         prev = hex::encode(Sha256::digest(&buf[start..]));
         buf.push(b'\n');
     }
-    let res =
-        st.file
-            .write_all(&buf)
-            .and_then(|_| if durable { st.file.sync_data() } else { Ok(()) });
+    let res = st
+        .file
+        .write_all(&buf)
+        .and_then(|_| if durable { st.file.sync_data() } else { Ok(()) });
     if let Err(e) = res {
         // The file may now hold a partial batch; re-read the head so the chain stays valid.
         if let Ok((s, p)) = last_link(&st.path) {
@@ -426,7 +426,7 @@ mod tests {
         only.sort_unstable();
         assert_eq!(only, (1..=400).collect::<Vec<u64>>());
         assert_eq!(log.records_written(), 400);
-        let report = crate::audit::verify::verify(&[path.clone()]).unwrap();
+        let report = crate::audit::verify::verify(std::slice::from_ref(&path)).unwrap();
         assert!(report.ok(), "{report:?}");
         // The line with seq N is the record that was acknowledged with N.
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
