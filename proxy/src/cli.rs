@@ -7,10 +7,10 @@ use std::path::Path;
 /// Exit code for an invalid config.
 pub const EXIT_CONFIG: u8 = 64;
 
-/// Install the tracing subscriber.
-pub fn init_logging(json: bool) {
+/// Install the tracing subscriber; `TOLLGATE_LOG` overrides `default` (an env-filter).
+pub fn init_logging(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

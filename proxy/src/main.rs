@@ -199,7 +199,13 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::init_logging(cli.log_json);
+    // The demo tells its own story; the proxy's logs stay out of it unless asked for.
+    let default_log = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
+    cli::init_logging(cli.log_json, default_log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
