@@ -193,6 +193,26 @@ impl From<String> for FetchError {
     }
 }
 
+/// A `POST {operator}{path}` with the sidecar's projected token and a JSON body: the one way
+/// the sidecar reports to the operator (apply results, approvals, uses, usage).
+fn operator_post(
+    args: &ControlArgs,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<http::Request<Full<Bytes>>, String> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .map_err(|e| format!("token file {}: {e}", args.token_file.display()))?;
+    let url = format!("{}{path}", args.url.trim_end_matches('/'));
+    http::Request::post(&url)
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        )
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())
+}
+
 /// Tell the operator this sidecar rejected the snapshot with `hash` (`error`; the identity
 /// goes `Ready=False` with the reason) or, after a rejection, applied one (`None`). Best
 /// effort: the staleness clock runs regardless.
@@ -203,20 +223,13 @@ async fn report_apply(
     hash: &str,
     error: Option<&str>,
 ) {
-    let Ok(token) = std::fs::read_to_string(&args.token_file) else {
-        return;
-    };
     let body = serde_json::json!({"agent": args.agent, "instance": instance, "hash": hash, "error": error});
-    let url = format!("{}/v1/snapshot/report", args.url.trim_end_matches('/'));
-    let Ok(request) = http::Request::post(&url)
-        .header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", token.trim()),
-        )
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-    else {
-        return;
+    let request = match operator_post(args, "/v1/snapshot/report", &body) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "snapshot apply report not sent to the operator");
+            return;
+        }
     };
     if let Err(e) = state
         .upstreams
@@ -308,23 +321,12 @@ pub fn report_approval(
         "expiresAt": req.expires_at,
     });
     tokio::spawn(async move {
-        let token = match std::fs::read_to_string(&args.token_file) {
-            Ok(t) => t,
+        let request = match operator_post(&args, "/v1/approvals", &body) {
+            Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the token to report an approval request");
+                tracing::error!(error = %e, "cannot report an approval request");
                 return;
             }
-        };
-        let url = format!("{}/v1/approvals", args.url.trim_end_matches('/'));
-        let Ok(request) = http::Request::post(&url)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.trim()),
-            )
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-        else {
-            return;
         };
         match upstreams
             .send(request, Duration::from_secs(2), Duration::from_secs(10))
@@ -350,18 +352,9 @@ pub fn use_recorder(
     std::sync::Arc::new(move |id: String| {
         let (args, upstreams, instance) = (args.clone(), upstreams.clone(), instance.clone());
         Box::pin(async move {
-            let token = std::fs::read_to_string(&args.token_file)
-                .map_err(|e| UseRefused::Unavailable(format!("token file: {e}")))?;
             let body = serde_json::json!({"agent": args.agent, "id": id, "instance": instance});
-            let url = format!("{}/v1/approvals/consume", args.url.trim_end_matches('/'));
-            let request = http::Request::post(&url)
-                .header(
-                    http::header::AUTHORIZATION,
-                    format!("Bearer {}", token.trim()),
-                )
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body.to_string())))
-                .map_err(|e| UseRefused::Unavailable(e.to_string()))?;
+            let request = operator_post(&args, "/v1/approvals/consume", &body)
+                .map_err(UseRefused::Unavailable)?;
             let res = upstreams
                 .send(request, Duration::from_secs(2), Duration::from_secs(10))
                 .await
@@ -396,20 +389,13 @@ pub async fn report_usage(state: Arc<ProxyState>, args: ControlArgs, every: Dura
         if day.is_empty() {
             continue;
         }
-        let Ok(token) = std::fs::read_to_string(&args.token_file) else {
-            continue;
-        };
         let body = serde_json::json!({"agent": args.agent, "instance": instance, "day": day, "spendUsd": by_tenant});
-        let url = format!("{}/v1/usage", args.url.trim_end_matches('/'));
-        let Ok(request) = http::Request::post(&url)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.trim()),
-            )
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-        else {
-            continue;
+        let request = match operator_post(&args, "/v1/usage", &body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "usage report not sent");
+                continue;
+            }
         };
         if let Err(e) = state
             .upstreams
