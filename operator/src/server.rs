@@ -471,25 +471,37 @@ async fn authorize(
     }
 }
 
+/// The JSON body of a sidecar's report (`POST /v1/approvals`, `/v1/approvals/consume`,
+/// `/v1/snapshot/report`, `/v1/usage`), once its token is the ServiceAccount of the identity
+/// named in `agent`: a 400 when the body is not JSON, [`authorize`]'s refusal otherwise.
+async fn sidecar_report(
+    st: &ServerState,
+    req: hyper::Request<Incoming>,
+) -> Result<(serde_json::Value, crate::hub::Served), hyper::Response<Full<Bytes>>> {
+    let (parts, body) = req.into_parts();
+    let body = body_bytes(body).await;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return Err(json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
+        ));
+    };
+    let agent = v["agent"].as_str().unwrap_or("");
+    let served = authorize(st, &parts.headers, agent).await?;
+    Ok((v, served))
+}
+
 /// `POST /v1/approvals`: a sidecar asks for an `ApprovalRequest` for a held call, in its own
 /// identity's namespace, named by the call's approval id (so the grant matches it).
 async fn approval(
     st: Arc<ServerState>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body_bytes(body).await;
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return json(
-            400,
-            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
-        );
-    };
-    let agent = v["agent"].as_str().unwrap_or("");
-    let served = match authorize(&st, &parts.headers, agent).await {
-        Ok(s) => s,
+    let (v, served) = match sidecar_report(&st, req).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
+    let agent = v["agent"].as_str().unwrap_or("");
     let id = v["id"].as_str().unwrap_or("");
     let valid = !id.is_empty()
         && id.len() <= 63
@@ -633,19 +645,11 @@ async fn consume(
     st: Arc<ServerState>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body_bytes(body).await;
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return json(
-            400,
-            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
-        );
-    };
-    let agent = v["agent"].as_str().unwrap_or("");
-    let served = match authorize(&st, &parts.headers, agent).await {
-        Ok(s) => s,
+    let (v, served) = match sidecar_report(&st, req).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
+    let agent = v["agent"].as_str().unwrap_or("");
     let id = v["id"].as_str().unwrap_or("");
     let name = agent.rsplit('/').next().unwrap_or(agent);
     let by = format!("{agent} ({})", v["instance"].as_str().unwrap_or("?"));
@@ -670,18 +674,11 @@ async fn snapshot_report(
     st: Arc<ServerState>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body_bytes(body).await;
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return json(
-            400,
-            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
-        );
+    let v = match sidecar_report(&st, req).await {
+        Ok((v, _)) => v,
+        Err(r) => return r,
     };
     let agent = v["agent"].as_str().unwrap_or("").to_string();
-    if let Err(r) = authorize(&st, &parts.headers, &agent).await {
-        return r;
-    }
     let instance: String = v["instance"]
         .as_str()
         .unwrap_or("")
@@ -717,18 +714,11 @@ async fn usage(
     st: Arc<ServerState>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body_bytes(body).await;
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return json(
-            400,
-            serde_json::json!({"error": "bad_request", "reason": "body is not JSON"}),
-        );
+    let v = match sidecar_report(&st, req).await {
+        Ok((v, _)) => v,
+        Err(r) => return r,
     };
     let agent = v["agent"].as_str().unwrap_or("").to_string();
-    if let Err(r) = authorize(&st, &parts.headers, &agent).await {
-        return r;
-    }
     let by_tenant: std::collections::BTreeMap<String, f64> = v["spendUsd"]
         .as_object()
         .map(|o| {
