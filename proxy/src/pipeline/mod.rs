@@ -80,7 +80,13 @@ async fn handle_with(
     let (traceparent, trace_id) = forward::traceparent(&parts.headers);
     call.traceparent = traceparent;
     call.trace_id = trace_id;
-    let span = tracing::info_span!("call", call = %call.id, run = %call.run, trace_id = %call.trace_id, tool = tracing::field::Empty, decision = tracing::field::Empty);
+    let span = tracing::info_span!("call", call = %call.id, run = %call.run, trace_id = tracing::field::Empty, tool = tracing::field::Empty, decision = tracing::field::Empty);
+    // With trace export on, the call span's own ids are what goes upstream and on record.
+    if let Some((traceparent, trace_id)) = crate::telemetry::link(&span, &parts.headers) {
+        call.traceparent = traceparent;
+        call.trace_id = trace_id;
+    }
+    span.record("trace_id", tracing::field::display(&call.trace_id));
     async move {
         match run(&mut call, &parts, body, tunnel).await {
             Ok(Admitted::Forward(target)) => forward_call(call, &parts, target).await,
@@ -134,10 +140,13 @@ async fn run(
     // 5. Gates, in order: kill switch → rate limit → budget reservation → policy → approval.
     call.stage = "kill_switch";
     gates::kill_switches(call)?;
+    let limits = tracing::info_span!("limits");
     call.stage = "rate_limit";
-    gates::rate_limits(call).await?;
+    gates::rate_limits(call).instrument(limits.clone()).await?;
     call.stage = "budget";
-    gates::budget(call, parts, &target).await?;
+    gates::budget(call, parts, &target)
+        .instrument(limits)
+        .await?;
     call.stage = "policy";
     let asks = gates::policy(call, parts, &target).await?;
     call.stage = "approval";
