@@ -7,14 +7,16 @@
 pub mod checkpoint;
 mod record;
 pub mod replay;
+mod retention;
 pub mod runs;
 pub mod verify;
 mod writer;
 
 pub use record::{AuditApproval, AuditCost, AuditLatency, AuditRecord, Phase};
+pub use retention::Retention;
 pub use writer::{
-    line_hash, rotated_name, rotated_siblings, AuditError, AuditLog, CheckpointSink, Retention,
-    WriterOptions, GENESIS,
+    line_hash, rotated_name, rotated_siblings, AuditError, AuditLog, CheckpointSink, WriterOptions,
+    GENESIS,
 };
 
 /// Read records from files (in order); a torn final line is skipped.

@@ -11,15 +11,15 @@
 //! that needs one, or the writer going idle for [`LAZY_SYNC`], makes it durable.
 
 use super::checkpoint::{Checkpoint, CheckpointKey, FileEntry};
+use super::retention::{Retention, RotatedFiles};
 use super::AuditRecord;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// How long written-but-unsynced outcome records may wait for an fsync when nothing else comes.
@@ -75,15 +75,6 @@ pub struct CheckpointSink {
     pub stdout: bool,
     /// Time between periodic checkpoints.
     pub interval: Duration,
-}
-
-/// Shipping and pruning of rotated files.
-#[derive(Clone, Debug, Default)]
-pub struct Retention {
-    /// Delete rotated files last written longer ago than this.
-    pub max_age: Option<Duration>,
-    /// Run with a rotated file's path appended; exit 0 means shipped (and prunable).
-    pub ship_command: Vec<String>,
 }
 
 /// How a writer writes beyond the chain itself.
@@ -217,7 +208,7 @@ impl AuditLog {
         let records = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let (r, e, sh) = (records.clone(), errors.clone(), shared.clone());
-        state.ship_pending();
+        state.rotated.ship_pending();
         // The chain as found at start is anchored before anything is added to it.
         state.checkpoint(true);
         let handle = std::thread::Builder::new()
@@ -301,16 +292,13 @@ struct ChainState {
     /// sha256 of everything in the live file, so a rotated file's hash costs no re-read.
     live_hasher: Sha256,
     /// Rotated files of this chain still on disk, oldest first.
-    rotated: Vec<(PathBuf, FileEntry)>,
+    rotated: RotatedFiles,
     /// Number of the next rotated file: only rises, so pruning never reuses a name.
     next_rotation: u32,
     checkpoints: Option<CheckpointSink>,
     /// Head seq and file count of the last checkpoint, and when the next one is due.
     last_checkpoint: Option<(u64, usize)>,
     next_checkpoint: Instant,
-    retention: Retention,
-    /// Ship hook state per rotated file: `None` while it runs, `Some(ok)` when it finished.
-    shipped: Arc<Mutex<HashMap<PathBuf, Option<bool>>>>,
 }
 
 impl ChainState {
@@ -341,17 +329,15 @@ impl ChainState {
             live_first_seq: live.first_seq.unwrap_or(live.last_seq + 1),
             live_lines: live.lines,
             live_hasher: live.hasher,
-            rotated,
+            rotated: RotatedFiles::new(rotated, options.retention),
             next_rotation,
             next_checkpoint: Instant::now()
                 + options
                     .checkpoints
                     .as_ref()
-                    .map_or(Duration::ZERO, |c| c.interval),
+                    .map_or(DEFAULT_CHECKPOINT_INTERVAL, |c| c.interval),
             checkpoints: options.checkpoints,
             last_checkpoint: None,
-            retention: options.retention,
-            shipped: Arc::default(),
         }
         .with_head_of_rotated(live.lines == 0))
     }
@@ -359,7 +345,7 @@ impl ChainState {
     /// A live file that is empty (just rotated) continues the chain of the newest rotated file.
     fn with_head_of_rotated(mut self, live_empty: bool) -> Self {
         if live_empty {
-            if let Some((_, e)) = self.rotated.last() {
+            if let Some((_, e)) = self.rotated.files.last() {
                 self.seq = e.last_seq;
                 self.prev = e.last_hash.clone();
                 self.live_first_seq = e.last_seq + 1;
@@ -400,8 +386,7 @@ impl ChainState {
                 bytes: Some(self.size),
                 sha256: Some(hex::encode(hasher.finalize())),
             };
-            self.rotated.push((to.clone(), entry));
-            self.ship(to);
+            self.rotated.push(to, entry);
         }
         self.size = 0;
         self.live_lines = 0;
@@ -409,111 +394,26 @@ impl ChainState {
         Ok(())
     }
 
-    /// Start the ship hook for `file` (on its own thread: a slow archive never holds up
-    /// the chain).
-    fn ship(&self, file: PathBuf) {
-        let Some((prog, args)) = self.retention.ship_command.split_first() else {
-            return;
-        };
-        let (prog, args) = (prog.clone(), args.to_vec());
-        let shipped = self.shipped.clone();
-        if let Ok(mut m) = shipped.lock() {
-            m.insert(file.clone(), None);
-        }
-        let this = file.clone();
-        let spawned = std::thread::Builder::new()
-            .name("tollgate-audit-ship".into())
-            .spawn(move || {
-                let ok = match std::process::Command::new(&prog)
-                    .args(&args)
-                    .arg(&file)
-                    .stdin(std::process::Stdio::null())
-                    .status()
-                {
-                    Ok(s) if s.success() => true,
-                    Ok(s) => {
-                        tracing::warn!(file = %file.display(), status = %s, "audit ship hook failed; retried at the next checkpoint");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %file.display(), error = %e, "audit ship hook could not run; retried at the next checkpoint");
-                        false
-                    }
-                };
-                if ok {
-                    tracing::info!(file = %file.display(), "audit file shipped");
-                }
-                if let Ok(mut m) = shipped.lock() {
-                    m.insert(file, Some(ok));
-                }
-            });
-        if spawned.is_err() {
-            if let Ok(mut m) = self.shipped.lock() {
-                m.insert(this, Some(false));
-            }
-        }
+    /// Time between housekeeping rounds: the checkpoint interval, or the default one when only
+    /// retention is configured.
+    fn housekeeping_interval(&self) -> Duration {
+        self.checkpoints
+            .as_ref()
+            .map_or(DEFAULT_CHECKPOINT_INTERVAL, |c| c.interval)
     }
 
-    /// (Re)start the ship hook for every rotated file not shipped yet and not being shipped.
-    fn ship_pending(&self) {
-        if self.retention.ship_command.is_empty() {
-            return;
-        }
-        let pending: Vec<PathBuf> = {
-            let Ok(m) = self.shipped.lock() else { return };
-            self.rotated
-                .iter()
-                .map(|(p, _)| p)
-                .filter(|p| matches!(m.get(*p), None | Some(Some(false))))
-                .cloned()
-                .collect()
-        };
-        for p in pending {
-            self.ship(p);
-        }
-    }
-
-    /// Delete rotated files older than the retention age (shipped ones only, when a ship
-    /// hook is configured). The next checkpoint no longer lists them.
-    fn prune(&mut self) {
-        let Some(max_age) = self.retention.max_age else {
-            return;
-        };
-        let need_ship = !self.retention.ship_command.is_empty();
-        let shipped = self.shipped.lock().map(|m| m.clone()).unwrap_or_default();
-        let now = SystemTime::now();
-        self.rotated.retain(|(p, e)| {
-            let old = std::fs::metadata(p)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age > max_age);
-            if !old || (need_ship && shipped.get(p) != Some(&Some(true))) {
-                return true;
-            }
-            match std::fs::remove_file(p) {
-                Ok(()) => {
-                    tracing::info!(file = %p.display(), first_seq = e.first_seq, last_seq = e.last_seq, "audit file pruned (retention.maxAge)");
-                    false
-                }
-                Err(err) => {
-                    tracing::warn!(file = %p.display(), error = %err, "cannot prune audit file");
-                    true
-                }
-            }
-        });
-    }
-
-    /// When the next periodic checkpoint is due (none without a sink).
+    /// When the next housekeeping round (checkpoint, ship retries, pruning) is due; none when
+    /// neither checkpoints nor retention are configured.
     fn checkpoint_due(&self) -> Option<Instant> {
-        self.checkpoints.as_ref().map(|_| self.next_checkpoint)
+        (self.checkpoints.is_some() || self.rotated.active()).then_some(self.next_checkpoint)
     }
 
-    /// Housekeeping when a checkpoint is due: retry shipping, prune, checkpoint.
+    /// Housekeeping when it is due: retry shipping, prune, checkpoint.
     fn tick(&mut self) {
         if self.checkpoint_due().is_some_and(|d| Instant::now() >= d) {
-            self.ship_pending();
-            self.prune();
+            self.next_checkpoint = Instant::now() + self.housekeeping_interval();
+            self.rotated.ship_pending();
+            self.rotated.prune();
             self.checkpoint(false);
         }
     }
@@ -525,7 +425,7 @@ impl ChainState {
             return;
         };
         self.next_checkpoint = Instant::now() + sink.interval;
-        let state = (self.seq, self.rotated.len());
+        let state = (self.seq, self.rotated.files.len());
         if !force && self.last_checkpoint == Some(state) {
             return;
         }
@@ -536,7 +436,7 @@ impl ChainState {
         let Some(sink) = &self.checkpoints else {
             return;
         };
-        let mut files: Vec<FileEntry> = self.rotated.iter().map(|(_, e)| e.clone()).collect();
+        let mut files: Vec<FileEntry> = self.rotated.files.iter().map(|(_, e)| e.clone()).collect();
         if self.live_lines > 0 {
             files.push(FileEntry {
                 name: file_name(&self.path),
