@@ -2,8 +2,10 @@
 .PHONY: demo test deps build lint generate check-generated bench load-bench perf-check perf-baseline soak fuzz-smoke differential
 
 # Run the standalone demo (a proxy, stand-in APIs and a scripted agent).
+# Built as `make build` builds it, so `make test` afterwards reuses the same artefacts.
 demo:
-	cargo run -p tollgate-proxy --bin tollgate-proxy -- demo
+	@cargo build --workspace --bins
+	@./target/debug/tollgate-proxy demo
 
 # Everything the tests need, then the whole suite. CI runs exactly this (see .ci/run).
 test: deps build
