@@ -94,6 +94,8 @@ fn tool_config(t: &Tool) -> ToolConfig {
         labels: t.labels().clone(),
         require_idempotency_key: s.require_idempotency_key,
         passthrough: s.passthrough,
+        llm: s.llm.clone(),
+        max_body_bytes: s.max_body_bytes,
     }
 }
 

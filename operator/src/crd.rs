@@ -201,6 +201,12 @@ pub struct ToolSpec {
     /// TLS passthrough (host-level policy only).
     #[serde(default)]
     pub passthrough: bool,
+    /// The tool is an LLM API of this provider (usage shape, error envelope, stream usage).
+    #[serde(default)]
+    pub llm: Option<tollgate_proxy::config::LlmApi>,
+    /// Largest request body buffered for this tool.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
 }
 
 /// A Rego module.

@@ -26,7 +26,6 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -276,8 +275,11 @@ async fn admit(
     if let RouteMatch::Tool(i) = route {
         ctx.tool = Some(i);
     }
-    // Read and parse the body.
-    let body = read_body(body, &parts.headers, snap.max_body, body_timeout(snap)).await?;
+    // An upgrade (WebSocket, h2c) is refused unless decided like any call; see forward.rs.
+    crate::forward::check_upgrade(parts)?;
+    // Read and parse the body, within the matched tool's limit.
+    let max_body = ctx.tool.map_or(snap.max_body, |i| snap.tools[i].max_body);
+    let body = read_body(body, &parts.headers, max_body, body_timeout(snap)).await?;
     ctx.body_len = body.len();
     let content_type = parts
         .headers
@@ -294,9 +296,8 @@ async fn admit(
     let mut batch_head: Vec<(usize, Value)> = Vec::new();
     if route == RouteMatch::Mcp {
         protocol = "mcp";
-        let msg = parsed.ok_or_else(|| {
-            Refusal::UnparsableBody("MCP endpoint expects a JSON-RPC body".into())
-        })?;
+        // `Value::Null` for a bodiless session GET (server stream) or DELETE (end session).
+        let msg = crate::mcp::message(&parts.method, &parts.headers, parsed)?;
         ctx.mcp_id = crate::mcp::reply_id(&msg);
         let mcp = crate::mcp::classify(&msg, snap, target)?;
         ctx.mcp_list = mcp.lists_tools;
@@ -530,8 +531,10 @@ async fn gate_tool(
     // Cost estimate and budget facts (the reservation follows policy and approval).
     let now = time::OffsetDateTime::now_utc();
     ctx.estimate = match &tool.config.cost {
-        Some(cost) => crate::metering::estimate(cost, &ctx.input, ctx.body_len)
-            .map_err(|m| Refusal::InvalidInput(vec![m]))?,
+        Some(cost) => {
+            crate::metering::estimate_call(cost, &ctx.input, ctx.body_len, Some(&target.path))
+                .map_err(|m| Refusal::InvalidInput(vec![m]))?
+        }
         None => Default::default(),
     };
     let caps = crate::limits::caps(snap, &ctx.tenant, &ctx.run, now);
@@ -900,20 +903,7 @@ async fn forward_call(
             return refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref());
         }
         count(&state, &snap, &ctx, decision);
-        let mut res = Response::new(full(Bytes::from(stored.body)));
-        *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-        if let Some(ct) = stored
-            .content_type
-            .and_then(|c| HeaderValue::from_str(&c).ok())
-        {
-            res.headers_mut().insert(http::header::CONTENT_TYPE, ct);
-        }
-        res.headers_mut().insert(
-            "x-tollgate-idempotent-replay",
-            HeaderValue::from_static("true"),
-        );
-        forward::response_headers(res.headers_mut(), &ctx.run);
-        return res;
+        return crate::idempotency::replay_response(stored, &ctx.run);
     }
     // Dry-run: decide and record; answer mutating calls synthetically.
     if snap.agent.mode == Mode::DryRun && forward::is_mutating(&target.method) {
@@ -956,10 +946,14 @@ async fn forward_call(
     }
     count(&state, &snap, &ctx, decision);
     // Streamed LLM calls are asked to report usage, when the tool says so.
-    let inject = tool
-        .and_then(|t| t.config.cost.as_ref())
-        .and_then(|c| c.llm.as_ref())
-        .is_some_and(|l| l.inject_stream_usage);
+    let inject = tool.is_some_and(|t| {
+        t.config
+            .cost
+            .as_ref()
+            .and_then(|c| c.llm.as_ref())
+            .is_some_and(|l| l.inject_stream_usage)
+            && crate::metering::takes_stream_usage(t.provider, &target.path)
+    });
     let body = match inject
         .then(|| crate::metering::inject_stream_usage(&ctx.input))
         .flatten()
@@ -1022,7 +1016,14 @@ async fn forward_call(
             settle(&state, &ctx, None).await;
             release_idem(&state, &ctx).await;
             let _ = write_record(&state, &snap, rec).await;
-            refusal_response(&r, Some(&tool_name), &ctx.run, ctx.mcp_id.as_ref())
+            let provider = tool.and_then(|t| t.provider);
+            refusal_response_as(
+                &r,
+                Some(&tool_name),
+                &ctx.run,
+                ctx.mcp_id.as_ref(),
+                provider,
+            )
         }
         Ok(res) => {
             let status = res.status();
@@ -1042,32 +1043,44 @@ async fn forward_call(
             if let Some(key) = ctx.idem_key.clone() {
                 return stored_for_replay(state, snap, ctx, rec, rparts, rbody, total, key).await;
             }
+            let timeouts = crate::mcp::body_timeouts(tool, &target);
+            let in_band = !crate::mcp::is_mcp(&snap, &target);
             if ctx.estimate.llm.is_some() {
                 // LLM usage is known at the end of the body: the outcome record and the
                 // settlement wait for it, the stream does not.
-                let sse = rparts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.starts_with("text/event-stream"));
                 let (st, sn) = (state.clone(), snap.clone());
-                let done: crate::metering::OnDone = Box::new(move |tokens| {
+                let done: crate::stream::OnEnd = Box::new(move |end| {
                     let Ok(rt) = tokio::runtime::Handle::try_current() else {
                         return;
                     };
                     rt.spawn(async move {
-                        // No usage reported: charge the estimate, the bound we reserved.
-                        let t = tokens.unwrap_or(ctx.estimate.tokens);
+                        // No usage reported: charge the estimate, the bound we reserved; cut
+                        // short: charge what was delivered.
+                        let t = crate::metering::charged_tokens(
+                            &ctx.estimate,
+                            &end.scanned,
+                            end.cut.is_some(),
+                        );
                         let spend = ctx.estimate.llm_spend(t);
                         charge(&st, &sn, &ctx, spend).await;
                         rec.cost.usd = crate::limits::to_usd(spend);
                         rec.cost.prompt_tokens = t.prompt;
                         rec.cost.completion_tokens = t.completion;
+                        if let Some(cut) = &end.cut {
+                            crate::stream::record_cut(&st, &mut rec, cut);
+                        }
                         let _ = write_record(&st, &sn, rec).await;
                     });
                 });
-                let metered = crate::metering::MeteredBody::new(rbody, sse, done);
-                let body = TotalTimeout::new(metered, total).boxed();
+                let body = crate::stream::ResponseStream::new(
+                    rbody,
+                    &rparts.headers,
+                    timeouts,
+                    true,
+                    done,
+                )
+                .in_band_errors(in_band)
+                .boxed();
                 return Response::from_parts(rparts, body);
             }
             let spend = ctx.estimate.spend;
@@ -1081,9 +1094,25 @@ async fn forward_call(
                 let _ = write_record(&st, &sn, rec).await;
             });
             if ctx.mcp_list {
-                return filtered_tools_list(&snap, &target, rparts, rbody, total).await;
+                return filtered_tools_list(
+                    &snap,
+                    &target,
+                    rparts,
+                    rbody,
+                    crate::stream::BodyTimeouts::of(tool).total,
+                )
+                .await;
             }
-            let body = TotalTimeout::new(rbody, total).boxed();
+            let st = state.clone();
+            let done: crate::stream::OnEnd = Box::new(move |end| {
+                if let Some(cut) = &end.cut {
+                    crate::stream::count_cut(&st, cut);
+                }
+            });
+            let body =
+                crate::stream::ResponseStream::new(rbody, &rparts.headers, timeouts, false, done)
+                    .in_band_errors(in_band)
+                    .boxed();
             Response::from_parts(rparts, body)
         }
     }
@@ -1098,20 +1127,20 @@ async fn filtered_tools_list(
     total: Duration,
 ) -> Response<ResBody> {
     const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
-    let sse = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let bytes =
-        match tokio::time::timeout(total, Limited::new(body, MAX_LIST_BYTES).collect()).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            _ => {
-                let mut res = Response::new(full(Bytes::new()));
-                *res.status_mut() = StatusCode::BAD_GATEWAY;
-                return res;
-            }
-        };
+    let sse = crate::metering::is_sse(&parts.headers);
+    let collected = tokio::time::timeout(total, Limited::new(body, MAX_LIST_BYTES).collect()).await;
+    // A compressed list is decoded (bounded) and served decoded, labelled as such.
+    let bytes = match collected {
+        Ok(Ok(b)) => crate::mcp::decoded_body(&mut parts.headers, &b.to_bytes()),
+        _ => Err("the upstream's tools/list answer could not be read".to_string()),
+    };
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(reason) => {
+            let r = Refusal::UpstreamFailed(reason);
+            return refusal_response(&r, None, "", None);
+        }
+    };
     let allowed = snap.catalog.mcp_tools_on(target);
     let (filtered, removed) = crate::mcp::filter_tools_list(&bytes, sse, &allowed);
     if removed > 0 {
@@ -1160,19 +1189,11 @@ async fn stored_for_replay(
             return refusal_response(&r, None, &ctx.run, ctx.mcp_id.as_ref());
         }
     };
-    let content_type = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
     let spend = match ctx.estimate.llm {
         Some(_) => {
-            let sse = content_type
-                .as_deref()
-                .is_some_and(|c| c.starts_with("text/event-stream"));
-            let mut scan = crate::metering::UsageScanner::new(sse);
+            let mut scan = crate::metering::UsageScanner::for_response(&parts.headers);
             scan.feed(&bytes);
-            let t = scan.finish().unwrap_or(ctx.estimate.tokens);
+            let t = scan.finish().reported.unwrap_or(ctx.estimate.tokens);
             rec.cost.prompt_tokens = t.prompt;
             rec.cost.completion_tokens = t.completion;
             ctx.estimate.llm_spend(t)
@@ -1181,7 +1202,7 @@ async fn stored_for_replay(
     };
     rec.cost.usd = crate::limits::to_usd(spend);
     charge(&state, &snap, &ctx, spend).await;
-    let stored = crate::idempotency::stored(parts.status.as_u16(), content_type, &bytes);
+    let stored = crate::idempotency::stored(parts.status.as_u16(), &parts.headers, &bytes);
     if parts.status.is_server_error() {
         // A failed attempt is not the answer to keep: let the retry through.
         state.limits.idempotency.release(&key).await;
@@ -1379,7 +1400,8 @@ async fn finish_refused(
         .with_label_values(&["total"])
         .observe(ctx.started.elapsed().as_secs_f64());
     tracing::info!(run = %ctx.run, tenant = %ctx.tenant, tool = tool.as_deref().unwrap_or(""), decision = d.as_str(), reason = %r.reasons().join("; "), "refused");
-    refusal_response(&r, tool.as_deref(), &ctx.run, ctx.mcp_id.as_ref())
+    let provider = crate::refusal::provider_for(snap, ctx.tool, ctx.target.as_ref());
+    refusal_response_as(&r, tool.as_deref(), &ctx.run, ctx.mcp_id.as_ref(), provider)
 }
 
 /// The JSON (or JSON-RPC, for MCP calls) refusal response.
@@ -1389,24 +1411,24 @@ pub fn refusal_response(
     run: &str,
     mcp_id: Option<&Value>,
 ) -> Response<ResBody> {
-    let body = r.body(tool, run);
-    let mut extra: Vec<(&str, String)> = Vec::new();
-    if let Some(s) = r.retry_after() {
-        extra.push(("retry-after", s.to_string()));
-    }
-    if let Some(id) = mcp_id {
-        // MCP clients read JSON-RPC errors; keep the same reason text and the full body as data.
-        // A batch (ids as an array; JSON-RPC ids are never arrays) gets one error per element.
-        let error = |id: &Value| serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001, "message": format!("{}: {}", r.code(), body["reason"].as_str().unwrap_or("")), "data": body}});
-        let rpc = match id {
-            Value::Array(ids) => Value::Array(ids.iter().map(error).collect()),
-            id => error(id),
-        };
-        let refs: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        return json_response(StatusCode::OK, &rpc, run, &refs);
-    }
-    let refs: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    json_response(r.status(), &body, run, &refs)
+    refusal_response_as(r, tool, run, mcp_id, None)
+}
+
+/// [`refusal_response`] in the envelope of the call's LLM provider, if it has one.
+fn refusal_response_as(
+    r: &Refusal,
+    tool: Option<&str>,
+    run: &str,
+    mcp_id: Option<&Value>,
+    provider: Option<crate::config::LlmProvider>,
+) -> Response<ResBody> {
+    use crate::refusal::Envelope;
+    let envelope = match (mcp_id, provider) {
+        (Some(id), _) => Envelope::JsonRpc(id),
+        (None, Some(p)) => Envelope::Provider(p),
+        (None, None) => Envelope::Tollgate,
+    };
+    crate::refusal::response(r, tool, run, envelope)
 }
 
 fn json_response(
@@ -1439,46 +1461,4 @@ fn json_response(
 /// Tool of a context, for callers outside this module.
 pub fn tool_of<'s>(snap: &'s Snapshot, ctx: &CallContext) -> Option<&'s Tool> {
     ctx.tool.map(|i| &snap.tools[i])
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that errors once the tool's total timeout has passed.
-    pub struct TotalTimeout<B> {
-        #[pin]
-        inner: B,
-        #[pin]
-        deadline: tokio::time::Sleep,
-    }
-}
-
-impl<B> TotalTimeout<B> {
-    fn new(inner: B, total: Duration) -> Self {
-        Self {
-            inner,
-            deadline: tokio::time::sleep(total),
-        }
-    }
-}
-
-impl<B: http_body::Body<Data = Bytes, Error = hyper::Error>> http_body::Body for TotalTimeout<B> {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        if this.deadline.poll(cx).is_ready() {
-            // Ending the stream early surfaces as a truncated body to the agent; the upstream
-            // connection is dropped with it.
-            return std::task::Poll::Ready(None);
-        }
-        this.inner.poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }

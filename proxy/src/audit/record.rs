@@ -116,4 +116,8 @@ pub struct AuditRecord {
     pub trace_id: String,
     /// The policy input, redacted, for replay.
     pub input: serde_json::Value,
+    /// How the response body was cut short (`total_timeout`, `idle_timeout`,
+    /// `upstream_error`, `client_gone`), in an outcome record; absent when it ended normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<String>,
 }
