@@ -188,7 +188,7 @@ def aiohttp_gemini(case, mode):
 def httpx_compressed_sse(case, mode):
     """An OpenAI-compatible server (vLLM-style) streaming gzip-compressed SSE."""
     import httpx
-    body = {"model": "llama-3", "stream": True, "messages": [{"role": "user", "content": "compressed stream"}]}
+    body = {"model": "llama-3", "stream": True, "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "compressed stream"}]}
     usage, n = None, 0
     h = {**hdrs(case), "authorization": "Bearer sk-placeholder", "x-standin-compress": "gzip"}
     with httpx.Client(timeout=30) as c:
