@@ -5,13 +5,13 @@
 #   openai, anthropic, mcp  the official Python SDKs
 #   requests, httpx, aiohttp  the HTTP clients agent frameworks use
 #   uvicorn, starlette      serve the stand-in MCP server built with the mcp SDK itself
-#   undici                  Node's fetch with a ProxyAgent
+#   undici                  Node's fetch with a ProxyAgent (6.x: the CI machine runs Node 20)
 set -euo pipefail
 
 prefix=${TOLLGATE_CLIENTS:-/opt/tollgate-clients}
 pins=(openai==3.57.0 anthropic==2.14.0 mcp==2.3.0 requests==2.34.2 httpx==0.28.1
   aiohttp==3.14.5 uvicorn==0.54.0 starlette==1.10.0)
-undici=8.13.1
+undici=6.29.1
 
 if [ ! -x "$prefix/venv/bin/python" ]; then
   python3 -m venv "$prefix/venv"

@@ -250,6 +250,17 @@ pub fn delivered_chars(v: &Value) -> u64 {
     n
 }
 
+/// Is this streamed event the last of its answer?
+fn is_terminal(v: &Value) -> bool {
+    matches!(
+        v.get("type").and_then(Value::as_str),
+        Some("message_stop" | "response.completed" | "response.failed" | "response.incomplete")
+    ) || v
+        .get("candidates")
+        .and_then(Value::as_array)
+        .is_some_and(|c| c.iter().any(|c| c.get("finishReason").is_some()))
+}
+
 /// Most bytes of a non-streamed response kept to read its usage.
 const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
 
@@ -260,6 +271,9 @@ pub struct Scanned {
     pub reported: Option<Tokens>,
     /// Characters of generated text delivered (streams).
     pub delivered_chars: u64,
+    /// The stream's terminal event passed (`[DONE]`, Anthropic `message_stop`, responses
+    /// `response.completed`, a Gemini `finishReason`): a client closing after it cut nothing.
+    pub complete: bool,
 }
 
 /// Reads token usage out of a response body as it passes. An encoded body is decoded on the
@@ -272,6 +286,7 @@ pub struct UsageScanner {
     seen: bool,
     tokens: Tokens,
     delivered: u64,
+    complete: bool,
     decoder: Option<StreamDecoder>,
 }
 
@@ -334,9 +349,13 @@ impl UsageScanner {
         let line = String::from_utf8_lossy(line);
         let line = line.trim_end_matches(['\r', '\n']);
         if let Some(data) = line.strip_prefix("data:") {
-            if let Ok(v) = serde_json::from_str::<Value>(data.trim_start()) {
+            let data = data.trim_start();
+            if data == "[DONE]" {
+                self.complete = true;
+            } else if let Ok(v) = serde_json::from_str::<Value>(data) {
                 self.seen |= fold_usage(&v, &mut self.tokens);
                 self.delivered += delivered_chars(&v);
+                self.complete |= is_terminal(&v);
             }
         }
     }
@@ -354,6 +373,7 @@ impl UsageScanner {
         Scanned {
             reported: self.seen.then_some(self.tokens),
             delivered_chars: self.delivered,
+            complete: self.complete,
         }
     }
 }
@@ -518,6 +538,7 @@ mod tests {
         let cut = Scanned {
             reported: None,
             delivered_chars: 41,
+            complete: false,
         };
         assert_eq!(
             charged_tokens(&est, &cut, true),
@@ -533,6 +554,7 @@ mod tests {
                 completion: 1,
             }),
             delivered_chars: 400,
+            complete: false,
         };
         assert_eq!(
             charged_tokens(&est, &anth, true),

@@ -125,6 +125,8 @@ pin_project_lite::pin_project! {
         // Last two bytes delivered, to end an SSE event before the error event.
         tail: [u8; 2],
         bytes: u64,
+        // The last byte of a body of known length passed.
+        whole: bool,
         done: Option<OnEnd>,
         ended: bool,
     }
@@ -133,9 +135,13 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(done) = this.done.take() {
+                let scanned = this.scanner.take().map(UsageScanner::finish).unwrap_or_default();
+                // hyper stops polling a body of known length at its last byte, and a client
+                // may close once the terminal event passed: neither is a cut.
+                let whole = *this.whole || scanned.complete;
                 done(BodyEnd {
-                    scanned: this.scanner.take().map(UsageScanner::finish).unwrap_or_default(),
-                    cut: Some(Cut::ClientGone),
+                    scanned,
+                    cut: (!whole).then_some(Cut::ClientGone),
                     bytes: *this.bytes,
                 });
             }
@@ -166,6 +172,7 @@ impl<B> ResponseStream<B> {
             sse_error: sse && !encoded,
             tail: *b"\n\n",
             bytes: 0,
+            whole: false,
             done: Some(done),
             ended: false,
         }
@@ -290,6 +297,7 @@ where
                         n => *this.tail = [d[n - 2], d[n - 1]],
                     }
                 }
+                *this.whole |= this.inner.is_end_stream();
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {

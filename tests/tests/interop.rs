@@ -569,7 +569,9 @@ fn real_clients_work_through_every_mode() {
             assert!(r["body"].get("stream_options").is_none(), "{r}");
         }
     }
-    assert!(seen.iter().any(|r| r["path"] == "/v1/messages" && r["body"]["stream"] == true));
+    assert!(seen
+        .iter()
+        .any(|r| r["path"] == "/v1/messages" && r["body"]["stream"] == true));
 }
 
 /// The README's supported-clients table lists exactly what this suite covers.
