@@ -38,6 +38,49 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Headers an SDK carries its (placeholder) API key in. Where the tool injects a credential,
+/// every one of them is dropped, not only the injected header: an OpenAI SDK pointed at an
+/// Anthropic-style tool still sends `Authorization`, and the upstream must see one key, the
+/// injected one.
+pub const AGENT_CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-auth-token",
+];
+
+/// Drop every credential the agent supplied for a call whose credential Tollgate injects:
+/// the agent never chooses the credential, and never learns it.
+pub fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Credential) {
+    for name in AGENT_CREDENTIAL_HEADERS {
+        h.remove(*name);
+    }
+    h.remove(&injected.header);
+}
+
+/// Refuse protocol upgrades. A WebSocket (HTTP/1.1 `Upgrade: websocket`, or an HTTP/2
+/// extended CONNECT) would turn one decided request into an undecided session, and an
+/// `h2c` upgrade would bypass the request parser; neither is forwarded, and the agent is told
+/// why in the JSON body instead of getting a silently downgraded plain GET.
+pub fn check_upgrade(parts: &http::request::Parts) -> Result<(), crate::refusal::Refusal> {
+    let upgrade = parts
+        .headers
+        .get(http::header::UPGRADE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let h2_protocol = parts
+        .extensions
+        .get::<hyper::ext::Protocol>()
+        .map(|p| p.as_str().to_owned());
+    match upgrade.or(h2_protocol) {
+        None => Ok(()),
+        Some(p) => Err(crate::refusal::Refusal::UpgradeRefused(format!(
+            "protocol upgrade to {p:?} is not forwarded: Tollgate decides each call as an HTTP request, and a {p} session could not be decided call by call"
+        ))),
+    }
+}
+
 /// The upstream request headers for a call.
 pub fn upstream_headers(
     agent_headers: &HeaderMap,
@@ -66,9 +109,7 @@ pub fn upstream_headers(
         h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
     }
     if let Some(cred) = tool.and_then(|t| t.credential.as_ref()) {
-        // Whatever the agent sent under this name is dropped first: the agent never chooses
-        // the credential, and never learns it.
-        h.remove(&cred.header);
+        strip_agent_credentials(&mut h, cred);
         h.insert(cred.header.clone(), cred.value.clone());
     }
     if let Ok(v) = HeaderValue::from_str(traceparent) {
@@ -205,6 +246,45 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_agent_credential_is_dropped_where_one_is_injected() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+            "x-kept",
+        ] {
+            h.insert(
+                HeaderName::from_static(n),
+                "agent-placeholder".parse().unwrap(),
+            );
+        }
+        let cred = crate::snapshot::Credential {
+            header: HeaderName::from_static("x-api-key"),
+            value: "real".parse().unwrap(),
+        };
+        strip_agent_credentials(&mut h, &cred);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrades_are_refused_with_a_reason() {
+        let (parts, _) = http::Request::get("/ws")
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let r = check_upgrade(&parts).unwrap_err();
+        assert_eq!(r.code(), "upgrade_not_allowed");
+        assert!(r.reasons()[0].contains("websocket"));
+        let (parts, _) = http::Request::get("/").body(()).unwrap().into_parts();
+        assert!(check_upgrade(&parts).is_ok());
     }
 
     #[test]

@@ -117,4 +117,8 @@ pub struct AuditRecord {
     /// The policy input, redacted, for replay: serialised once per call, shared by its
     /// decision and outcome records.
     pub input: crate::redact::RecordedInput,
+    /// How the response body was cut short (`total_timeout`, `idle_timeout`,
+    /// `upstream_error`, `client_gone`), in an outcome record; absent when it ended normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<String>,
 }

@@ -112,17 +112,28 @@ async fn run(
     if let RouteMatch::Tool(i) = route {
         call.routed = Some(i);
     }
-    // 4. The canonical call: read and parse the body, match MCP tools, validate each input.
+    // An upgrade (WebSocket, h2c) would turn one decided call into an undecided session.
+    forward::check_upgrade(parts)?;
+    // 4. The canonical call: read and parse the body (within the routed tool's limit), match
+    // MCP tools, validate each input.
     call.stage = "input";
+    let max_body = call
+        .routed
+        .map_or(snap.max_body, |i| snap.tools[i].max_body);
     let bytes = stages::body::read(
         body,
         &parts.headers,
-        snap.max_body,
+        max_body,
         snap.server.body_read_timeout,
     )
     .await?;
     call.body_len = bytes.len();
     let mut decoded = stages::body::decode(&parts.headers, bytes)?;
+    if route == RouteMatch::Mcp {
+        // A bodiless session GET (the server's stream) or DELETE (end of session) is `null`.
+        let msg = crate::mcp::message(&parts.method, &parts.headers, decoded.parsed.take())?;
+        decoded.parsed = Some(msg);
+    }
     let calls = stages::tools::match_calls(&snap, &target, route, &mut decoded, &mut call.mcp_id)?;
     gates::elements(call, calls, &decoded, parts)?;
     // 5. Gates, in order: kill switch → rate limit → budget reservation → policy → approval.
@@ -185,11 +196,16 @@ async fn forward_call(
     if let Err(r) = finish::durable_decision(&call).await {
         return finish::finish(call, Outcome::AuditFailed(r)).await;
     }
-    // Streamed LLM calls are asked to report usage, when the tool says so.
-    let inject = tool
-        .and_then(|t| t.config.cost.as_ref())
-        .and_then(|c| c.llm.as_ref())
-        .is_some_and(|l| l.inject_stream_usage);
+    // Streamed LLM calls are asked to report usage, when the tool says so and its declared
+    // provider's API at this path takes the option.
+    let inject = tool.is_some_and(|t| {
+        t.config
+            .cost
+            .as_ref()
+            .and_then(|c| c.llm.as_ref())
+            .is_some_and(|l| l.inject_stream_usage)
+            && crate::metering::takes_stream_usage(t.provider, &target.path)
+    });
     let body = match inject
         .then(|| {
             call.elements
@@ -211,6 +227,7 @@ async fn forward_call(
     *req.headers_mut() = headers;
     let t = tool.map(|t| (t.connect_timeout, t.header_timeout, t.total_timeout));
     let (connect, header, total) = t.unwrap_or(crate::snapshot::DEFAULT_TIMEOUTS);
+    let timeouts = crate::mcp::body_timeouts(tool, &target);
     call.stage = "upstream";
     call.sent = true;
     if let Some(b) = call.budget.as_mut() {
@@ -234,7 +251,7 @@ async fn forward_call(
         Ok(res) => Outcome::Answered {
             response: res,
             upstream_us,
-            total,
+            timeouts,
             target,
         },
     };
