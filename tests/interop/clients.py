@@ -2,11 +2,11 @@
 library observed, one JSON line per case: {"case", "ok", "observed" | "error"}. The Rust side
 (tests/tests/interop.rs) checks the observations against what Tollgate recorded.
 
-Every case sends `X-Tollgate-Run: <case>` so its audit records can be found, and the tenant
-header. Modes: `base_url` (http://proxy/u/<name>/...), `forward` (HTTP_PROXY to an http://
+Every case sends `X-Tollgate-Run: <its run>` (signed by the Rust side, which plays the
+orchestrator) so its audit records can be found, and the tenant header. Modes: `base_url` (http://proxy/u/<name>/...), `forward` (HTTP_PROXY to an http://
 upstream), `connect` (HTTPS_PROXY, TLS intercepted with the CA in SSL_CERT_FILE).
 
-argv[1]: JSON {"proxy", "standin", "standin_tls", "mcp", "ca", "cases": [...]}.
+argv[1]: JSON {"proxy", "standin", "standin_tls", "mcp", "ca", "cases": [...], "runs": {case: run}}.
 """
 
 import asyncio
@@ -280,7 +280,7 @@ def main():
     for full in CFG["cases"]:
         name, mode = full.rsplit("@", 1)
         proxy_env(mode)
-        run_id = full.replace("@", ".")
+        run_id = CFG["runs"][full]
         try:
             observed = CASES[name](run_id, mode)
             print(json.dumps({"case": full, "ok": True, "observed": observed}), flush=True)

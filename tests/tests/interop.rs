@@ -186,6 +186,17 @@ fn start_python(script: &str, args: &[&str], log: &Path) -> Server {
     Server(child, ports)
 }
 
+/// The key the interop proxy verifies runs with: the suite plays the orchestrator, so each
+/// case runs under its own run id and its records can be found.
+const RUN_KEY: &str = "interop-orchestrator-run-key";
+
+/// The signed run id of a case.
+fn run_of(case: &str) -> String {
+    let nonce = case.replace('@', ".");
+    let mac = tollgate_proxy::identify::sign(RUN_KEY.as_bytes(), &nonce);
+    format!("run_{nonce}.{mac}")
+}
+
 struct Setup {
     proxy: TestProxy,
     _standin: Server,
@@ -252,7 +263,7 @@ fn setup() -> Setup {
     }
     let config = format!(
         r#"
-agent: {{name: interop, tenants: [acme]}}
+agent: {{name: interop, tenants: [acme], runs: {{keyFrom: {{env: RUN_KEY}}}}}}
 upstreams:
   openai: http://127.0.0.1:{p}
   anthropic: http://127.0.0.1:{p}
@@ -299,6 +310,7 @@ policies:
             ("OPENAI_KEY", "sk-real-openai"),
             ("ANTHROPIC_KEY", "sk-ant-real"),
             ("GEMINI_KEY", "gm-real"),
+            ("RUN_KEY", RUN_KEY),
         ],
     );
     let mut cfg = cfg;
@@ -315,6 +327,9 @@ policies:
 fn run_cases(s: &Setup, cases: &[String]) -> Vec<Value> {
     let mut cfg = s.cfg.clone();
     cfg["cases"] = json!(cases);
+    let runs: serde_json::Map<String, Value> =
+        cases.iter().map(|c| (c.clone(), run_of(c).into())).collect();
+    cfg["runs"] = Value::Object(runs);
     let out = Command::new(python())
         .arg(interop_dir().join("clients.py"))
         .arg(cfg.to_string())
@@ -377,7 +392,7 @@ fn assert_metered(p: &TestProxy, run: &str, model: &str, o: &Value) {
 
 fn check(s: &Setup, result: &Value) -> Result<(), String> {
     let case = result["case"].as_str().unwrap();
-    let run = case.replace('@', ".");
+    let run = run_of(case);
     if result["ok"] != true {
         return Err(format!(
             "{case}: {}\n{}",
