@@ -327,8 +327,10 @@ policies:
 fn run_cases(s: &Setup, cases: &[String]) -> Vec<Value> {
     let mut cfg = s.cfg.clone();
     cfg["cases"] = json!(cases);
-    let runs: serde_json::Map<String, Value> =
-        cases.iter().map(|c| (c.clone(), run_of(c).into())).collect();
+    let runs: serde_json::Map<String, Value> = cases
+        .iter()
+        .map(|c| (c.clone(), run_of(c).into()))
+        .collect();
     cfg["runs"] = Value::Object(runs);
     let out = Command::new(python())
         .arg(interop_dir().join("clients.py"))
@@ -587,6 +589,67 @@ fn real_clients_work_through_every_mode() {
     assert!(seen
         .iter()
         .any(|r| r["path"] == "/v1/messages" && r["body"]["stream"] == true));
+}
+
+/// curl with `Expect: 100-continue` over HTTP/1.1 and HTTP/2 (prior knowledge, the proxy
+/// listener's h2c) gets `100 Continue` before it sends its body, then the decided answer: a
+/// client waiting for the 100 must not stall (curl waits a second, then sends anyway, so only
+/// its verbose trace tells the two apart; no timing is asserted).
+#[test]
+fn expect_100_continue_is_answered_over_http1_and_http2() {
+    let up = tollgate_tests::harness::Upstream::start();
+    let config = format!(
+        r#"
+agent: {{name: interop, tenants: [acme]}}
+upstreams: {{pay: "http://{a}"}}
+tools:
+  - name: pay.refund
+    match: {{host: "{a}", methods: [POST], path: /v1/refunds}}
+audit: {{path: audit.jsonl}}
+"#,
+        a = up.addr
+    );
+    let p = TestProxy::start(&config, &[]);
+    let body = format!(r#"{{"amount": 10, "note": "{}"}}"#, "x".repeat(4096));
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let out = Command::new("curl")
+            .args(["-sS", "-v", "--max-time", "20", version])
+            .args([
+                "-H",
+                "X-Tollgate-Tenant: acme",
+                "-H",
+                "Expect: 100-continue",
+            ])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+            ])
+            .arg(format!("http://{}/u/pay/v1/refunds", p.proxy))
+            .output()
+            .expect("curl is installed by .ci/install-tools.sh");
+        let trace = String::from_utf8_lossy(&out.stderr);
+        // Status lines as curl prints them: `< HTTP/1.1 100 Continue`, `< HTTP/2 100`.
+        let statuses: Vec<&str> = trace
+            .lines()
+            .filter_map(|l| l.strip_prefix("< HTTP/"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .collect();
+        let interim = statuses.first() == Some(&"100");
+        let answered = statuses.last() == Some(&"200");
+        assert!(
+            out.status.success() && interim && answered,
+            "{version}: 100 Continue, then 200:\n{trace}\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"),
+            "{version}: the upstream's answer"
+        );
+    }
+    assert_eq!(up.count(), 2, "both bodies reached the upstream, whole");
+    assert!(up.seen().iter().all(|s| s.body.len() == body.len()));
 }
 
 /// The README's supported-clients table lists exactly what this suite covers.
