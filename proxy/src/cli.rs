@@ -7,20 +7,6 @@ use std::path::Path;
 /// Exit code for an invalid config.
 pub const EXIT_CONFIG: u8 = 64;
 
-/// Install the tracing subscriber; `TOLLGATE_LOG` overrides `default` (an env-filter).
-pub fn init_logging(json: bool, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        b.json().flatten_event(true).try_init()
-    } else {
-        b.try_init()
-    };
-}
-
 /// `run --config FILE`.
 pub async fn run(config: &Path) -> u8 {
     let running = match start_from_file(config, None, None).await {

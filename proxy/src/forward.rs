@@ -1,11 +1,11 @@
-//! Forward: header surgery (hop-by-hop per RFC 9110 §7.6.1, Tollgate headers, the agent's copy
-//! of an injected credential), W3C `traceparent`, the upstream call, and dry-run answers.
+//! Forward: response header surgery (hop-by-hop per RFC 9110 §7.6.1), W3C `traceparent`, and
+//! dry-run answers. The upstream request itself is rebuilt from the decided call
+//! ([`crate::canonical::rebuild`]).
 
 use crate::identify::RUN_HEADER;
-use crate::snapshot::Tool;
 use crate::target::Target;
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONNECTION};
 use http::HeaderMap;
 
 /// Hop-by-hop headers never forwarded in either direction.
@@ -60,6 +60,41 @@ pub fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Cr
     h.remove(&injected.header);
 }
 
+/// The `Accept-Encoding` sent upstream: the agent's, narrowed to the codings Tollgate reads
+/// (gzip, deflate, br, zstd; `*` stands for the four). Responses are passed on as coded, so
+/// the agent still gets the compression it asked for, and Tollgate can still decode any
+/// answer for usage and MCP lists. `None` (identity) when the agent accepts none of them.
+pub fn accept_encoding(agent: &HeaderMap) -> Option<HeaderValue> {
+    const READ: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
+    let mut out: Vec<&str> = Vec::new();
+    for v in agent.get_all(http::header::ACCEPT_ENCODING) {
+        for item in v.to_str().unwrap_or("").split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if refused {
+                continue;
+            }
+            let coding = if coding == "x-gzip" {
+                "gzip".into()
+            } else {
+                coding
+            };
+            for c in READ {
+                if (coding == c || coding == "*") && !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    (!out.is_empty()).then(|| HeaderValue::from_str(&out.join(", ")).expect("token list"))
+}
+
 /// Refuse protocol upgrades. A WebSocket (HTTP/1.1 `Upgrade: websocket`, or an HTTP/2
 /// extended CONNECT) would turn one decided request into an undecided session, and an
 /// `h2c` upgrade would bypass the request parser; neither is forwarded, and the agent is told
@@ -79,43 +114,6 @@ pub fn check_upgrade(parts: &http::request::Parts) -> Result<(), crate::refusal:
             "protocol upgrade to {p:?} is not forwarded: Tollgate decides each call as an HTTP request, and a {p} session could not be decided call by call"
         ))),
     }
-}
-
-/// The upstream request headers for a call.
-pub fn upstream_headers(
-    agent_headers: &HeaderMap,
-    target: &Target,
-    tool: Option<&Tool>,
-    traceparent: &str,
-    body_len: usize,
-) -> HeaderMap {
-    let mut h = agent_headers.clone();
-    strip_hop_by_hop(&mut h);
-    let tollgate: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-tollgate-"))
-        .cloned()
-        .collect();
-    for k in tollgate {
-        h.remove(k);
-    }
-    h.remove(HOST);
-    h.remove(CONTENT_LENGTH);
-    h.remove(TRANSFER_ENCODING);
-    if let Ok(v) = HeaderValue::from_str(&target.authority()) {
-        h.insert(HOST, v);
-    }
-    if body_len > 0 || !matches!(target.method, http::Method::GET | http::Method::HEAD) {
-        h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
-    }
-    if let Some(cred) = tool.and_then(|t| t.credential.as_ref()) {
-        strip_agent_credentials(&mut h, cred);
-        h.insert(cred.header.clone(), cred.value.clone());
-    }
-    if let Ok(v) = HeaderValue::from_str(traceparent) {
-        h.insert(HeaderName::from_static("traceparent"), v);
-    }
-    h
 }
 
 /// Continue the agent's trace (new span id under the same trace id), or start one.
@@ -270,6 +268,24 @@ mod tests {
         strip_agent_credentials(&mut h, &cred);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn accept_encoding_is_narrowed_to_what_tollgate_reads() {
+        let ae = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::ACCEPT_ENCODING, v.parse().unwrap());
+            accept_encoding(&h).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(ae("gzip, deflate").as_deref(), Some("gzip, deflate"));
+        assert_eq!(
+            ae("br;q=0.9, compress, x-gzip").as_deref(),
+            Some("br, gzip")
+        );
+        assert_eq!(ae("zstd;q=0, gzip").as_deref(), Some("gzip"));
+        assert_eq!(ae("*").as_deref(), Some("gzip, deflate, br, zstd"));
+        assert_eq!(ae("identity"), None);
+        assert_eq!(accept_encoding(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod stages;
 pub mod state;
 pub mod stream;
 pub mod target;
+pub mod telemetry;
 pub mod tls;
 pub mod transparent;
 pub mod tunnel;

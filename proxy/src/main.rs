@@ -205,7 +205,6 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    cli::init_logging(cli.log_json, default_log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -216,6 +215,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    {
+        let _rt = rt.enter();
+        tollgate_proxy::telemetry::init(cli.log_json, default_log);
+    }
     let code = rt.block_on(async move {
         match cli.command {
             Command::Run {
@@ -314,6 +317,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Spans still batched go out before the process exits (the runtime still runs the send).
+    tollgate_proxy::telemetry::shutdown();
     let _ = EXIT_CONFIG;
     ExitCode::from(code)
 }

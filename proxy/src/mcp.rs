@@ -17,6 +17,7 @@
 //! The current revision's routing headers (`Mcp-Method`, `Mcp-Name`) must agree with the body
 //! Tollgate decides: a server that routes by header must not run a different tool.
 
+use crate::canonical::CanonicalBody;
 use crate::input::{mcp_call, McpCall};
 use crate::refusal::Refusal;
 use crate::snapshot::Snapshot;
@@ -47,27 +48,31 @@ fn session_method(m: &str) -> bool {
 /// Header carrying the session id (every revision that has sessions).
 pub const SESSION_HEADER: &str = "mcp-session-id";
 
-/// The JSON-RPC message of an MCP request, or `Value::Null` for a bodiless session `GET` or
-/// `DELETE` (which must carry `Mcp-Session-Id`, except a `GET` that opens a stream).
-pub fn message(
+/// Check an MCP request before its message is classified: a bodiless request is a session
+/// `GET` (the server's stream) or a `DELETE` that ends a session (with its `Mcp-Session-Id`),
+/// and the current revision's routing headers agree with the body. A bodiless request that
+/// passes is classified as the message `null` (see [`classify`]).
+pub fn check_request(
     method: &http::Method,
     headers: &http::HeaderMap,
-    parsed: Option<Value>,
-) -> Result<Value, Refusal> {
-    let Some(msg) = parsed else {
-        return match *method {
-            http::Method::GET => Ok(Value::Null),
-            http::Method::DELETE if headers.contains_key(SESSION_HEADER) => Ok(Value::Null),
+    body: &CanonicalBody,
+) -> Result<(), Refusal> {
+    match body {
+        CanonicalBody::Json(msg) => check_routing_headers(headers, msg),
+        CanonicalBody::Empty => match *method {
+            http::Method::GET => Ok(()),
+            http::Method::DELETE if headers.contains_key(SESSION_HEADER) => Ok(()),
             http::Method::DELETE => Err(Refusal::BadRequest(
                 "an MCP DELETE ends a session and needs its Mcp-Session-Id header".into(),
             )),
             _ => Err(Refusal::UnparsableBody(
                 "MCP endpoint expects a JSON-RPC body".into(),
             )),
-        };
-    };
-    check_routing_headers(headers, &msg)?;
-    Ok(msg)
+        },
+        _ => Err(Refusal::UnparsableBody(
+            "MCP endpoint expects a JSON-RPC body".into(),
+        )),
+    }
 }
 
 /// `Mcp-Method` and `Mcp-Name` (2026-07-28) must name what the body does.
@@ -190,7 +195,7 @@ pub fn reply_id(msg: &Value) -> Option<Value> {
 /// Classify a posted JSON-RPC message (or batch) against the agent's MCP tools on `target`.
 pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMessage, Refusal> {
     let (items, batch): (Vec<&Value>, bool) = match msg {
-        // A bodiless session GET or DELETE (see `message`).
+        // A bodiless session GET or DELETE (see `check_request`).
         Value::Null => return Ok(McpMessage::default()),
         Value::Array(a) => (a.iter().collect(), true),
         v => (vec![v], false),
@@ -323,21 +328,30 @@ mod tests {
             }
             m
         };
-        let get = message(&http::Method::GET, &h(&[]), None).unwrap();
-        assert_eq!(get, Value::Null);
-        assert!(message(&http::Method::DELETE, &h(&[(SESSION_HEADER, "s1")]), None).is_ok());
-        assert!(message(&http::Method::DELETE, &h(&[]), None).is_err());
-        assert!(message(&http::Method::POST, &h(&[]), None).is_err());
-        let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search", "arguments": {}}});
-        let ok = h(&[("mcp-method", "tools/call"), ("mcp-name", "search")]);
-        assert!(message(&http::Method::POST, &ok, Some(call.clone())).is_ok());
+        let empty = CanonicalBody::Empty;
+        assert!(check_request(&http::Method::GET, &h(&[]), &empty).is_ok());
+        assert!(
+            check_request(&http::Method::DELETE, &h(&[(SESSION_HEADER, "s1")]), &empty).is_ok()
+        );
+        assert!(check_request(&http::Method::DELETE, &h(&[]), &empty).is_err());
+        assert!(check_request(&http::Method::POST, &h(&[]), &empty).is_err());
+        let call = CanonicalBody::Json(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search", "arguments": {}}}),
+        );
+        let post = |hs| check_request(&http::Method::POST, &hs, &call);
+        assert!(post(h(&[("mcp-method", "tools/call"), ("mcp-name", "search")])).is_ok());
         // A server routing by header must not run a tool other than the one decided.
-        let lie = h(&[("mcp-method", "tools/call"), ("mcp-name", "delete_all")]);
-        assert!(message(&http::Method::POST, &lie, Some(call.clone())).is_err());
-        let b64 = h(&[("mcp-name", "=?base64?c2VhcmNo?=")]);
-        assert!(message(&http::Method::POST, &b64, Some(call.clone())).is_ok());
-        let twice = h(&[("mcp-method", "tools/call"), ("mcp-method", "tools/call")]);
-        assert!(message(&http::Method::POST, &twice, Some(call)).is_err());
+        assert!(post(h(&[
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "delete_all")
+        ]))
+        .is_err());
+        assert!(post(h(&[("mcp-name", "=?base64?c2VhcmNo?=")])).is_ok());
+        assert!(post(h(&[
+            ("mcp-method", "tools/call"),
+            ("mcp-method", "tools/call")
+        ]))
+        .is_err());
         // A client's reply to a server request is told apart from a request.
         assert!(is_reply(
             &json!({"jsonrpc": "2.0", "id": 7, "result": {"roots": []}})

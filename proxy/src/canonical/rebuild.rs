@@ -10,10 +10,12 @@
 //!   `Content-Encoding`; `Content-Length` from the rebuilt body; `Host` from the target.
 //! - Agent headers: only [`DEFAULT_FORWARD_HEADERS`], the tool's `forwardHeaders` and its
 //!   meaning-carrying headers, and never [`NEVER_FORWARD_HEADERS`] whatever a tool lists.
-//! - Set by the proxy: `X-Forwarded-For` (the agent's address, when known),
-//!   `X-Forwarded-Proto` and `X-Forwarded-Host` (the upstream request's own scheme and
-//!   authority), `traceparent`, the tool's credential, and the `Idempotency-Key` in the
-//!   tool's forwarding mode.
+//! - Set by the proxy: `X-Forwarded-Proto` and `X-Forwarded-Host` (the upstream request's
+//!   own scheme and authority), `traceparent`, the tool's credential, and the
+//!   `Idempotency-Key` in the tool's forwarding mode, and `Accept-Encoding` narrowed to the
+//!   codings Tollgate decodes (so usage and MCP lists can be read from any answer).
+//!   `X-Forwarded-For` is neither passed nor set: the agent is the sidecar's own pod, so the
+//!   address would say nothing.
 
 use super::{form, CanonicalBody, CanonicalCall, CanonicalError, IDEMPOTENCY_KEY};
 use crate::config::IdempotencyKeyForwarding;
@@ -22,7 +24,6 @@ use crate::target::Target;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
-use std::net::IpAddr;
 
 /// Agent headers forwarded to every tool: content negotiation, caching preconditions, the
 /// agent's own credential (replaced when the tool injects one), W3C trace state, and the
@@ -45,6 +46,8 @@ pub const DEFAULT_FORWARD_HEADERS: &[&str] = &[
     "baggage",
     "mcp-session-id",
     "mcp-protocol-version",
+    "mcp-method",
+    "mcp-name",
     "last-event-id",
     "anthropic-version",
     "anthropic-beta",
@@ -110,8 +113,6 @@ pub struct RebuildOptions<'a> {
     pub agent: &'a str,
     /// Tenant (namespaces the `Idempotency-Key`).
     pub tenant: &'a str,
-    /// The agent's address, for `X-Forwarded-For`.
-    pub peer: Option<IpAddr>,
 }
 
 /// The forwarded form of an agent's `Idempotency-Key` in `namespaced` mode:
@@ -163,10 +164,19 @@ pub fn rebuild(
         uri.push('?');
         uri.push_str(&form::serialize_pairs(&call.query_pairs));
     }
+    // Headers the agent declared hop-by-hop are dropped; one the tool forwards cannot be.
+    let hop = super::headers::connection_tokens(agent_headers)?;
+    if let Some(t) = hop
+        .iter()
+        .find(|t| !super::headers::may_drop(t, opts.forward_headers))
+    {
+        return Err(CanonicalError::ConnectionNamesEndToEnd(t.clone()));
+    }
     let mut h = HeaderMap::new();
     let allowed = |n: &HeaderName| {
         let s = n.as_str();
         !NEVER_FORWARD_HEADERS.contains(&s)
+            && !hop.iter().any(|t| t == s)
             && !s.starts_with("x-tollgate-")
             && (DEFAULT_FORWARD_HEADERS.contains(&s)
                 || opts.forward_headers.contains(n)
@@ -192,10 +202,15 @@ pub fn rebuild(
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     if let Some(cred) = opts.credential {
-        // Whatever the agent sent under this name is dropped: the agent never chooses the
-        // credential, and never learns it.
-        h.remove(&cred.header);
+        // Every credential the agent sent is dropped, not only this header's: the agent
+        // never chooses the credential, and never learns it.
+        crate::forward::strip_agent_credentials(&mut h, cred);
         h.insert(cred.header.clone(), cred.value.clone());
+    }
+    // The codings Tollgate can read a response in, of those the agent accepts (see
+    // forward::accept_encoding).
+    if let Some(v) = crate::forward::accept_encoding(agent_headers) {
+        h.insert(header::ACCEPT_ENCODING, v);
     }
     if let Some(key) = &call.idempotency_key {
         let forwarded = match opts.idempotency {
@@ -212,12 +227,6 @@ pub fn rebuild(
         h.insert(
             IDEMPOTENCY_KEY,
             HeaderValue::from_str(&forwarded).map_err(|_| bad("idempotency-key"))?,
-        );
-    }
-    if let Some(ip) = opts.peer {
-        h.insert(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_str(&ip.to_string()).map_err(|_| bad("x-forwarded-for"))?,
         );
     }
     h.insert(
