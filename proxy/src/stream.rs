@@ -149,7 +149,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<B> ResponseStream<B> {
+impl<B: Body> ResponseStream<B> {
     /// Wrap the body of a response with these headers. `scan` reads LLM usage from it.
     pub fn new(
         inner: B,
@@ -159,6 +159,8 @@ impl<B> ResponseStream<B> {
         done: OnEnd,
     ) -> Self {
         let now = Instant::now();
+        // A body known empty (HEAD, 204, 304) may be dropped unpolled: not a cut.
+        let whole = inner.is_end_stream();
         let sse = crate::metering::is_sse(headers);
         let encoded = headers
             .get(http::header::CONTENT_ENCODING)
@@ -172,7 +174,7 @@ impl<B> ResponseStream<B> {
             sse_error: sse && !encoded,
             tail: *b"\n\n",
             bytes: 0,
-            whole: false,
+            whole,
             done: Some(done),
             ended: false,
         }

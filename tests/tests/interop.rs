@@ -275,6 +275,7 @@ tools:
   - name: vllm.chat
     match: {{host: "localhost:{p}", methods: [POST], path: /v1/chat/completions}}
     llm: {{provider: openai-compatible}}
+    request: {{forwardHeaders: [x-standin-compress]}}
     credentials: {{header: Authorization, prefix: "Bearer ", valueFrom: {{env: OPENAI_KEY}}}}
     cost: {{llm: {{prices: {{llama-3: {{promptPerMtok: 0.1, completionPerMtok: 0.2}}}}}}}}
   - name: kb.search
@@ -610,7 +611,8 @@ audit: {{path: audit.jsonl}}
         a = up.addr
     );
     let p = TestProxy::start(&config, &[]);
-    let body = format!(r#"{{"amount": 10, "note": "{}"}}"#, "x".repeat(4096));
+    // Compact JSON: the upstream gets the body re-serialised from what was decided.
+    let body = format!(r#"{{"amount":10,"note":"{}"}}"#, "x".repeat(4096));
     for version in ["--http1.1", "--http2-prior-knowledge"] {
         let out = Command::new("curl")
             .args(["-sS", "-v", "--max-time", "20", version])
@@ -650,6 +652,80 @@ audit: {{path: audit.jsonl}}
     }
     assert_eq!(up.count(), 2, "both bodies reached the upstream, whole");
     assert!(up.seen().iter().all(|s| s.body.len() == body.len()));
+}
+
+/// A WebSocket upgrade is refused with a reason and recorded as a denial, never forwarded as a
+/// plain GET; each tool's `maxBodyBytes` bounds its own requests. Driven with curl, against
+/// the recording upstream (which would accept the GET).
+#[test]
+fn websocket_upgrades_and_per_tool_body_limits() {
+    let up = tollgate_tests::harness::Upstream::start();
+    let config = format!(
+        r#"
+agent: {{name: interop, tenants: [acme]}}
+upstreams: {{api: "http://{a}"}}
+tools:
+  - name: api.events
+    match: {{host: "{a}", methods: [GET], path: /v1/events}}
+  - name: api.small
+    match: {{host: "{a}", methods: [POST], path: /v1/small}}
+    maxBodyBytes: 64
+  - name: api.big
+    match: {{host: "{a}", methods: [POST], path: /v1/big}}
+audit: {{path: audit.jsonl}}
+"#,
+        a = up.addr
+    );
+    let p = TestProxy::start(&config, &[]);
+    let curl = |path: &str, extra: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+            .args(["-H", "X-Tollgate-Tenant: acme"])
+            .args(extra)
+            .arg(format!("http://{}/u/api{path}", p.proxy))
+            .output()
+            .expect("curl is installed by .ci/install-tools.sh");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    };
+    let (code, body) = curl(
+        "/v1/events",
+        &[
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        ],
+    );
+    assert_eq!(code, "403", "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "upgrade_not_allowed", "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("websocket"), "{v}");
+    assert_eq!(up.count(), 0, "the upgrade never reached the upstream");
+    eventually("the refused upgrade is recorded", || {
+        p.audit()
+            .iter()
+            .any(|r| r["tool"] == "api.events" && r["decision"] == "deny")
+    });
+    // The same GET without the upgrade goes through.
+    let (code, _) = curl("/v1/events", &[]);
+    assert_eq!(code, "200");
+    let json = ["-H", "Content-Type: application/json", "--data-binary"];
+    let big = format!(r#"{{"note": "{}"}}"#, "x".repeat(200));
+    let (code, body) = curl("/v1/small", &[json[0], json[1], json[2], &big]);
+    assert_eq!(code, "413", "{body}");
+    assert!(body.contains("64-byte limit"), "{body}");
+    let (code, body) = curl("/v1/big", &[json[0], json[1], json[2], &big]);
+    assert_eq!(
+        code, "200",
+        "the server default applies to other tools: {body}"
+    );
+    assert_eq!(up.count(), 2);
 }
 
 /// The README's supported-clients table lists exactly what this suite covers.
