@@ -95,6 +95,8 @@ fn tool_config(t: &Tool) -> ToolConfig {
         require_idempotency_key: s.require_idempotency_key,
         passthrough: s.passthrough,
         request: s.request.clone(),
+        llm: s.llm.clone(),
+        max_body_bytes: s.max_body_bytes,
     }
 }
 

@@ -205,6 +205,12 @@ pub struct ToolSpec {
     /// headers, Idempotency-Key forwarding).
     #[serde(default)]
     pub request: tollgate_proxy::config::RequestOptions,
+    /// The tool is an LLM API of this provider (usage shape, error envelope, stream usage).
+    #[serde(default)]
+    pub llm: Option<tollgate_proxy::config::LlmApi>,
+    /// Largest request body buffered for this tool.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
 }
 
 /// A Rego module.

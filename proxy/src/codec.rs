@@ -12,7 +12,10 @@
 //! Decoding is strict where decoders disagree: `deflate` is the zlib format RFC 9110 names
 //! (raw deflate is refused), trailing bytes after a stream are refused, an unknown coding is
 //! refused, and more than [`DecodeLimits::max_layers`] stacked codings are refused. The same
-//! decoder serves request bodies (before parsing) and response bodies (before metering).
+//! decoder serves request bodies (before parsing) and buffered response bodies (MCP
+//! `tools/list` answers); [`stream`] decodes a response that streams past, for metering.
+
+pub mod stream;
 
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;

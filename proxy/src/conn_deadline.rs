@@ -101,12 +101,12 @@ struct Tracked {
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::stream::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -38,6 +38,84 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Headers an SDK carries its (placeholder) API key in. Where the tool injects a credential,
+/// every one of them is dropped, not only the injected header: an OpenAI SDK pointed at an
+/// Anthropic-style tool still sends `Authorization`, and the upstream must see one key, the
+/// injected one.
+pub const AGENT_CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-auth-token",
+];
+
+/// Drop every credential the agent supplied for a call whose credential Tollgate injects:
+/// the agent never chooses the credential, and never learns it.
+pub fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Credential) {
+    for name in AGENT_CREDENTIAL_HEADERS {
+        h.remove(*name);
+    }
+    h.remove(&injected.header);
+}
+
+/// The `Accept-Encoding` sent upstream: the agent's, narrowed to the codings Tollgate reads
+/// (gzip, deflate, br, zstd; `*` stands for the four). Responses are passed on as coded, so
+/// the agent still gets the compression it asked for, and Tollgate can still decode any
+/// answer for usage and MCP lists. `None` (identity) when the agent accepts none of them.
+pub fn accept_encoding(agent: &HeaderMap) -> Option<HeaderValue> {
+    const READ: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
+    let mut out: Vec<&str> = Vec::new();
+    for v in agent.get_all(http::header::ACCEPT_ENCODING) {
+        for item in v.to_str().unwrap_or("").split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if refused {
+                continue;
+            }
+            let coding = if coding == "x-gzip" {
+                "gzip".into()
+            } else {
+                coding
+            };
+            for c in READ {
+                if (coding == c || coding == "*") && !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    (!out.is_empty()).then(|| HeaderValue::from_str(&out.join(", ")).expect("token list"))
+}
+
+/// Refuse protocol upgrades. A WebSocket (HTTP/1.1 `Upgrade: websocket`, or an HTTP/2
+/// extended CONNECT) would turn one decided request into an undecided session, and an
+/// `h2c` upgrade would bypass the request parser; neither is forwarded, and the agent is told
+/// why in the JSON body instead of getting a silently downgraded plain GET.
+pub fn check_upgrade(parts: &http::request::Parts) -> Result<(), crate::refusal::Refusal> {
+    let upgrade = parts
+        .headers
+        .get(http::header::UPGRADE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let h2_protocol = parts
+        .extensions
+        .get::<hyper::ext::Protocol>()
+        .map(|p| p.as_str().to_owned());
+    match upgrade.or(h2_protocol) {
+        None => Ok(()),
+        Some(p) => Err(crate::refusal::Refusal::UpgradeRefused(format!(
+            "protocol upgrade to {p:?} is not forwarded: Tollgate decides each call as an HTTP request, and a {p} session could not be decided call by call"
+        ))),
+    }
+}
+
 /// Continue the agent's trace (new span id under the same trace id), or start one.
 /// Returns (traceparent, trace id).
 pub fn traceparent(agent_headers: &HeaderMap) -> (String, String) {
@@ -166,6 +244,63 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_agent_credential_is_dropped_where_one_is_injected() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+            "x-kept",
+        ] {
+            h.insert(
+                HeaderName::from_static(n),
+                "agent-placeholder".parse().unwrap(),
+            );
+        }
+        let cred = crate::snapshot::Credential {
+            header: HeaderName::from_static("x-api-key"),
+            value: "real".parse().unwrap(),
+        };
+        strip_agent_credentials(&mut h, &cred);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn accept_encoding_is_narrowed_to_what_tollgate_reads() {
+        let ae = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::ACCEPT_ENCODING, v.parse().unwrap());
+            accept_encoding(&h).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(ae("gzip, deflate").as_deref(), Some("gzip, deflate"));
+        assert_eq!(
+            ae("br;q=0.9, compress, x-gzip").as_deref(),
+            Some("br, gzip")
+        );
+        assert_eq!(ae("zstd;q=0, gzip").as_deref(), Some("gzip"));
+        assert_eq!(ae("*").as_deref(), Some("gzip, deflate, br, zstd"));
+        assert_eq!(ae("identity"), None);
+        assert_eq!(accept_encoding(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn upgrades_are_refused_with_a_reason() {
+        let (parts, _) = http::Request::get("/ws")
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let r = check_upgrade(&parts).unwrap_err();
+        assert_eq!(r.code(), "upgrade_not_allowed");
+        assert!(r.reasons()[0].contains("websocket"));
+        let (parts, _) = http::Request::get("/").body(()).unwrap().into_parts();
+        assert!(check_upgrade(&parts).is_ok());
     }
 
     #[test]

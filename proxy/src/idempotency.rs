@@ -15,16 +15,40 @@ use std::time::{Duration, Instant};
 /// Most response bytes stored for a replay.
 pub const MAX_STORED_BODY: usize = 1024 * 1024;
 
-/// A stored response.
+/// A stored response: status, the end-to-end headers that describe the body and the result
+/// (`Content-Type`, `Content-Encoding`, `Location`, ...), and the body exactly as the upstream
+/// sent it, so a replay is labelled as the original was.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
     /// Status code.
     pub status: u16,
-    /// Content type, if any.
+    /// Content type, if any (kept apart for records written before `headers`).
     pub content_type: Option<String>,
+    /// Replayed headers, in order.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
     /// Body (base64 in Redis).
     #[serde(with = "b64")]
     pub body: Vec<u8>,
+}
+
+/// Response headers not replayed: hop-by-hop ones, framing (recomputed), per-response ones
+/// (`Date`, cookies, the original run id) and the proxy's own.
+fn replayed(name: &str) -> bool {
+    !(matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+            | "date"
+            | "set-cookie"
+            | "age"
+    ) || name.starts_with("x-tollgate-"))
 }
 
 mod b64 {
@@ -203,13 +227,55 @@ impl Idempotency {
     }
 }
 
-/// A response body stored for replay.
-pub fn stored(status: u16, content_type: Option<String>, body: &Bytes) -> Stored {
+/// A response stored for replay.
+pub fn stored(status: u16, headers: &http::HeaderMap, body: &Bytes) -> Stored {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let headers = headers
+        .iter()
+        .filter(|(k, _)| replayed(k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
     Stored {
         status,
         content_type,
+        headers,
         body: body.to_vec(),
     }
+}
+
+/// The answer to a retry of a completed call: the stored response, marked
+/// `x-tollgate-idempotent-replay: true`.
+pub fn replay_response(stored: Stored, run: &str) -> http::Response<crate::upstream::ResBody> {
+    use http::{HeaderName, HeaderValue};
+    let mut res = http::Response::new(crate::upstream::full(Bytes::from(stored.body)));
+    *res.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+    let h = res.headers_mut();
+    for (k, v) in &stored.headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            if replayed(k.as_str()) {
+                h.append(k, v);
+            }
+        }
+    }
+    if let Some(ct) = stored
+        .content_type
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        h.insert(http::header::CONTENT_TYPE, ct);
+    }
+    h.insert(
+        "x-tollgate-idempotent-replay",
+        HeaderValue::from_static("true"),
+    );
+    crate::forward::response_headers(h, run);
+    res
 }
 
 #[cfg(test)]
@@ -230,11 +296,21 @@ mod tests {
             s.claim(&k, "h2", Duration::ZERO).await.unwrap(),
             Claim::Conflict
         );
-        let st = stored(
-            201,
-            Some("application/json".into()),
-            &Bytes::from_static(b"{}"),
-        );
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("content-encoding", "gzip".parse().unwrap());
+        h.insert("location", "/v1/refunds/re_1".parse().unwrap());
+        h.insert("set-cookie", "s=1".parse().unwrap());
+        h.insert("x-tollgate-run", "run_old".parse().unwrap());
+        let st = stored(201, &h, &Bytes::from_static(b"\x1f\x8b"));
+        let res = replay_response(st.clone(), "run_new");
+        assert_eq!(res.status(), 201);
+        let rh = res.headers();
+        assert_eq!(rh["content-encoding"], "gzip", "the body keeps its label");
+        assert_eq!(rh["location"], "/v1/refunds/re_1");
+        assert_eq!(rh["x-tollgate-run"], "run_new");
+        assert_eq!(rh["x-tollgate-idempotent-replay"], "true");
+        assert!(!rh.contains_key("set-cookie"));
         s.complete(&k, "h1", st.clone()).await;
         assert_eq!(
             s.claim(&k, "h1", Duration::ZERO).await.unwrap(),

@@ -30,7 +30,12 @@ fn host_header(parts: &Parts) -> Result<Option<&str>, Refusal> {
 pub fn target_of(parts: &Parts, snap: &Snapshot) -> Result<Target, Refusal> {
     let host_header = host_header(parts)?;
     let uri = &parts.uri;
-    if let Some(authority) = uri.authority() {
+    // HTTP/2 has no origin form: every request names its `:authority`, which for a client
+    // using base-URL mode over h2c is the proxy itself. A `/u/<upstream>` path is base-URL mode
+    // there (h2 forward proxies use CONNECT).
+    let h2_base_url =
+        parts.version == http::Version::HTTP_2 && uri.path().starts_with(BASE_URL_PREFIX);
+    if let Some(authority) = uri.authority().filter(|_| !h2_base_url) {
         // Absolute form: the URI is authoritative, and a Host header that disagrees with it is
         // a request-smuggling smell (RFC 9112 says ignore Host; we refuse instead).
         let scheme = uri

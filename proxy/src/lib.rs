@@ -39,6 +39,7 @@ pub mod server;
 pub mod snapshot;
 pub mod stages;
 pub mod state;
+pub mod stream;
 pub mod target;
 pub mod telemetry;
 pub mod tls;

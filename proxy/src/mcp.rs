@@ -1,15 +1,27 @@
-//! MCP over streamable HTTP: JSON-RPC messages posted to a host that serves `mcpTool` tools.
+//! MCP over streamable HTTP: JSON-RPC messages posted to a host that serves `mcpTool` tools,
+//! in the current revision (2026-07-28: `server/discover`, a per-request envelope, routing
+//! headers) and the previous ones (2025-11-25 and older: the `initialize` handshake and a
+//! session id).
 //!
 //! `tools/call` is matched to a tool by name and its `params.arguments` are the input for
-//! schema and policy. Session methods (`initialize`, `ping`, `tools/list`, notifications) pass
-//! with agent-level checks only; every other method (resources, prompts, sampling replies) is
-//! refused, so an MCP server cannot be used around the tool catalog. A batch is decided
+//! schema and policy. Session methods of both revisions (`server/discover`, `initialize`,
+//! `ping`, `tools/list`, `subscriptions/listen`, notifications, and the client's replies to
+//! requests the server sent on its stream) pass with agent-level checks only, unchanged, so
+//! version negotiation ends where it would without Tollgate. So do the bodiless requests of a
+//! session: `GET` (the server's stream of requests and notifications) and `DELETE` (end the
+//! session), both with `Mcp-Session-Id`. Every other method (resources, prompts, completion)
+//! is refused, so an MCP server cannot be used around the tool catalog. A batch is decided
 //! element by element and one refused element refuses the whole batch. `tools/list` answers,
-//! JSON or SSE, are filtered to the tools this agent may call.
+//! JSON or SSE, compressed or not, are filtered to the tools this agent may call.
+//!
+//! The current revision's routing headers (`Mcp-Method`, `Mcp-Name`) must agree with the body
+//! Tollgate decides: a server that routes by header must not run a different tool.
 
+use crate::canonical::CanonicalBody;
 use crate::input::{mcp_call, McpCall};
 use crate::refusal::Refusal;
 use crate::snapshot::Snapshot;
+use crate::stream::BodyTimeouts;
 use crate::target::Target;
 use serde_json::Value;
 
@@ -17,7 +29,7 @@ use serde_json::Value;
 pub const MAX_BATCH: usize = 32;
 
 /// What a posted MCP message asks for.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct McpMessage {
     /// `(tool index, arguments)` of each `tools/call`, in order.
     pub tool_calls: Vec<(usize, Value)>,
@@ -27,7 +39,137 @@ pub struct McpMessage {
 
 /// Is this a session method that needs no tool?
 fn session_method(m: &str) -> bool {
-    matches!(m, "initialize" | "ping" | "tools/list") || m.starts_with("notifications/")
+    matches!(
+        m,
+        "initialize" | "ping" | "tools/list" | "server/discover" | "subscriptions/listen"
+    ) || m.starts_with("notifications/")
+}
+
+/// Header carrying the session id (every revision that has sessions).
+pub const SESSION_HEADER: &str = "mcp-session-id";
+
+/// Check an MCP request before its message is classified: a bodiless request is a session
+/// `GET` (the server's stream) or a `DELETE` that ends a session (with its `Mcp-Session-Id`),
+/// and the current revision's routing headers agree with the body. A bodiless request that
+/// passes is classified as the message `null` (see [`classify`]).
+pub fn check_request(
+    method: &http::Method,
+    headers: &http::HeaderMap,
+    body: &CanonicalBody,
+) -> Result<(), Refusal> {
+    match body {
+        CanonicalBody::Json(msg) => check_routing_headers(headers, msg),
+        CanonicalBody::Empty => match *method {
+            http::Method::GET => Ok(()),
+            http::Method::DELETE if headers.contains_key(SESSION_HEADER) => Ok(()),
+            http::Method::DELETE => Err(Refusal::BadRequest(
+                "an MCP DELETE ends a session and needs its Mcp-Session-Id header".into(),
+            )),
+            _ => Err(Refusal::UnparsableBody(
+                "MCP endpoint expects a JSON-RPC body".into(),
+            )),
+        },
+        _ => Err(Refusal::UnparsableBody(
+            "MCP endpoint expects a JSON-RPC body".into(),
+        )),
+    }
+}
+
+/// `Mcp-Method` and `Mcp-Name` (2026-07-28) must name what the body does.
+fn check_routing_headers(headers: &http::HeaderMap, msg: &Value) -> Result<(), Refusal> {
+    let one = |name: &str| -> Result<Option<String>, Refusal> {
+        let mut all = headers.get_all(name).iter();
+        let first = all.next();
+        if all.next().is_some() {
+            return Err(Refusal::BadRequest(format!("more than one {name} header")));
+        }
+        Ok(first.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
+    };
+    let (method, name) = (one("mcp-method")?, one("mcp-name")?);
+    if method.is_none() && name.is_none() {
+        return Ok(());
+    }
+    let body_method = msg.get("method").and_then(Value::as_str);
+    if method.is_some() && method.as_deref() != body_method {
+        return Err(Refusal::BadRequest(format!(
+            "Mcp-Method header {method:?} does not match the body's method {body_method:?}"
+        )));
+    }
+    if let Some(name) = name {
+        let body_name = msg
+            .pointer("/params/name")
+            .or_else(|| msg.pointer("/params/uri"))
+            .and_then(Value::as_str);
+        if decode_header_value(&name).as_deref() != body_name {
+            return Err(Refusal::BadRequest(format!(
+                "Mcp-Name header {name:?} does not match the body's {body_name:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The MCP SDKs' header encoding: verbatim, or `=?base64?<payload>?=` for non-ASCII.
+fn decode_header_value(v: &str) -> Option<String> {
+    use base64::Engine;
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
+        None => Some(v.to_string()),
+        Some(p) => base64::engine::general_purpose::STANDARD
+            .decode(p)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok()),
+    }
+}
+
+/// Is this message the client's reply to a request the server sent on its stream
+/// (`roots/list`, `sampling/createMessage`, `elicitation/create`)?
+fn is_reply(m: &Value) -> bool {
+    m.as_object().is_some_and(|o| {
+        o.get("jsonrpc").and_then(Value::as_str) == Some("2.0")
+            && !o.contains_key("method")
+            && o.contains_key("id")
+            && (o.contains_key("result") || o.contains_key("error"))
+    })
+}
+
+/// Does `target` go to an MCP host (a host whose tools are decided by the JSON-RPC body)?
+pub fn is_mcp(snap: &Snapshot, target: &Target) -> bool {
+    snap.catalog.match_target(target) == crate::route::RouteMatch::Mcp
+}
+
+/// Timeouts of a response body: the tool's, or for MCP session traffic no tool decides (the
+/// server's `GET` stream, `subscriptions/listen`) ones that let a quiet session stream live.
+pub fn body_timeouts(tool: Option<&crate::snapshot::Tool>, target: &Target) -> BodyTimeouts {
+    let session_stream =
+        tool.is_none() && matches!(target.method, http::Method::GET | http::Method::POST);
+    match tool {
+        Some(_) => BodyTimeouts::of(tool),
+        None if session_stream => BodyTimeouts {
+            total: std::time::Duration::from_secs(24 * 3600),
+            idle: std::time::Duration::from_secs(30 * 60),
+        },
+        None => BodyTimeouts::of(None),
+    }
+}
+
+/// Most bytes of a `tools/list` answer read (coded and decoded).
+pub const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+
+/// A buffered MCP answer decoded for reading, under codec.rs's bounds; on success the headers
+/// no longer claim an encoding, since the decoded body is what is served.
+pub fn decoded_body(headers: &mut http::HeaderMap, body: &[u8]) -> Result<Vec<u8>, String> {
+    let limits = crate::codec::DecodeLimits::for_body(MAX_LIST_BYTES);
+    let decoded = crate::codec::decode_by_headers(headers, body, &limits)
+        .map_err(|e| format!("the upstream's tools/list answer cannot be decoded: {e}"))?;
+    let Some(decoded) = decoded else {
+        return Ok(body.to_vec());
+    };
+    headers.remove(http::header::CONTENT_ENCODING);
+    headers.remove(http::header::CONTENT_LENGTH);
+    Ok(decoded)
 }
 
 /// The id(s) a refusal of this message answers, read before anything is checked so even a
@@ -53,6 +195,8 @@ pub fn reply_id(msg: &Value) -> Option<Value> {
 /// Classify a posted JSON-RPC message (or batch) against the agent's MCP tools on `target`.
 pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMessage, Refusal> {
     let (items, batch): (Vec<&Value>, bool) = match msg {
+        // A bodiless session GET or DELETE (see `check_request`).
+        Value::Null => return Ok(McpMessage::default()),
         Value::Array(a) => (a.iter().collect(), true),
         v => (vec![v], false),
     };
@@ -70,6 +214,9 @@ pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMess
         lists_tools: false,
     };
     for item in items {
+        if is_reply(item) {
+            continue;
+        }
         let call = mcp_call(item)
             .map_err(Refusal::UnparsableBody)?
             .ok_or_else(|| {
@@ -101,7 +248,7 @@ pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMess
             McpCall::Other { method, .. } => {
                 if !session_method(&method) {
                     return Err(Refusal::UnknownTool(format!(
-                        "MCP method {method:?} is not forwarded: only tools/call and session methods (initialize, ping, tools/list, notifications) are"
+                        "MCP method {method:?} is not forwarded: only tools/call and session methods (server/discover, initialize, ping, tools/list, subscriptions/listen, notifications, replies to the server's requests) are"
                     )));
                 }
             }
@@ -171,6 +318,50 @@ pub fn filter_tools_list(body: &[u8], sse: bool, allowed: &[&str]) -> (Vec<u8>, 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn bodiless_session_requests_and_routing_headers() {
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, v.parse().unwrap());
+            }
+            m
+        };
+        let empty = CanonicalBody::Empty;
+        assert!(check_request(&http::Method::GET, &h(&[]), &empty).is_ok());
+        assert!(
+            check_request(&http::Method::DELETE, &h(&[(SESSION_HEADER, "s1")]), &empty).is_ok()
+        );
+        assert!(check_request(&http::Method::DELETE, &h(&[]), &empty).is_err());
+        assert!(check_request(&http::Method::POST, &h(&[]), &empty).is_err());
+        let call = CanonicalBody::Json(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search", "arguments": {}}}),
+        );
+        let post = |hs| check_request(&http::Method::POST, &hs, &call);
+        assert!(post(h(&[("mcp-method", "tools/call"), ("mcp-name", "search")])).is_ok());
+        // A server routing by header must not run a tool other than the one decided.
+        assert!(post(h(&[
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "delete_all")
+        ]))
+        .is_err());
+        assert!(post(h(&[("mcp-name", "=?base64?c2VhcmNo?=")])).is_ok());
+        assert!(post(h(&[
+            ("mcp-method", "tools/call"),
+            ("mcp-method", "tools/call")
+        ]))
+        .is_err());
+        // A client's reply to a server request is told apart from a request.
+        assert!(is_reply(
+            &json!({"jsonrpc": "2.0", "id": 7, "result": {"roots": []}})
+        ));
+        assert!(!is_reply(
+            &json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "result": {}})
+        ));
+        assert!(session_method("server/discover") && session_method("subscriptions/listen"));
+        assert!(!session_method("resources/read"));
+    }
 
     #[test]
     fn tool_lists_are_filtered_in_json_and_sse() {

@@ -1,15 +1,13 @@
 //! Cost models: a fixed amount per call, exposure per unit of a request field, and LLM token
 //! usage priced per model. The estimate is reserved before forwarding; the actual cost is
 //! known at the response (fixed, per-unit) or at the end of its body (LLM usage, read from a
-//! JSON body or from SSE events as they stream past, without holding them back).
+//! JSON body or from SSE events as they stream past, without holding them back, decoding a
+//! compressed body on the side). The provider shapes read are listed at [`fold_usage`].
 
-use crate::config::{CostModel, LlmCost};
+use crate::codec::stream::StreamDecoder;
+use crate::config::{CostModel, LlmCost, LlmProvider};
 use crate::limits::to_micros;
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use serde_json::Value;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 /// Token counts read from a response.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,6 +58,27 @@ fn number(v: &Value) -> Option<f64> {
 /// Estimate a call from its tool's cost model and input. An LLM call to a model without a
 /// configured price is an error (its cost could not be bounded).
 pub fn estimate(cost: &CostModel, input: &Value, body_len: usize) -> Result<Estimate, String> {
+    estimate_call(cost, input, body_len, None)
+}
+
+/// The model a call names: the body's `model`, or for Gemini the path's
+/// `/models/{model}:generateContent`.
+pub fn model_of<'a>(input: &'a Value, path: &'a str) -> &'a str {
+    if let Some(m) = input.get("model").and_then(Value::as_str) {
+        return m;
+    }
+    path.rsplit_once("/models/")
+        .map(|(_, rest)| rest.split([':', '/']).next().unwrap_or(""))
+        .unwrap_or("")
+}
+
+/// [`estimate`] for a call whose path may name the model (Gemini).
+pub fn estimate_call(
+    cost: &CostModel,
+    input: &Value,
+    body_len: usize,
+    path: Option<&str>,
+) -> Result<Estimate, String> {
     let mut e = Estimate::default();
     if let Some(usd) = cost.per_call_usd {
         e.spend += to_micros(usd);
@@ -72,7 +91,7 @@ pub fn estimate(cost: &CostModel, input: &Value, body_len: usize) -> Result<Esti
         }
     }
     if let Some(llm) = &cost.llm {
-        let (p, c, max) = llm_price(llm, input)?;
+        let (p, c, max) = llm_price(llm, input, path.unwrap_or(""))?;
         let prompt = (body_len as u64).div_ceil(4);
         e.llm = Some((p, c));
         e.tokens = Tokens {
@@ -87,8 +106,8 @@ pub fn estimate(cost: &CostModel, input: &Value, body_len: usize) -> Result<Esti
 /// Most choices one LLM call may ask for.
 const MAX_CHOICES: u64 = 128;
 
-fn llm_price(llm: &LlmCost, input: &Value) -> Result<(f64, f64, u64), String> {
-    let model = input.get("model").and_then(Value::as_str).unwrap_or("");
+fn llm_price(llm: &LlmCost, input: &Value, path: &str) -> Result<(f64, f64, u64), String> {
+    let model = model_of(input, path);
     let price = llm
         .prices
         .get(model)
@@ -97,6 +116,11 @@ fn llm_price(llm: &LlmCost, input: &Value) -> Result<(f64, f64, u64), String> {
     let max = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
         .find_map(|k| input.get(*k).and_then(Value::as_u64))
+        .or_else(|| {
+            input
+                .pointer("/generationConfig/maxOutputTokens")
+                .and_then(Value::as_u64)
+        })
         .or(price.max_output_tokens)
         .or(llm.default_max_tokens)
         .unwrap_or(4096);
@@ -118,17 +142,24 @@ fn llm_price(llm: &LlmCost, input: &Value) -> Result<(f64, f64, u64), String> {
     ))
 }
 
+/// Does this provider's API at `path` take `stream_options.include_usage`? Only OpenAI-style
+/// chat/completions and completions do (the responses API always reports usage and rejects
+/// the field; Anthropic and Gemini report usage in their events already).
+pub fn takes_stream_usage(provider: Option<LlmProvider>, path: &str) -> bool {
+    matches!(
+        provider,
+        Some(LlmProvider::Openai | LlmProvider::OpenaiCompatible)
+    ) && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
+}
+
 /// Add `stream_options.include_usage` to a streamed OpenAI-style request that lacks it.
-/// Returns the new body, or `None` when nothing needs changing.
+/// Returns the new body, or `None` when nothing needs changing. The caller checks
+/// [`takes_stream_usage`] first: which API this is comes from the tool's declared provider.
 pub fn inject_stream_usage(input: &Value) -> Option<Value> {
     if input.get("stream") != Some(&Value::Bool(true)) {
         return None;
     }
     if input.pointer("/stream_options/include_usage").is_some() {
-        return None;
-    }
-    // Anthropic's messages API reports usage in its events already and rejects the field.
-    if input.get("anthropic_version").is_some() {
         return None;
     }
     let mut v = input.clone();
@@ -141,36 +172,131 @@ pub fn inject_stream_usage(input: &Value) -> Option<Value> {
     Some(v)
 }
 
-/// Fold every `usage` object in a JSON value into `t` (OpenAI chat/completions:
-/// `prompt_tokens`/`completion_tokens`; responses and Anthropic: `input_tokens`/
-/// `output_tokens`, where Anthropic's deltas are cumulative, hence `max`).
-pub fn fold_usage(v: &Value, t: &mut Tokens) {
+/// Fold every usage report in a JSON value into `t`. Shapes: OpenAI chat/completions
+/// (`usage.prompt_tokens`/`completion_tokens`), OpenAI responses and Anthropic messages
+/// (`usage.input_tokens`/`output_tokens`; Anthropic's cache writes and reads are input too,
+/// and its stream deltas are cumulative, hence `max`), Gemini (`usageMetadata` with
+/// `promptTokenCount`, `candidatesTokenCount` and `thoughtsTokenCount`, cumulative per chunk).
+pub fn fold_usage(v: &Value, t: &mut Tokens) -> bool {
+    let mut seen = false;
     match v {
         Value::Object(o) => {
             if let Some(Value::Object(u)) = o.get("usage") {
+                seen = true;
                 let get = |k: &str| u.get(k).and_then(Value::as_u64);
-                if let Some(p) = get("prompt_tokens").or_else(|| get("input_tokens")) {
+                let prompt = get("prompt_tokens").or_else(|| {
+                    get("input_tokens").map(|i| {
+                        i + get("cache_creation_input_tokens").unwrap_or(0)
+                            + get("cache_read_input_tokens").unwrap_or(0)
+                    })
+                });
+                if let Some(p) = prompt {
                     t.prompt = t.prompt.max(p);
                 }
                 if let Some(c) = get("completion_tokens").or_else(|| get("output_tokens")) {
                     t.completion = t.completion.max(c);
                 }
             }
+            if let Some(Value::Object(u)) = o.get("usageMetadata") {
+                seen = true;
+                let get = |k: &str| u.get(k).and_then(Value::as_u64);
+                if let Some(p) = get("promptTokenCount") {
+                    t.prompt = t.prompt.max(p);
+                }
+                let c = get("candidatesTokenCount").unwrap_or(0)
+                    + get("thoughtsTokenCount").unwrap_or(0);
+                t.completion = t.completion.max(c);
+            }
             for (k, x) in o {
-                if k != "usage" {
-                    fold_usage(x, t);
+                if k != "usage" && k != "usageMetadata" {
+                    seen |= fold_usage(x, t);
                 }
             }
         }
-        Value::Array(a) => a.iter().for_each(|x| fold_usage(x, t)),
+        Value::Array(a) => a.iter().for_each(|x| seen |= fold_usage(x, t)),
         _ => {}
     }
+    seen
+}
+
+/// Characters of generated text (and tool-call arguments) one streamed event delivers, in
+/// any of the shapes above: what a stream cut short is charged for.
+pub fn delivered_chars(v: &Value) -> u64 {
+    let len = |x: Option<&Value>| {
+        x.and_then(Value::as_str)
+            .map_or(0, |s| s.chars().count() as u64)
+    };
+    let mut n = 0;
+    // Anthropic content_block_delta; OpenAI responses `response.*.delta` events.
+    if let Some(d) = v.get("delta") {
+        n += len(Some(d));
+        n += len(d.get("text")) + len(d.get("partial_json")) + len(d.get("thinking"));
+    }
+    for c in v
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        n += len(c.get("text"));
+        if let Some(d) = c.get("delta") {
+            n += len(d.get("content")) + len(d.get("reasoning_content"));
+            for tc in d
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                n += len(tc.pointer("/function/arguments"));
+            }
+        }
+    }
+    for c in v
+        .get("candidates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for p in c
+            .pointer("/content/parts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            n += len(p.get("text"));
+        }
+    }
+    n
+}
+
+/// Is this streamed event the last of its answer?
+fn is_terminal(v: &Value) -> bool {
+    matches!(
+        v.get("type").and_then(Value::as_str),
+        Some("message_stop" | "response.completed" | "response.failed" | "response.incomplete")
+    ) || v
+        .get("candidates")
+        .and_then(Value::as_array)
+        .is_some_and(|c| c.iter().any(|c| c.get("finishReason").is_some()))
 }
 
 /// Most bytes of a non-streamed response kept to read its usage.
 const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
 
-/// Reads token usage out of a response body as it passes.
+/// What a scanned body reported and delivered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scanned {
+    /// Usage the body reported, if any.
+    pub reported: Option<Tokens>,
+    /// Characters of generated text delivered (streams).
+    pub delivered_chars: u64,
+    /// The stream's terminal event passed (`[DONE]`, Anthropic `message_stop`, responses
+    /// `response.completed`, a Gemini `finishReason`): a client closing after it cut nothing.
+    pub complete: bool,
+}
+
+/// Reads token usage out of a response body as it passes. An encoded body is decoded on the
+/// side (see codec/stream.rs); the bytes passed on are never changed.
 #[derive(Debug, Default)]
 pub struct UsageScanner {
     sse: bool,
@@ -178,6 +304,9 @@ pub struct UsageScanner {
     overflow: bool,
     seen: bool,
     tokens: Tokens,
+    delivered: u64,
+    complete: bool,
+    decoder: Option<StreamDecoder>,
 }
 
 impl UsageScanner {
@@ -189,11 +318,39 @@ impl UsageScanner {
         }
     }
 
-    /// Feed a chunk.
+    /// A scanner for a response with these headers (content type and encoding). An encoding
+    /// it cannot decode leaves it blind: the call is charged its estimate.
+    pub fn for_response(h: &http::HeaderMap) -> Self {
+        let mut s = Self::new(is_sse(h));
+        match StreamDecoder::for_headers(h) {
+            Ok(d) => s.decoder = d,
+            Err(e) => {
+                tracing::warn!(error = %e, "response usage cannot be read");
+                s.overflow = true;
+            }
+        }
+        s
+    }
+
+    /// Feed a chunk of the body as it travels (still encoded, if it is).
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.overflow {
             return;
         }
+        let decoded;
+        let chunk = match self.decoder.as_mut().map(|d| d.push(chunk)) {
+            None => chunk,
+            Some(Ok(d)) => {
+                decoded = d;
+                &decoded[..]
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "response usage cannot be read");
+                self.overflow = true;
+                self.buf = Vec::new();
+                return;
+            }
+        };
         self.buf.extend_from_slice(chunk);
         if self.sse {
             while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
@@ -211,99 +368,67 @@ impl UsageScanner {
         let line = String::from_utf8_lossy(line);
         let line = line.trim_end_matches(['\r', '\n']);
         if let Some(data) = line.strip_prefix("data:") {
-            if let Ok(v) = serde_json::from_str::<Value>(data.trim_start()) {
-                let before = self.tokens;
-                fold_usage(&v, &mut self.tokens);
-                self.seen |= before != self.tokens || v.get("usage").is_some();
+            let data = data.trim_start();
+            if data == "[DONE]" {
+                self.complete = true;
+            } else if let Ok(v) = serde_json::from_str::<Value>(data) {
+                self.seen |= fold_usage(&v, &mut self.tokens);
+                self.delivered += delivered_chars(&v);
+                self.complete |= is_terminal(&v);
             }
         }
     }
 
-    /// Usage read, if the body reported any.
-    pub fn finish(mut self) -> Option<Tokens> {
+    /// What the body reported and delivered.
+    pub fn finish(mut self) -> Scanned {
         if self.sse {
             let rest = std::mem::take(&mut self.buf);
             self.line(&rest);
         } else if !self.overflow {
             if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
-                fold_usage(&v, &mut self.tokens);
-                self.seen = v.get("usage").is_some() || self.tokens != Tokens::default();
+                self.seen = fold_usage(&v, &mut self.tokens);
             }
         }
-        self.seen.then_some(self.tokens)
-    }
-}
-
-/// Called once when a metered body ends (`Some` usage) or is dropped early (`None`).
-pub type OnDone = Box<dyn FnOnce(Option<Tokens>) + Send + Sync>;
-
-pin_project_lite::pin_project! {
-    /// A response body that reads usage as it streams and reports it once at the end.
-    pub struct MeteredBody<B> {
-        #[pin]
-        inner: B,
-        scanner: Option<UsageScanner>,
-        done: Option<OnDone>,
-    }
-
-    impl<B> PinnedDrop for MeteredBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let Some(done) = this.done.take() {
-                let usage = this.scanner.take().and_then(UsageScanner::finish);
-                done(usage);
-            }
+        Scanned {
+            reported: self.seen.then_some(self.tokens),
+            delivered_chars: self.delivered,
+            complete: self.complete,
         }
     }
 }
 
-impl<B> MeteredBody<B> {
-    /// Wrap `inner`.
-    pub fn new(inner: B, sse: bool, done: OnDone) -> Self {
-        Self {
-            inner,
-            scanner: Some(UsageScanner::new(sse)),
-            done: Some(done),
-        }
-    }
+/// Is this response an SSE stream?
+pub fn is_sse(h: &http::HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
 }
 
-impl<B> Body for MeteredBody<B>
-where
-    B: Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let (Some(d), Some(s)) = (f.data_ref(), this.scanner.as_mut()) {
-                    s.feed(d);
-                }
+/// The tokens a call is charged. A body that ended normally is charged what it reported
+/// (or, reporting nothing, the reserved estimate). A body cut short (timeout, upstream error,
+/// client gone) is charged what was delivered: the reported prompt (or the estimated one,
+/// the prompt was sent) and the larger of the reported completion and the delivered text at
+/// four characters a token.
+pub fn charged_tokens(est: &Estimate, scanned: &Scanned, cut: bool) -> Tokens {
+    match (scanned.reported, cut) {
+        (Some(t), false) => t,
+        (None, false) => est.tokens,
+        (reported, true) => {
+            let delivered = scanned.delivered_chars.div_ceil(4);
+            let r = reported.unwrap_or_default();
+            Tokens {
+                prompt: if r.prompt > 0 {
+                    r.prompt
+                } else {
+                    est.tokens.prompt
+                },
+                completion: r.completion.max(delivered),
             }
-            Poll::Ready(None) => {
-                if let Some(done) = this.done.take() {
-                    let usage = this.scanner.take().and_then(UsageScanner::finish);
-                    done(usage);
-                }
-            }
-            _ => {}
         }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -365,7 +490,7 @@ mod tests {
         s.feed(a);
         s.feed(b);
         assert_eq!(
-            s.finish(),
+            s.finish().reported,
             Some(Tokens {
                 prompt: 12,
                 completion: 34
@@ -376,7 +501,7 @@ mod tests {
         s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tok");
         s.feed(b"ens\":7,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n");
         assert_eq!(
-            s.finish(),
+            s.finish().reported,
             Some(Tokens {
                 prompt: 7,
                 completion: 3
@@ -387,7 +512,7 @@ mod tests {
         s.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
         s.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n");
         assert_eq!(
-            s.finish(),
+            s.finish().reported,
             Some(Tokens {
                 prompt: 25,
                 completion: 15
@@ -397,17 +522,105 @@ mod tests {
         let mut s = UsageScanner::new(true);
         s.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":6}}}\n");
         assert_eq!(
-            s.finish(),
+            s.finish().reported,
             Some(Tokens {
                 prompt: 5,
                 completion: 6
             })
         );
-        assert_eq!(UsageScanner::new(false).finish(), None);
+        assert_eq!(UsageScanner::new(false).finish().reported, None);
+    }
+
+    #[test]
+    fn gemini_compressed_and_cut_streams() {
+        // Gemini streamGenerateContent?alt=sse: usageMetadata is cumulative per chunk.
+        let mut s = UsageScanner::new(true);
+        s.feed(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hello\"}]}}],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":1}}\r\n\r\n");
+        s.feed(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]}}],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":4,\"thoughtsTokenCount\":3}}\r\n\r\n");
+        let sc = s.finish();
+        assert_eq!(
+            sc.reported,
+            Some(Tokens {
+                prompt: 9,
+                completion: 7
+            })
+        );
+        assert_eq!(sc.delivered_chars, 11);
+        // A gzip-labelled JSON body is read through the decoder.
+        let body = json!({"usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 2}}).to_string();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut e, body.as_bytes()).unwrap();
+        let gz = e.finish().unwrap();
+        let mut h = http::HeaderMap::new();
+        h.insert("content-encoding", "gzip".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        let mut s = UsageScanner::for_response(&h);
+        for c in gz.chunks(5) {
+            s.feed(c);
+        }
+        assert_eq!(
+            s.finish().reported,
+            Some(Tokens {
+                prompt: 15,
+                completion: 2
+            })
+        );
+        // A cut stream is charged the delivered text, not the estimate.
+        let est = Estimate {
+            tokens: Tokens {
+                prompt: 100,
+                completion: 4096,
+            },
+            ..Default::default()
+        };
+        let cut = Scanned {
+            reported: None,
+            delivered_chars: 41,
+            complete: false,
+        };
+        assert_eq!(
+            charged_tokens(&est, &cut, true),
+            Tokens {
+                prompt: 100,
+                completion: 11
+            }
+        );
+        assert_eq!(charged_tokens(&est, &cut, false), est.tokens);
+        let anth = Scanned {
+            reported: Some(Tokens {
+                prompt: 25,
+                completion: 1,
+            }),
+            delivered_chars: 400,
+            complete: false,
+        };
+        assert_eq!(
+            charged_tokens(&est, &anth, true),
+            Tokens {
+                prompt: 25,
+                completion: 100
+            }
+        );
+        assert_eq!(
+            model_of(
+                &json!({}),
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+            ),
+            "gemini-2.5-flash"
+        );
     }
 
     #[test]
     fn stream_usage_is_injected_only_when_missing() {
+        use crate::config::LlmProvider::*;
+        assert!(takes_stream_usage(Some(Openai), "/v1/chat/completions"));
+        assert!(takes_stream_usage(
+            Some(OpenaiCompatible),
+            "/v1/completions"
+        ));
+        assert!(!takes_stream_usage(Some(Openai), "/v1/responses"));
+        assert!(!takes_stream_usage(Some(Anthropic), "/v1/messages"));
+        assert!(!takes_stream_usage(None, "/v1/chat/completions"));
         let v = inject_stream_usage(&json!({"model": "m", "stream": true})).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(inject_stream_usage(&json!({"stream": false})), None);

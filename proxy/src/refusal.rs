@@ -1,8 +1,12 @@
 //! The one place a refusal becomes a status code, a JSON body, a metric label and an audit
 //! decision. Every stage that ends a call returns a [`Refusal`].
 
+use crate::config::LlmProvider;
+use crate::snapshot::Snapshot;
+use crate::target::Target;
+use crate::upstream::ResBody;
 use http::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Audit/metric decision of a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -121,6 +125,8 @@ pub enum Refusal {
     UpstreamFailed(String),
     /// Upstream timed out.
     UpstreamTimeout(String),
+    /// A protocol upgrade (WebSocket, h2c) that is not forwarded.
+    UpgradeRefused(String),
 }
 
 impl Refusal {
@@ -136,7 +142,7 @@ impl Refusal {
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
-            | PolicyError(_) => StatusCode::FORBIDDEN,
+            | PolicyError(_) | UpgradeRefused(_) => StatusCode::FORBIDDEN,
             ApprovalRequired { .. } | ApprovalRejected(_) => StatusCode::FORBIDDEN,
             Killed { .. } | Unavailable { .. } | AuditUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -175,6 +181,7 @@ impl Refusal {
             AuditUnavailable(_) => "audit_unavailable",
             UpstreamFailed(_) => "upstream_failed",
             UpstreamTimeout(_) => "upstream_timeout",
+            UpgradeRefused(_) => "upgrade_not_allowed",
         }
     }
 
@@ -183,7 +190,9 @@ impl Refusal {
         use Refusal::*;
         match self {
             TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | Misdirected(_)
-            | PolicyDenied(_) | PolicyError(_) | ApprovalRejected(_) => Decision::Deny,
+            | PolicyDenied(_) | PolicyError(_) | ApprovalRejected(_) | UpgradeRefused(_) => {
+                Decision::Deny
+            }
             ApprovalRequired { .. } => Decision::ApprovalRequired,
             Killed { .. } => Decision::Killed,
             RateLimited { .. } => Decision::RateLimited,
@@ -207,7 +216,8 @@ impl Refusal {
             | IdempotencyConflict(r)
             | AuditUnavailable(r)
             | UpstreamFailed(r)
-            | UpstreamTimeout(r) => vec![r.clone()],
+            | UpstreamTimeout(r)
+            | UpgradeRefused(r) => vec![r.clone()],
             PayloadTooLarge(n) => vec![format!("request body exceeds the {n}-byte limit")],
             InvalidInput(errs) => errs.clone(),
             PolicyDenied(r) => r.clone(),
@@ -257,6 +267,7 @@ impl Refusal {
             UpstreamFailed(_) | UpstreamTimeout(_) => {
                 "the upstream failed; retry later if the call is idempotent"
             }
+            UpgradeRefused(_) => "use the plain HTTP API of this service; do not retry the upgrade",
         }
     }
 
@@ -301,6 +312,118 @@ impl Refusal {
     }
 }
 
+/// The error envelope a refusal is answered in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Envelope<'a> {
+    /// Tollgate's documented body (`error` is the machine code).
+    Tollgate,
+    /// The declared LLM provider's own error shape, Tollgate's body inside it, so the
+    /// provider's SDK raises an exception whose text carries the reason.
+    Provider(LlmProvider),
+    /// A JSON-RPC error answering these id(s) (MCP).
+    JsonRpc(&'a Value),
+}
+
+impl Refusal {
+    /// The one sentence an SDK puts in its exception text (and an LLM reads).
+    pub fn message(&self) -> String {
+        format!(
+            "Tollgate refused this call ({}): {}. Next: {}.",
+            self.code(),
+            self.reasons().join("; "),
+            self.hint()
+        )
+    }
+
+    /// The body of this refusal in `envelope`, and its HTTP status.
+    pub fn in_envelope(
+        &self,
+        tool: Option<&str>,
+        run: &str,
+        envelope: Envelope<'_>,
+    ) -> (StatusCode, Value) {
+        let body = self.body(tool, run);
+        let status = self.status();
+        match envelope {
+            Envelope::Tollgate => (status, body),
+            Envelope::JsonRpc(id) => {
+                // MCP clients read JSON-RPC errors; the same reason text, the full body as
+                // data. A batch (ids as an array; JSON-RPC ids are never arrays) gets one
+                // error per element.
+                let error = |id: &Value| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001, "message": format!("{}: {}", self.code(), body["reason"].as_str().unwrap_or("")), "data": body}});
+                let rpc = match id {
+                    Value::Array(ids) => Value::Array(ids.iter().map(error).collect()),
+                    id => error(id),
+                };
+                (StatusCode::OK, rpc)
+            }
+            Envelope::Provider(LlmProvider::Anthropic) => (
+                status,
+                // https://docs.anthropic.com/en/api/errors
+                json!({"type": "error", "error": {"type": anthropic_type(status), "message": self.message(), "tollgate": body}}),
+            ),
+            Envelope::Provider(LlmProvider::Gemini) => (
+                status,
+                // google.rpc.Status as the Gemini API returns it.
+                json!({"error": {"code": status.as_u16(), "message": self.message(), "status": grpc_status(status), "tollgate": body}}),
+            ),
+            Envelope::Provider(LlmProvider::Openai | LlmProvider::OpenaiCompatible) => (
+                status,
+                json!({"error": {"message": self.message(), "type": openai_type(status), "code": self.code(), "param": null, "tollgate": body}}),
+            ),
+        }
+    }
+}
+
+fn openai_type(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        429 => "rate_limit_exceeded",
+        402 => "insufficient_quota",
+        400 | 413 | 422 => "invalid_request_error",
+        403 => "permission_error",
+        _ => "server_error",
+    }
+}
+
+fn anthropic_type(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        400 | 402 | 422 => "invalid_request_error",
+        403 => "permission_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+fn grpc_status(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        400 | 413 | 422 => "INVALID_ARGUMENT",
+        402 | 429 => "RESOURCE_EXHAUSTED",
+        403 => "PERMISSION_DENIED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
+    }
+}
+
+/// The provider whose envelope a refusal uses: the matched tool's, else that of an LLM tool
+/// on the same host (a call to an endpoint no tool covers still comes from that SDK).
+pub fn provider_for(
+    snap: &Snapshot,
+    tool: Option<usize>,
+    target: Option<&Target>,
+) -> Option<LlmProvider> {
+    if let Some(i) = tool {
+        return snap.tools[i].provider;
+    }
+    let t = target?;
+    snap.catalog
+        .tools_on(&t.host, t.port, t.scheme)
+        .into_iter()
+        .find_map(|i| snap.tools[i].provider)
+}
+
 /// The one rendering of a refusal: the JSON error body with its status, or for MCP calls a
 /// JSON-RPC error (one per element of a batch) with the same reason and the body as `data`.
 /// `run` is echoed in `X-Tollgate-Run`.
@@ -308,27 +431,31 @@ pub fn render(
     r: &Refusal,
     tool: Option<&str>,
     run: &str,
-    mcp_id: Option<&serde_json::Value>,
-) -> http::Response<crate::upstream::ResBody> {
-    use serde_json::Value;
-    let body = r.body(tool, run);
+    mcp_id: Option<&Value>,
+) -> http::Response<ResBody> {
+    let envelope = match mcp_id {
+        Some(id) => Envelope::JsonRpc(id),
+        None => Envelope::Tollgate,
+    };
+    render_as(r, tool, run, envelope)
+}
+
+/// [`render`] in any envelope (an LLM provider's, for calls to a declared `llm` tool):
+/// status, JSON body, `Retry-After`, and the run id.
+pub fn render_as(
+    r: &Refusal,
+    tool: Option<&str>,
+    run: &str,
+    envelope: Envelope<'_>,
+) -> http::Response<ResBody> {
+    let (status, body) = r.in_envelope(tool, run, envelope);
     let retry = r.retry_after().map(|s| s.to_string());
     let extra: Vec<(&str, &str)> = retry
         .as_deref()
         .map(|s| ("retry-after", s))
         .into_iter()
         .collect();
-    if let Some(id) = mcp_id {
-        // MCP clients read JSON-RPC errors; a batch (ids as an array; JSON-RPC ids are never
-        // arrays) gets one error per element.
-        let error = |id: &Value| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001, "message": format!("{}: {}", r.code(), body["reason"].as_str().unwrap_or("")), "data": body}});
-        let rpc = match id {
-            Value::Array(ids) => Value::Array(ids.iter().map(error).collect()),
-            id => error(id),
-        };
-        return crate::forward::json_response(StatusCode::OK, &rpc, run, &extra);
-    }
-    crate::forward::json_response(r.status(), &body, run, &extra)
+    crate::forward::json_response(status, &body, run, &extra)
 }
 
 #[cfg(test)]
@@ -400,5 +527,37 @@ mod tests {
         assert_eq!(b["run"], "run_1");
         assert_eq!(b["reason"], "refund 1200 over 500");
         assert_eq!(r.decision(), Decision::ApprovalRequired);
+    }
+
+    #[test]
+    fn provider_envelopes_carry_the_reason_where_each_sdk_reads_it() {
+        let r = Refusal::PolicyDenied(vec!["gpt-4o is not allowed for this tenant".into()]);
+        let (s, b) = r.in_envelope(
+            Some("openai.chat"),
+            "run_1",
+            Envelope::Provider(LlmProvider::Openai),
+        );
+        assert_eq!(s, 403);
+        let m = b["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("gpt-4o is not allowed") && m.contains("policy_denied"),
+            "{m}"
+        );
+        assert_eq!(b["error"]["code"], "policy_denied");
+        assert_eq!(b["error"]["tollgate"]["run"], "run_1");
+        let (_, b) = r.in_envelope(None, "r", Envelope::Provider(LlmProvider::Anthropic));
+        assert_eq!(b["type"], "error");
+        assert_eq!(b["error"]["type"], "permission_error");
+        assert!(b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed"));
+        let (_, b) = r.in_envelope(None, "r", Envelope::Provider(LlmProvider::Gemini));
+        assert_eq!(b["error"]["status"], "PERMISSION_DENIED");
+        assert_eq!(b["error"]["code"], 403);
+        let (s, b) = r.in_envelope(None, "r", Envelope::JsonRpc(&json!(7)));
+        assert_eq!((s.as_u16(), &b["id"]), (200, &json!(7)));
+        let (_, b) = r.in_envelope(None, "r", Envelope::Tollgate);
+        assert_eq!(b["error"], "policy_denied");
     }
 }

@@ -1,5 +1,6 @@
 //! Forwarding: one pooled hyper client per connect timeout, TLS originated with rustls against
-//! the webpki roots plus `tls.extraCaFile`, with connect, header and total timeouts.
+//! the webpki roots plus `tls.extraCaFile`, with connect and header timeouts (the body's total
+//! and idle timeouts are stream.rs's).
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -9,8 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Response body type used across the proxy.
-pub type ResBody = BoxBody<Bytes, hyper::Error>;
+/// Response body type used across the proxy. Its error is boxed: a forwarded body can be
+/// aborted by the proxy itself (see stream.rs), not only by hyper.
+pub type ResBody = BoxBody<Bytes, crate::stream::BoxError>;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 

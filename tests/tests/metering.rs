@@ -96,12 +96,14 @@ agent: {{name: writer, tenants: [acme]}}
 tools:
   - name: openai.chat
     match: {{host: "{a}", methods: [POST], path: /v1/chat/completions}}
+    llm: {{provider: openai}}
     cost:
       llm:
         prices: {{gpt-4o: {{promptPerMtok: 2.5, completionPerMtok: 10}}}}
         injectStreamUsage: true
   - name: anthropic.messages
     match: {{host: "{a}", methods: [POST], path: /v1/messages}}
+    llm: {{provider: anthropic}}
     cost:
       llm:
         prices: {{claude-sonnet: {{promptPerMtok: 3, completionPerMtok: 15}}}}

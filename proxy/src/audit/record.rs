@@ -114,7 +114,11 @@ pub struct AuditRecord {
     pub latency_us: AuditLatency,
     /// W3C trace id.
     pub trace_id: String,
+    /// How the response body was cut short (`total_timeout`, `idle_timeout`,
+    /// `upstream_error`, `client_gone`), in an outcome record; absent when it ended normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<String>,
     /// The policy input, redacted, for replay: serialised once per call, shared by its
-    /// decision and outcome records.
+    /// decision and outcome records. The last field (the writer splices it in).
     pub input: crate::redact::RecordedInput,
 }

@@ -822,6 +822,16 @@ mod tests {
         let mut buf = Vec::new();
         write_line(&mut buf, &mut empty).unwrap();
         assert!(buf.ends_with(b"\"input\":null}"));
+        // A cut stream's outcome record (the optional field sits before the input).
+        let mut cut = record(9, Phase::Outcome);
+        cut.cut = Some("idle_timeout".into());
+        cut.input = r.input.clone();
+        let mut buf = Vec::new();
+        write_line(&mut buf, &mut cut).unwrap();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            serde_json::to_string(&cut).unwrap()
+        );
     }
 
     /// An outcome-only batch is written (readable, chained) and acknowledged; the writer

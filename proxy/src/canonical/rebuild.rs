@@ -12,8 +12,10 @@
 //!   meaning-carrying headers, and never [`NEVER_FORWARD_HEADERS`] whatever a tool lists.
 //! - Set by the proxy: `X-Forwarded-Proto` and `X-Forwarded-Host` (the upstream request's
 //!   own scheme and authority), `traceparent`, the tool's credential, and the
-//!   `Idempotency-Key` in the tool's forwarding mode. `X-Forwarded-For` is neither passed nor
-//!   set: the agent is the sidecar's own pod, so the address would say nothing.
+//!   `Idempotency-Key` in the tool's forwarding mode, and `Accept-Encoding` narrowed to the
+//!   codings Tollgate decodes (so usage and MCP lists can be read from any answer).
+//!   `X-Forwarded-For` is neither passed nor set: the agent is the sidecar's own pod, so the
+//!   address would say nothing.
 
 use super::{form, CanonicalBody, CanonicalCall, CanonicalError, IDEMPOTENCY_KEY};
 use crate::config::IdempotencyKeyForwarding;
@@ -44,6 +46,8 @@ pub const DEFAULT_FORWARD_HEADERS: &[&str] = &[
     "baggage",
     "mcp-session-id",
     "mcp-protocol-version",
+    "mcp-method",
+    "mcp-name",
     "last-event-id",
     "anthropic-version",
     "anthropic-beta",
@@ -198,10 +202,15 @@ pub fn rebuild(
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     if let Some(cred) = opts.credential {
-        // Whatever the agent sent under this name is dropped: the agent never chooses the
-        // credential, and never learns it.
-        h.remove(&cred.header);
+        // Every credential the agent sent is dropped, not only this header's: the agent
+        // never chooses the credential, and never learns it.
+        crate::forward::strip_agent_credentials(&mut h, cred);
         h.insert(cred.header.clone(), cred.value.clone());
+    }
+    // The codings Tollgate can read a response in, of those the agent accepts (see
+    // forward::accept_encoding).
+    if let Some(v) = crate::forward::accept_encoding(agent_headers) {
+        h.insert(header::ACCEPT_ENCODING, v);
     }
     if let Some(key) = &call.idempotency_key {
         let forwarded = match opts.idempotency {

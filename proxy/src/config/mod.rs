@@ -238,6 +238,14 @@ pub struct ToolConfig {
     /// "Forwarding what was decided"). Every default is the strict choice.
     #[serde(default)]
     pub request: RequestOptions,
+    /// The tool is an LLM API of this provider: usage is read in its shape, refusals are
+    /// answered in its error envelope, and `injectStreamUsage` applies only where it works.
+    #[serde(default)]
+    pub llm: Option<LlmApi>,
+    /// Largest request body buffered for this tool (default `server.maxBodyBytes`, or
+    /// 32 MiB for an `llm` tool, whose requests carry images and long contexts).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
 }
 
 /// Canonical-call options of a tool.
@@ -291,6 +299,28 @@ pub enum IdempotencyKeyForwarding {
     Namespaced,
     /// The agent's key unchanged (refused under an injected credential).
     Verbatim,
+}
+
+/// An LLM API declaration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LlmApi {
+    /// Whose API this is.
+    pub provider: LlmProvider,
+}
+
+/// LLM API providers whose request, usage and error shapes Tollgate speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LlmProvider {
+    /// OpenAI: chat/completions, completions, responses.
+    Openai,
+    /// An OpenAI-compatible server (vLLM, llama.cpp, LiteLLM, Ollama's `/v1`).
+    OpenaiCompatible,
+    /// Anthropic messages.
+    Anthropic,
+    /// Google Gemini `generateContent` / `streamGenerateContent`.
+    Gemini,
 }
 
 /// Free-form JSON (schemas, Rego data): any value.
@@ -431,9 +461,14 @@ pub struct Timeouts {
     /// Time to response headers (default: the total).
     #[serde(default)]
     pub header: Option<ConfigDuration>,
-    /// Whole call, body included (default 30s).
+    /// Whole call, body included (default 30s; 15m for an `llm` tool, whose answers stream).
     #[serde(default)]
     pub total: Option<ConfigDuration>,
+    /// Longest pause between two pieces of a response body, e.g. SSE events (default 5m
+    /// for an `llm` tool, else the total). A stream cut by either timeout ends with an error
+    /// the client sees and is recorded as cut.
+    #[serde(default)]
+    pub idle: Option<ConfigDuration>,
 }
 
 /// Per-tenant limits and budgets.

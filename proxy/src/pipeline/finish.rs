@@ -1,20 +1,25 @@
 //! The single exit. [`finish`] turns every outcome of a call — refused, replayed, dry-run,
 //! unrecordable, failed upstream, answered — into the response, the metric and the outcome
-//! record, exactly once each, and ends the call's budget and idempotency guards. (A call that
-//! never reaches `finish` is ended by its `Drop`; see [`super::call`].)
+//! record, exactly once each, and ends the call's budget and idempotency guards. An answered
+//! call whose body streams ends here a second time, in [`body_ended`], when its body ends,
+//! is cut (timeout, upstream error) or is dropped by a client that went away: that is where
+//! it is charged what was delivered and its outcome record is written. (A call that never
+//! reaches `finish` is ended by its `Drop`; see [`super::call`].)
+//!
+//! Refusals are rendered by refusal.rs, in the error envelope of the call's LLM provider when
+//! the tool declares one (so each provider's SDK surfaces the reason), in JSON-RPC for MCP.
 
 use super::call::Call;
 use super::respond;
 use crate::audit::{AuditRecord, Phase};
 use crate::idempotency::Stored;
-use crate::refusal::{self, Decision, Refusal};
+use crate::refusal::{self, Decision, Envelope, Refusal};
+use crate::stream::{BodyEnd, BodyTimeouts};
 use crate::target::Target;
-use crate::upstream::{full, ResBody};
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use crate::upstream::ResBody;
+use http::{Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::Value;
-use std::time::Duration;
 
 /// How a call ended.
 pub enum Outcome {
@@ -34,8 +39,8 @@ pub enum Outcome {
         response: Response<Incoming>,
         /// Time to response headers, µs.
         upstream_us: u64,
-        /// The tool's total timeout, which bounds the body.
-        total: Duration,
+        /// The total and idle timeouts that bound the body.
+        timeouts: BodyTimeouts,
         /// Where it went.
         target: Target,
     },
@@ -85,7 +90,7 @@ pub async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
             }
             call.count(d);
             observe_total(&call, 0);
-            replay_response(&call, stored)
+            crate::idempotency::replay_response(stored, &call.run)
         }
         Outcome::DryRun(answer) => {
             // Nothing is spent when nothing is sent.
@@ -131,21 +136,58 @@ pub async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
         Outcome::Answered {
             response,
             upstream_us,
-            total,
+            timeouts,
             target,
         } => {
             let d = call.passed();
             span.record("decision", d.as_str());
             call.count(d);
             observe_total(&call, upstream_us);
-            respond::answered(call, response, upstream_us, total, target).await
+            respond::answered(call, response, upstream_us, timeouts, target).await
         }
     }
 }
 
-/// Render a refusal through the one renderer in refusal.rs.
-fn render(call: &Call, r: &Refusal) -> Response<ResBody> {
-    refusal::render(r, call.tool_name(), &call.run, call.mcp_id.as_ref())
+/// Render a refusal through the one renderer in refusal.rs, in the call's envelope.
+pub(super) fn render(call: &Call, r: &Refusal) -> Response<ResBody> {
+    let envelope = match &call.mcp_id {
+        Some(id) => Envelope::JsonRpc(id),
+        None => {
+            let tool = call.elements.first().map(|e| e.tool).or(call.routed);
+            match refusal::provider_for(&call.snap, tool, call.target.as_ref()) {
+                Some(p) => Envelope::Provider(p),
+                None => Envelope::Tollgate,
+            }
+        }
+    };
+    refusal::render_as(r, call.tool_name(), &call.run, envelope)
+}
+
+/// The end of an answered call's body (its last byte, a cut, or a client that went away):
+/// an LLM call is charged what its body reported, or when cut what was delivered; a cut is
+/// counted and noted in the outcome record, which is written now.
+pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: BodyEnd) {
+    if let Some(est) = respond::llm_estimate(&call) {
+        let t = crate::metering::charged_tokens(&est, &end.scanned, end.cut.is_some());
+        let spend = est.llm_spend(t);
+        respond::charge(&mut call, spend).await;
+        for rec in &mut recs {
+            rec.cost.usd = crate::limits::to_usd(spend);
+            rec.cost.prompt_tokens = t.prompt;
+            rec.cost.completion_tokens = t.completion;
+        }
+    }
+    if let Some(cut) = &end.cut {
+        crate::stream::count_cut(&call.state, cut);
+        for rec in &mut recs {
+            rec.cut = Some(cut.label().to_string());
+            rec.reasons.push(cut.reason());
+        }
+    }
+    call.finished = true;
+    for rec in recs {
+        let _ = call.state.audit.append(rec).await;
+    }
 }
 
 /// Release the call's budget and idempotency claim: nothing was spent.
@@ -193,21 +235,4 @@ pub(super) fn observe_total(call: &Call, upstream_us: u64) {
         let overhead = total.as_micros().saturating_sub(upstream_us as u128) as f64 / 1e6;
         d.with_label_values(&["overhead"]).observe(overhead);
     }
-}
-
-fn replay_response(call: &Call, stored: Stored) -> Response<ResBody> {
-    let mut res = Response::new(full(Bytes::from(stored.body)));
-    *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-    if let Some(ct) = stored
-        .content_type
-        .and_then(|c| HeaderValue::from_str(&c).ok())
-    {
-        res.headers_mut().insert(http::header::CONTENT_TYPE, ct);
-    }
-    res.headers_mut().insert(
-        "x-tollgate-idempotent-replay",
-        HeaderValue::from_static("true"),
-    );
-    crate::forward::response_headers(res.headers_mut(), &call.run);
-    res
 }

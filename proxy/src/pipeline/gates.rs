@@ -145,7 +145,8 @@ pub(super) async fn rate_limits(call: &mut Call) -> Result<(), Refusal> {
 pub(super) async fn budget(call: &mut Call, parts: &Parts, target: &Target) -> Result<(), Refusal> {
     let snap = call.snap.clone();
     for e in &mut call.elements {
-        e.estimate = stages::budget::estimate(&snap.tools[e.tool], &e.input, call.body_len)?;
+        e.estimate =
+            stages::budget::estimate(&snap.tools[e.tool], &e.input, call.body_len, &target.path)?;
     }
     let now = time::OffsetDateTime::now_utc();
     let caps = crate::limits::caps(&snap, &call.tenant, &call.run, now);

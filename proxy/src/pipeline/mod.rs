@@ -118,22 +118,32 @@ async fn run(
     if let RouteMatch::Tool(i) = route {
         call.routed = Some(i);
     }
-    // 4. The canonical call: read and parse the body, match MCP tools, validate each input.
+    // An upgrade (WebSocket, h2c) would turn one decided call into an undecided session.
+    forward::check_upgrade(parts)?;
+    // 4. The canonical call: read and parse the body (within the routed tool's limit), match
+    // MCP tools, validate each input.
     call.stage = "input";
+    let max_body = call
+        .routed
+        .map_or(snap.max_body, |i| snap.tools[i].max_body);
     let bytes = stages::body::read(
         body,
         &parts.headers,
-        snap.max_body,
+        max_body,
         snap.server.body_read_timeout,
     )
     .await?;
     call.body_len = bytes.len();
     let opts = match route {
-        RouteMatch::Tool(i) => CallOptions::for_tool(&snap.tools[i].config, snap.max_body),
-        _ => CallOptions::strict(snap.max_body),
+        RouteMatch::Tool(i) => CallOptions::for_tool(&snap.tools[i].config, max_body),
+        _ => CallOptions::strict(max_body),
     };
     let canonical = CanonicalCall::build(parts, &target, &bytes, &opts)
-        .map_err(|e| stages::body::ambiguous(e, snap.max_body))?;
+        .map_err(|e| stages::body::ambiguous(e, max_body))?;
+    if route == RouteMatch::Mcp {
+        // Bodiless session GET and DELETE; routing headers that agree with the body.
+        crate::mcp::check_request(&parts.method, &parts.headers, &canonical.body)?;
+    }
     let calls = stages::tools::match_calls(&snap, &target, route, &canonical, &mut call.mcp_id)?;
     gates::elements(call, calls, &canonical, parts)?;
     call.canonical = Some(canonical);
@@ -186,11 +196,16 @@ async fn forward_call(
         let r = Refusal::BadRequest("the call has no decided form".into());
         return finish::finish(call, Outcome::Refused(r)).await;
     };
-    // Streamed LLM calls are asked to report usage, when the tool says so.
-    let inject = tool
-        .and_then(|t| t.config.cost.as_ref())
-        .and_then(|c| c.llm.as_ref())
-        .is_some_and(|l| l.inject_stream_usage);
+    // Streamed LLM calls are asked to report usage, when the tool says so and its declared
+    // provider's API at this path takes the option.
+    let inject = tool.is_some_and(|t| {
+        t.config
+            .cost
+            .as_ref()
+            .and_then(|c| c.llm.as_ref())
+            .is_some_and(|l| l.inject_stream_usage)
+            && crate::metering::takes_stream_usage(t.provider, &target.path)
+    });
     if inject {
         if let CanonicalBody::Json(v) = &decided.body {
             if let Some(v) = crate::metering::inject_stream_usage(v) {
@@ -245,6 +260,7 @@ async fn forward_call(
     let req = rebuilt.map(http_body_util::Full::new);
     let t = tool.map(|t| (t.connect_timeout, t.header_timeout, t.total_timeout));
     let (connect, header, total) = t.unwrap_or(crate::snapshot::DEFAULT_TIMEOUTS);
+    let timeouts = crate::mcp::body_timeouts(tool, &target);
     call.stage = "upstream";
     call.sent = true;
     if let Some(b) = call.budget.as_mut() {
@@ -268,7 +284,7 @@ async fn forward_call(
         Ok(res) => Outcome::Answered {
             response: res,
             upstream_us,
-            total,
+            timeouts,
             target,
         },
     };

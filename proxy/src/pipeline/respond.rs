@@ -1,18 +1,22 @@
 //! The answered exit: the upstream's response goes back to the agent, the reservation is
-//! settled at the metered cost, and the outcome record is written — at once for plain
-//! answers, at the end of the body for metered LLM streams, after buffering for idempotent
-//! calls (whose response is stored for replays) and for filtered MCP `tools/list` answers.
+//! settled at the metered cost, and the outcome record is written. A streamed body (any body
+//! not buffered below) passes through [`crate::stream::ResponseStream`], bounded by the tool's
+//! total and idle timeouts and read for LLM usage on the side; its end (complete, cut, or
+//! dropped by a client that went away) is the pipeline's exit `finish::body_ended`. Buffered:
+//! idempotent calls (whose response is stored, headers and coding included, for replays) and
+//! MCP `tools/list` answers (decoded and filtered).
 
 use super::call::Call;
 use crate::audit::{AuditRecord, Phase};
 use crate::limits::IdemGuard;
+use crate::metering::Estimate;
+use crate::refusal::Refusal;
+use crate::stream::{BodyTimeouts, OnEnd, ResponseStream};
 use crate::target::Target;
 use crate::upstream::{full, ResBody};
-use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::Response;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use std::future::Future;
 use std::time::Duration;
 
 /// Build the agent's response from the upstream's and end the call.
@@ -20,7 +24,7 @@ pub(super) async fn answered(
     mut call: Call,
     res: Response<Incoming>,
     upstream_us: u64,
-    total: Duration,
+    timeouts: BodyTimeouts,
     target: Target,
 ) -> Response<ResBody> {
     let (mut parts, body) = res.into_parts();
@@ -40,52 +44,47 @@ pub(super) async fn answered(
     }
     call.stage = "response";
     if let Some(idem) = call.idem.take() {
-        return stored_for_replay(call, recs, parts, body, total, idem).await;
+        return stored_for_replay(call, recs, parts, body, timeouts.total, idem).await;
     }
-    let llm = call.elements.len() == 1 && call.elements[0].estimate.llm.is_some();
-    if llm {
-        // LLM usage is known at the end of the body: the outcome record and the settlement
-        // wait for it, the stream does not.
-        let sse = is_sse(&parts);
-        let done: crate::metering::OnDone = Box::new(move |tokens| {
-            let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                return;
-            };
-            rt.spawn(async move {
-                let mut call = call;
-                let est = call.elements[0].estimate.clone();
-                // No usage reported: charge the estimate, the bound we reserved.
-                let t = tokens.unwrap_or(est.tokens);
-                let spend = est.llm_spend(t);
-                charge(&mut call, spend).await;
-                for rec in &mut recs {
-                    rec.cost.usd = crate::limits::to_usd(spend);
-                    rec.cost.prompt_tokens = t.prompt;
-                    rec.cost.completion_tokens = t.completion;
-                }
-                call.finished = true;
-                write(&call, recs).await;
-            });
-        });
-        let metered = crate::metering::MeteredBody::new(body, sse, done);
-        return Response::from_parts(parts, TotalTimeout::new(metered, total).boxed());
+    let llm = llm_estimate(&call).is_some();
+    if !llm {
+        // A fixed or per-unit cost is known now; LLM usage at the end of the body.
+        let spend: i64 = call.elements.iter().map(|e| e.estimate.spend).sum();
+        cost_per_element(&call, &mut recs, spend);
+        charge(&mut call, spend).await;
     }
-    let spend: i64 = call.elements.iter().map(|e| e.estimate.spend).sum();
-    cost_per_element(&call, &mut recs, spend);
-    charge(&mut call, spend).await;
-    call.finished = true;
-    // The outcome record does not gate the response: the decision record already made the
-    // call accountable. It is written in the background.
-    let state = call.state.clone();
-    tokio::spawn(async move {
-        for rec in recs {
-            let _ = state.audit.append(rec).await;
-        }
-    });
     if call.mcp_list {
-        return filtered_tools_list(&call, &target, parts, body, total).await;
+        call.finished = true;
+        // The outcome record does not gate the response: the decision record already made
+        // the call accountable.
+        let state = call.state.clone();
+        tokio::spawn(async move {
+            for rec in recs {
+                let _ = state.audit.append(rec).await;
+            }
+        });
+        return filtered_tools_list(&call, &target, parts, body, timeouts.total).await;
     }
-    Response::from_parts(parts, TotalTimeout::new(body, total).boxed())
+    // MCP streams carry only JSON-RPC: a cut one is aborted rather than told in an SSE event.
+    let in_band = !crate::mcp::is_mcp(&call.snap, &target);
+    let done: OnEnd = Box::new(move |end| {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(super::finish::body_ended(call, recs, end));
+    });
+    let body = ResponseStream::new(body, &parts.headers, timeouts, llm, done)
+        .in_band_errors(in_band)
+        .boxed();
+    Response::from_parts(parts, body)
+}
+
+/// The estimate of a metered LLM call (one element with an LLM cost model), if this is one.
+pub(super) fn llm_estimate(call: &Call) -> Option<Estimate> {
+    match call.elements.as_slice() {
+        [e] if e.estimate.llm.is_some() => Some(e.estimate.clone()),
+        _ => None,
+    }
 }
 
 /// Each element's cost in its record: the whole spend for a single call, each element's
@@ -104,14 +103,6 @@ async fn write(call: &Call, recs: Vec<AuditRecord>) {
     for rec in recs {
         let _ = call.state.audit.append(rec).await;
     }
-}
-
-fn is_sse(parts: &http::response::Parts) -> bool {
-    parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// An idempotent call's response: buffered (bounded), stored for replays, charged, recorded,
@@ -136,20 +127,15 @@ async fn stored_for_replay(
             // The upstream may have executed it: charge the estimate that was reserved.
             let spend: i64 = call.elements.iter().map(|e| e.estimate.spend).sum();
             charge(&mut call, spend).await;
-            let r = crate::refusal::Refusal::UpstreamFailed(
+            let r = Refusal::UpstreamFailed(
                 "the response of an idempotent call could not be read (over 1 MiB or failed)"
                     .into(),
             );
             call.finished = true;
             write(&call, recs).await;
-            return crate::refusal::render(&r, call.tool_name(), &call.run, call.mcp_id.as_ref());
+            return super::finish::render(&call, &r);
         }
     };
-    let content_type = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
     let est = call
         .elements
         .first()
@@ -157,10 +143,10 @@ async fn stored_for_replay(
         .unwrap_or_default();
     let spend = match est.llm {
         Some(_) => {
-            let sse = is_sse(&parts);
-            let mut scan = crate::metering::UsageScanner::new(sse);
+            // A coded body is read through its decoder; it is stored as sent.
+            let mut scan = crate::metering::UsageScanner::for_response(&parts.headers);
             scan.feed(&bytes);
-            let t = scan.finish().unwrap_or(est.tokens);
+            let t = scan.finish().reported.unwrap_or(est.tokens);
             for rec in &mut recs {
                 rec.cost.prompt_tokens = t.prompt;
                 rec.cost.completion_tokens = t.completion;
@@ -171,7 +157,7 @@ async fn stored_for_replay(
     };
     cost_per_element(&call, &mut recs, spend);
     charge(&mut call, spend).await;
-    let stored = crate::idempotency::stored(parts.status.as_u16(), content_type, &bytes);
+    let stored = crate::idempotency::stored(parts.status.as_u16(), &parts.headers, &bytes);
     if parts.status.is_server_error() {
         // A failed attempt is not the answer to keep: let the retry through.
         idem.release().await;
@@ -192,7 +178,7 @@ async fn stored_for_replay(
 }
 
 /// Settle the call at `spend` and account it: spend and overrun metrics, budget gauges.
-async fn charge(call: &mut Call, spend: i64) {
+pub(super) async fn charge(call: &mut Call, spend: i64) {
     let state = call.state.clone();
     let snap = call.snap.clone();
     let m = &state.metrics;
@@ -264,7 +250,8 @@ fn record_spend(call: &Call, spend: i64) {
     *today.1.entry(call.tenant.clone()).or_default() += crate::limits::to_usd(spend);
 }
 
-/// Buffer a `tools/list` answer (bounded) and filter it to the agent's MCP tools.
+/// Buffer a `tools/list` answer (bounded), decode it if it is coded (served decoded, labelled
+/// as such), and filter it to the agent's MCP tools.
 async fn filtered_tools_list(
     call: &Call,
     target: &Target,
@@ -272,17 +259,19 @@ async fn filtered_tools_list(
     body: Incoming,
     total: Duration,
 ) -> Response<ResBody> {
-    const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
-    let sse = is_sse(&parts);
-    let bytes =
-        match tokio::time::timeout(total, Limited::new(body, MAX_LIST_BYTES).collect()).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            _ => {
-                let mut res = Response::new(full(Bytes::new()));
-                *res.status_mut() = StatusCode::BAD_GATEWAY;
-                return res;
-            }
-        };
+    let sse = crate::metering::is_sse(&parts.headers);
+    let limited = Limited::new(body, crate::mcp::MAX_LIST_BYTES).collect();
+    let bytes = match tokio::time::timeout(total, limited).await {
+        Ok(Ok(b)) => crate::mcp::decoded_body(&mut parts.headers, &b.to_bytes()),
+        _ => Err(
+            "the upstream's tools/list answer could not be read (over 8 MiB, failed or timed out)"
+                .to_string(),
+        ),
+    };
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(reason) => return super::finish::render(call, &Refusal::UpstreamFailed(reason)),
+    };
     let allowed = call.snap.catalog.mcp_tools_on(target);
     let (filtered, removed) = crate::mcp::filter_tools_list(&bytes, sse, &allowed);
     if removed > 0 {
@@ -291,46 +280,4 @@ async fn filtered_tools_list(
     parts.headers.remove(http::header::CONTENT_LENGTH);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     Response::from_parts(parts, full(filtered))
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that ends once the tool's total timeout has passed.
-    pub struct TotalTimeout<B> {
-        #[pin]
-        inner: B,
-        #[pin]
-        deadline: tokio::time::Sleep,
-    }
-}
-
-impl<B> TotalTimeout<B> {
-    fn new(inner: B, total: Duration) -> Self {
-        Self {
-            inner,
-            deadline: tokio::time::sleep(total),
-        }
-    }
-}
-
-impl<B: http_body::Body<Data = Bytes, Error = hyper::Error>> http_body::Body for TotalTimeout<B> {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        if this.deadline.poll(cx).is_ready() {
-            // Ending the stream early surfaces as a truncated body to the agent; the upstream
-            // connection is dropped with it.
-            return std::task::Poll::Ready(None);
-        }
-        this.inner.poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }

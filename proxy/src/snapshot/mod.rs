@@ -28,6 +28,9 @@ use std::time::{Duration, SystemTime};
 /// Default body buffer limit.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
+/// Default body buffer limit of an `llm` tool: requests carry images and long contexts.
+pub const LLM_MAX_BODY: usize = 32 * 1024 * 1024;
+
 /// One tool, compiled.
 pub struct Tool {
     /// Raw definition (for policy input and `/config`).
@@ -42,6 +45,12 @@ pub struct Tool {
     pub header_timeout: Duration,
     /// Whole call.
     pub total_timeout: Duration,
+    /// Longest pause between two pieces of a response body.
+    pub idle_timeout: Duration,
+    /// Request body limit.
+    pub max_body: usize,
+    /// Declared LLM provider (`llm.provider`).
+    pub provider: Option<config::LlmProvider>,
     /// Mutating (anything but GET/HEAD/OPTIONS) — computed per call, kept for MCP tools.
     pub mcp: bool,
 }
@@ -167,6 +176,7 @@ impl Snapshot {
     /// Validate and compile a raw config. `base_dir` resolves relative policy paths.
     pub fn build(raw: Config, version: u64, base_dir: &Path) -> Result<Self, ConfigError> {
         let lowered = settings::lower(&raw, base_dir)?;
+        let max_body = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
         let agent = validate_agent(&raw, lowered.agent)?;
         let mut tools = Vec::with_capacity(raw.tools.len());
         let mut rules = Vec::new();
@@ -186,7 +196,7 @@ impl Snapshot {
                 ));
             }
             rules.push(compile_match(i, t, &field)?);
-            tools.push(compile_tool(t, &field, base_dir)?);
+            tools.push(compile_tool(t, &field, base_dir, max_body)?);
         }
         let mut upstreams = HashMap::new();
         for (name, url) in &raw.upstreams {
@@ -271,7 +281,7 @@ impl Snapshot {
                 .filter(|k| k.engaged)
                 .cloned()
                 .collect(),
-            max_body: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+            max_body,
             admin_tokens,
             intercept,
             tenants: lowered.tenants,
@@ -377,7 +387,12 @@ fn compile_match(i: usize, t: &ToolConfig, field: &str) -> Result<MatchRule, Con
     })
 }
 
-fn compile_tool(t: &ToolConfig, field: &str, base_dir: &Path) -> Result<Tool, ConfigError> {
+fn compile_tool(
+    t: &ToolConfig,
+    field: &str,
+    base_dir: &Path,
+    max_body: usize,
+) -> Result<Tool, ConfigError> {
     let schema = match &t.input_schema {
         None => None,
         Some(s) => Some(Arc::new(jsonschema::validator_for(s).map_err(|e| {
@@ -395,7 +410,29 @@ fn compile_tool(t: &ToolConfig, field: &str, base_dir: &Path) -> Result<Tool, Co
     crate::canonical::validate_options(t)
         .map_err(|(f, m)| ConfigError::invalid(format!("{field}.request.{f}"), m))?;
     let to = &t.timeouts;
-    let total = to.total.map(|d| d.get()).unwrap_or(Duration::from_secs(30));
+    let provider = t.llm.as_ref().map(|l| l.provider);
+    // LLM answers stream for minutes; other tools answer in seconds.
+    let (default_total, default_idle) = match provider {
+        Some(_) => (Duration::from_secs(15 * 60), Duration::from_secs(5 * 60)),
+        None => (Duration::from_secs(30), Duration::from_secs(30)),
+    };
+    let total = to.total.map(|d| d.get()).unwrap_or(default_total);
+    let idle = to.idle.map(|d| d.get()).unwrap_or(default_idle).min(total);
+    let inject = t
+        .cost
+        .as_ref()
+        .and_then(|c| c.llm.as_ref())
+        .is_some_and(|l| l.inject_stream_usage);
+    let openai_style = matches!(
+        provider,
+        Some(config::LlmProvider::Openai | config::LlmProvider::OpenaiCompatible)
+    );
+    if inject && !openai_style {
+        return Err(ConfigError::invalid(
+            format!("{field}.cost.llm.injectStreamUsage"),
+            "stream_options.include_usage exists only in OpenAI-style APIs: declare `llm: {provider: openai}` or `openai-compatible` on the tool",
+        ));
+    }
     if let Some(cost) = &t.cost {
         if cost.per_unit_usd.is_some() != cost.unit_field.is_some() {
             return Err(ConfigError::invalid(
@@ -414,6 +451,12 @@ fn compile_tool(t: &ToolConfig, field: &str, base_dir: &Path) -> Result<Tool, Co
             .unwrap_or(Duration::from_secs(2)),
         header_timeout: to.header.map(|d| d.get()).unwrap_or(total),
         total_timeout: total,
+        idle_timeout: idle,
+        max_body: t.max_body_bytes.unwrap_or(match provider {
+            Some(_) => LLM_MAX_BODY,
+            None => max_body,
+        }),
+        provider,
         mcp: t.matcher.mcp_tool.is_some(),
     })
 }

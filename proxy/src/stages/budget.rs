@@ -9,10 +9,15 @@ use crate::refusal::Refusal;
 use crate::snapshot::Tool;
 use serde_json::Value;
 
-/// The estimated cost of one tool call.
-pub fn estimate(tool: &Tool, input: &Value, body_len: usize) -> Result<Estimate, Refusal> {
+/// The estimated cost of one tool call (`path` names the model of a Gemini call).
+pub fn estimate(
+    tool: &Tool,
+    input: &Value,
+    body_len: usize,
+    path: &str,
+) -> Result<Estimate, Refusal> {
     match &tool.config.cost {
-        Some(cost) => crate::metering::estimate(cost, input, body_len)
+        Some(cost) => crate::metering::estimate_call(cost, input, body_len, Some(path))
             .map_err(|m| Refusal::InvalidInput(vec![m])),
         None => Ok(Estimate::default()),
     }

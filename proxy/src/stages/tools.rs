@@ -37,12 +37,16 @@ pub fn match_calls(
             ..Default::default()
         }),
         RouteMatch::Mcp => {
-            let CanonicalBody::Json(msg) = &canonical.body else {
-                return Err(Refusal::UnparsableBody(
-                    "MCP endpoint expects a JSON-RPC body".into(),
-                ));
+            let msg = match &canonical.body {
+                CanonicalBody::Json(msg) => msg.clone(),
+                // A bodiless session GET or DELETE, admitted by `mcp::check_request`.
+                CanonicalBody::Empty => Value::Null,
+                _ => {
+                    return Err(Refusal::UnparsableBody(
+                        "MCP endpoint expects a JSON-RPC body".into(),
+                    ))
+                }
             };
-            let msg = msg.clone();
             *mcp_id = crate::mcp::reply_id(&msg);
             let m = crate::mcp::classify(&msg, snap, target)?;
             let message = m.tool_calls.is_empty().then_some(msg);
