@@ -282,4 +282,49 @@ mod tests {
             "times out without a change"
         );
     }
+
+    #[tokio::test]
+    async fn propagation_lag_is_observed_when_the_last_waiting_sidecar_holds_the_new_snapshot() {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        hub.publish("ns/a", "ns", "sa", &cfg("a"));
+        let old = hub.get("ns/a").unwrap().hash;
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let (h, old) = (hub.clone(), old.clone());
+            waiters.push(tokio::spawn(async move {
+                h.wait_changed("ns/a", &old, Duration::from_secs(30)).await
+            }));
+        }
+        while hub.state.lock().unwrap().waiting.get("ns/a").copied() != Some(2) {
+            tokio::task::yield_now().await;
+        }
+        let since = Instant::now() - Duration::from_millis(40);
+        let v = hub
+            .publish_since("ns/a", "ns", "sa", &cfg("a2"), since)
+            .unwrap();
+        assert_eq!(
+            metrics.snapshot_version.with_label_values(&["ns/a"]).get(),
+            v as i64
+        );
+        let new = hub.get("ns/a").unwrap().hash;
+        for w in waiters {
+            assert_eq!(w.await.unwrap().unwrap().hash, new);
+        }
+        // The first sidecar comes back holding it: one of two, nothing observed yet.
+        let quick = |h: Arc<Hub>, hash: String| async move {
+            h.wait_changed("ns/a", &hash, Duration::from_millis(1))
+                .await
+        };
+        quick(hub.clone(), new.clone()).await;
+        assert_eq!(metrics.propagation_lag.get_sample_count(), 0);
+        // A sidecar still on the old snapshot is not an acknowledgement.
+        quick(hub.clone(), old.clone()).await;
+        assert_eq!(metrics.propagation_lag.get_sample_count(), 0);
+        quick(hub.clone(), new.clone()).await;
+        assert_eq!(metrics.propagation_lag.get_sample_count(), 1);
+        assert!(metrics.propagation_lag.get_sample_sum() >= 0.04);
+        hub.remove("ns/a");
+        assert!(!metrics.render().contains("agent=\"ns/a\""));
+    }
 }

@@ -575,3 +575,6 @@ pub fn start(
     tokio::spawn(ks);
     ctx
 }
+
+#[cfg(test)]
+mod tests;
