@@ -41,6 +41,17 @@ struct State {
     /// Long-polls held open per agent.
     waiting: HashMap<String, usize>,
     propagating: HashMap<String, Propagation>,
+    /// Mixed into every hash: material delivered with every snapshot (the interception CA's
+    /// fingerprint), so a change to it reaches every sidecar.
+    epoch: String,
+}
+
+fn hash_of(json: &serde_json::Value, epoch: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(json.to_string().as_bytes());
+    h.update(epoch.as_bytes());
+    hex::encode(h.finalize())
 }
 
 /// Latest snapshots.
@@ -116,10 +127,9 @@ impl Hub {
         config: &Config,
         since: Instant,
     ) -> Option<u64> {
-        use sha2::Digest;
         let json = serde_json::to_value(config).expect("config serialises");
-        let hash = hex::encode(sha2::Sha256::digest(json.to_string().as_bytes()));
         let mut st = self.state.lock().expect("hub lock");
+        let hash = hash_of(&json, &st.epoch);
         if let Some(cur) = st.agents.get(agent) {
             if cur.hash == hash && cur.service_account == service_account {
                 return None;
@@ -159,6 +169,36 @@ impl Hub {
         }
         self.tx.send_replace(version);
         Some(version)
+    }
+
+    /// Change the material delivered with every snapshot: every agent gets a new version and
+    /// hash (same config), which wakes every long-poll.
+    pub fn set_epoch(&self, epoch: &str) {
+        let mut st = self.state.lock().expect("hub lock");
+        if st.epoch == epoch {
+            return;
+        }
+        st.epoch = epoch.to_owned();
+        let mut next = st.next;
+        let epoch = st.epoch.clone();
+        let mut versions = Vec::new();
+        for (agent, s) in st.agents.iter_mut() {
+            next += 1;
+            s.version = next;
+            s.hash = hash_of(&s.config, &epoch);
+            versions.push((agent.clone(), next));
+        }
+        st.next = next;
+        st.propagating.clear();
+        drop(st);
+        if let Some(m) = &self.metrics {
+            for (agent, v) in versions {
+                m.snapshot_version
+                    .with_label_values(&[&agent])
+                    .set(v as i64);
+            }
+        }
+        self.tx.send_replace(next);
     }
 
     /// Forget an agent whose identity is gone (or no longer builds).

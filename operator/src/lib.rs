@@ -13,6 +13,7 @@ pub mod crd_check;
 pub mod hub;
 pub mod metrics;
 pub mod pki;
+pub mod rotation;
 pub mod run;
 pub mod server;
 #[cfg(feature = "test-api")]

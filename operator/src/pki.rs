@@ -21,42 +21,6 @@ pub fn secret_data(s: Secret) -> SecretData {
         .collect()
 }
 
-/// A Secret's string data, created from `make` if it does not exist (shared by every replica:
-/// the first to create it wins, the others read it).
-pub async fn load_or_create_secret(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    make: impl FnOnce() -> Result<SecretData, String>,
-) -> Result<SecretData, String> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    if let Some(s) = api
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("secret {namespace}/{name}: {e}"))?
-    {
-        return Ok(secret_data(s));
-    }
-    let data = make()?;
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
-        string_data: Some(data.clone()),
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(data),
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let s = api.get(name).await.map_err(|e| e.to_string())?;
-            Ok(secret_data(s))
-        }
-        Err(e) => Err(format!("secret {namespace}/{name}: {e}")),
-    }
-}
-
 /// The interception CA material injected pods see.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaMaterial {

@@ -8,7 +8,7 @@ use crate::controller::{self, Stores, Triggers};
 use crate::crd::{AgentIdentity, AgentPolicy, ApprovalRequest, KillSwitch, Tenant, Tool};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::pki::{load_or_create_secret, CaDistribution, CaMaterial};
+use crate::pki::CaDistribution;
 use crate::server::{Authenticator, ServerState};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -48,6 +48,54 @@ pub struct RunArgs {
     /// keeps current.
     #[arg(long, default_value = "tollgate")]
     pub webhook_config_name: String,
+    /// Certificate lifetimes and the rotation schedule.
+    #[command(flatten)]
+    pub certs: CertArgs,
+}
+
+/// Certificate lifetimes (seconds). Each certificate is renewed at two thirds of its life.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CertArgs {
+    /// Lifetime of the webhook CA.
+    #[arg(long, default_value_t = 3 * 365 * 86_400)]
+    pub webhook_ca_lifetime_seconds: u64,
+    /// Lifetime of the webhook serving certificate.
+    #[arg(long, default_value_t = 365 * 86_400)]
+    pub webhook_cert_lifetime_seconds: u64,
+    /// Lifetime of the interception CA.
+    #[arg(long, default_value_t = 3 * 365 * 86_400)]
+    pub intercept_ca_lifetime_seconds: u64,
+    /// How long a new interception CA is trusted in every namespace before it signs (the
+    /// kubelet refreshes mounted ConfigMaps within about a minute).
+    #[arg(long, default_value_t = 180)]
+    pub intercept_ca_grace_seconds: u64,
+    /// How often the certificates are checked.
+    #[arg(long, default_value_t = 60)]
+    pub cert_check_interval_seconds: u64,
+}
+
+impl Default for CertArgs {
+    fn default() -> Self {
+        let d = crate::rotation::Lifetimes::default();
+        Self {
+            webhook_ca_lifetime_seconds: d.webhook_ca.as_secs(),
+            webhook_cert_lifetime_seconds: d.serving.as_secs(),
+            intercept_ca_lifetime_seconds: d.intercept_ca.as_secs(),
+            intercept_ca_grace_seconds: d.grace.as_secs(),
+            cert_check_interval_seconds: 60,
+        }
+    }
+}
+
+impl CertArgs {
+    fn lifetimes(&self) -> crate::rotation::Lifetimes {
+        crate::rotation::Lifetimes {
+            webhook_ca: Duration::from_secs(self.webhook_ca_lifetime_seconds),
+            serving: Duration::from_secs(self.webhook_cert_lifetime_seconds),
+            intercept_ca: Duration::from_secs(self.intercept_ca_lifetime_seconds),
+            grace: Duration::from_secs(self.intercept_ca_grace_seconds),
+        }
+    }
 }
 
 /// Entry point.
@@ -144,6 +192,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         usage: Default::default(),
         triggers: triggers.clone(),
         rejected: Default::default(),
+        intercept_ca: Default::default(),
     });
     metrics.leader.set(i64::from(args.no_leader_elect));
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -151,17 +200,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(addr = %args.listen, "snapshot API listening");
     tokio::spawn(crate::server::serve(listener, st.clone()));
-    let ca = load_or_create_secret(
-        &client,
-        &args.lease_namespace,
-        "tollgate-intercept-ca",
-        || {
-            let (cert, key) = tollgate_proxy::tls::new_ca("Tollgate interception CA", 3650)
-                .map_err(|e| e.to_string())?;
-            Ok([("tls.crt".to_string(), cert), ("tls.key".to_string(), key)].into())
-        },
-    )
-    .await?;
+    let lifetimes = args.certs.lifetimes();
+    let intercept = crate::rotation::load_intercept(&client, &args.lease_namespace, &lifetimes)
+        .await
+        .map_err(|e| e.to_string())?;
     let inject_names = match &args.inject_config {
         Some(p) => std::fs::read_to_string(p)
             .ok()
@@ -170,29 +212,45 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         None => None,
     }
     .unwrap_or_else(|| ("tollgate-intercept-ca".into(), "tollgate-ca".into()));
-    let ca_cert = ca.get("tls.crt").cloned().unwrap_or_default();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let distribution = Arc::new(CaDistribution::new(
-        CaMaterial {
-            bundle: crate::webhook::inject::trust_bundle(&ca_cert),
-            trusted: ca_cert.clone(),
-            cert: ca_cert,
-            key: ca.get("tls.key").cloned().unwrap_or_default(),
-        },
+        intercept.material(now),
         inject_names.0,
         inject_names.1,
     ));
+    let _ = st.intercept_ca.set(distribution.clone());
+    {
+        use sha2::Digest;
+        hub.set_epoch(&hex::encode(sha2::Sha256::digest(
+            distribution.material().cert.as_bytes(),
+        )));
+    }
     let ctx = controller::start(
         client.clone(),
         st.clone(),
-        Some(distribution),
+        Some(distribution.clone()),
         kube::runtime::events::Reporter {
             controller: "tollgate-operator".into(),
             instance: Some(args.identity.clone()),
         },
     );
-    if let Some(addr) = &args.webhook_listen {
-        start_webhooks(&client, &args, addr, ctx.stores.clone()).await?;
-    }
+    let serving = match &args.webhook_listen {
+        Some(addr) => Some(start_webhooks(&client, &args, addr, ctx.stores.clone()).await?),
+        None => None,
+    };
+    tokio::spawn(
+        crate::rotation::Rotation {
+            client: client.clone(),
+            namespace: args.lease_namespace.clone(),
+            service: args.webhook_service.clone(),
+            webhook_config_name: args.webhook_config_name.clone(),
+            lifetimes,
+            serving,
+            ca: distribution,
+            ctx: ctx.clone(),
+        }
+        .run(Duration::from_secs(args.certs.cert_check_interval_seconds.max(1))),
+    );
     ctx.stores
         .wait_until_ready()
         .await
@@ -220,15 +278,15 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Serve the admission webhooks with a self-managed certificate, and put its CA into the
-/// webhook configurations' `caBundle`.
+/// Serve the admission webhooks with the self-managed serving certificate (the rotation puts
+/// its CA into the webhook configurations' `caBundle` and swaps the certificate in place).
 async fn start_webhooks(
     client: &Client,
     args: &RunArgs,
     addr: &str,
     stores: Stores,
-) -> Result<(), String> {
-    use crate::webhook::{certs, inject::IdentityFacts, inject::InjectConfig, server};
+) -> Result<Arc<crate::rotation::ServingCert>, String> {
+    use crate::webhook::{inject::IdentityFacts, inject::InjectConfig, server};
     let path = args
         .inject_config
         .as_ref()
@@ -237,30 +295,18 @@ async fn start_webhooks(
     let inject: InjectConfig =
         serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     // One serving certificate for every replica, kept in a Secret, so the caBundle matches
-    // whichever replica the API server reaches.
-    let stored = load_or_create_secret(
+    // whichever replica the API server reaches; the rotation keeps it (and the caBundle)
+    // current.
+    let pki = crate::rotation::load_webhook(
         client,
         &args.lease_namespace,
-        "tollgate-webhook-tls",
-        || {
-            let c = certs::webhook_certs(&args.webhook_service, &args.lease_namespace, &[], 365)
-                .map_err(|e| e.to_string())?;
-            Ok([
-                ("ca.crt".to_string(), c.ca.cert),
-                ("tls.crt".to_string(), c.serving.cert),
-                ("tls.key".to_string(), c.serving.key),
-            ]
-            .into())
-        },
+        &args.webhook_service,
+        &args.certs.lifetimes(),
     )
-    .await?;
-    let get = |k: &str| stored.get(k).cloned().unwrap_or_default();
-    let serving = certs::PemPair {
-        cert: get("tls.crt"),
-        key: get("tls.key"),
-    };
-    let ca_pem = get("ca.crt");
-    let tls = server::tls_config(&serving)?;
+    .await
+    .map_err(|e| e.to_string())?;
+    let serving = Arc::new(crate::rotation::ServingCert::new(&pki.serving)?);
+    let tls = serving.server_config()?;
     let facts: server::FactsLookup = Arc::new(move |ns: &str, agent: &str| {
         use kube::runtime::reflector::ObjectRef;
         let id = stores.identities.get(&ObjectRef::new(agent).within(ns))?;
@@ -281,49 +327,8 @@ async fn start_webhooks(
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     tokio::spawn(server::serve(listener, tls, hooks));
-    let bundle = base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD,
-        ca_pem.as_bytes(),
-    );
-    for kind in [
-        "mutatingwebhookconfigurations",
-        "validatingwebhookconfigurations",
-    ] {
-        let ar = kube::api::ApiResource {
-            group: "admissionregistration.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "admissionregistration.k8s.io/v1".into(),
-            kind: if kind.starts_with("mutating") {
-                "MutatingWebhookConfiguration"
-            } else {
-                "ValidatingWebhookConfiguration"
-            }
-            .into(),
-            plural: kind.into(),
-        };
-        let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
-        match api.get_opt(&args.webhook_config_name).await {
-            Ok(Some(mut obj)) => {
-                if let Some(hooks) = obj.data.get_mut("webhooks").and_then(|w| w.as_array_mut()) {
-                    for h in hooks {
-                        h["clientConfig"]["caBundle"] = serde_json::json!(bundle);
-                    }
-                }
-                if let Err(e) = api
-                    .replace(&args.webhook_config_name, &PostParams::default(), &obj)
-                    .await
-                {
-                    tracing::warn!(kind, error = %e, "could not update the webhook caBundle");
-                }
-            }
-            Ok(None) => {
-                tracing::warn!(kind, name = %args.webhook_config_name, "webhook configuration not found; caBundle not set")
-            }
-            Err(e) => tracing::warn!(kind, error = %e, "could not read the webhook configuration"),
-        }
-    }
     tracing::info!(%addr, "admission webhooks listening");
-    Ok(())
+    Ok(serving)
 }
 
 const LEASE_NAME: &str = "tollgate-operator";

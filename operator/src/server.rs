@@ -175,6 +175,9 @@ pub struct ServerState {
     /// Snapshots sidecars rejected: (agent, sidecar instance) → (snapshot hash, the
     /// sidecar's error). The identity is `Ready=False` while a rejected hash is the one served.
     pub rejected: Mutex<Rejections>,
+    /// The interception CA whose signing certificate and key go with every snapshot answer
+    /// (so a rotation reaches running sidecars; the hub's epoch changes with it).
+    pub intercept_ca: std::sync::OnceLock<Arc<crate::pki::CaDistribution>>,
 }
 
 impl ServerState {
@@ -272,10 +275,12 @@ pub async fn handle(
     match newer {
         Some(s) => {
             let credentials = credentials(&st.client, &s).await;
-            json(
-                200,
-                serde_json::json!({"version": s.version, "hash": s.hash, "config": *s.config, "credentials": credentials}),
-            )
+            let mut body = serde_json::json!({"version": s.version, "hash": s.hash, "config": *s.config, "credentials": credentials});
+            if let Some(ca) = st.intercept_ca.get() {
+                let m = ca.material();
+                body["interceptCa"] = serde_json::json!({"cert": m.cert, "key": m.key});
+            }
+            json(200, body)
         }
         None => json(
             200,
