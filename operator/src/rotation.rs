@@ -158,7 +158,12 @@ pub enum WebhookStep {
 /// webhook configuration as the API server holds it; a next CA is promoted once it has been
 /// published and `grace` has passed since it was made (API servers cache webhook
 /// configurations for a moment).
-pub fn webhook_step(p: &WebhookPki, published: &[String], grace: Duration, now: i64) -> WebhookStep {
+pub fn webhook_step(
+    p: &WebhookPki,
+    published: &[String],
+    grace: Duration,
+    now: i64,
+) -> WebhookStep {
     let want = p.bundle(now);
     if published.iter().any(|b| !same_bundle(b, &want)) {
         return WebhookStep::PublishBundle;
@@ -227,7 +232,12 @@ pub enum InterceptStep {
 
 /// Decide the next interception CA step (pure). `everywhere`: every identity namespace's
 /// copies hold the current material (which trusts the next CA).
-pub fn intercept_step(p: &InterceptPki, everywhere: bool, grace: Duration, now: i64) -> InterceptStep {
+pub fn intercept_step(
+    p: &InterceptPki,
+    everywhere: bool,
+    grace: Duration,
+    now: i64,
+) -> InterceptStep {
     if let Some(next) = &p.next_ca {
         return if everywhere && now - next.not_before >= grace.as_secs() as i64 {
             InterceptStep::Promote
@@ -308,10 +318,13 @@ async fn read_secret(
     api: &Api<Secret>,
     name: &str,
 ) -> Result<Option<(BTreeMap<String, String>, Option<String>)>, RotationError> {
-    let got = api.get_opt(name).await.map_err(|source| RotationError::Api {
-        what: format!("read Secret {name}"),
-        source,
-    })?;
+    let got = api
+        .get_opt(name)
+        .await
+        .map_err(|source| RotationError::Api {
+            what: format!("read Secret {name}"),
+            source,
+        })?;
     Ok(got.map(|s| {
         let rv = s.metadata.resource_version.clone();
         (crate::pki::secret_data(s), rv)
@@ -461,8 +474,7 @@ pub async fn load_intercept(
     for _ in 0..3 {
         match read_secret(&api, INTERCEPT_SECRET).await? {
             Some((d, _)) => {
-                return Ok(parse(&d, INTERCEPT_SECRET)?
-                    .unwrap_or_else(|| legacy_intercept(&d, l)))
+                return Ok(parse(&d, INTERCEPT_SECRET)?.unwrap_or_else(|| legacy_intercept(&d, l)))
             }
             None => {
                 let p = InterceptPki {
@@ -470,15 +482,17 @@ pub async fn load_intercept(
                     next_ca: None,
                     previous_ca: None,
                 };
-                if write_secret(&api, namespace, INTERCEPT_SECRET, intercept_data(&p), None)
-                    .await?
+                if write_secret(&api, namespace, INTERCEPT_SECRET, intercept_data(&p), None).await?
                 {
                     return Ok(p);
                 }
             }
         }
     }
-    Err(RotationError::State(INTERCEPT_SECRET, "kept changing".into()))
+    Err(RotationError::State(
+        INTERCEPT_SECRET,
+        "kept changing".into(),
+    ))
 }
 
 /// What the rotation loop drives.
@@ -502,8 +516,14 @@ pub struct Rotation {
 }
 
 const WEBHOOK_KINDS: [(&str, &str); 2] = [
-    ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration"),
-    ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration"),
+    (
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+    ),
+    (
+        "validatingwebhookconfigurations",
+        "ValidatingWebhookConfiguration",
+    ),
 ];
 
 fn webhook_api(client: &Client, plural: &str, kind: &str) -> Api<kube::api::DynamicObject> {
@@ -578,15 +598,25 @@ impl Rotation {
         let m = &self.ctx.metrics;
         for _ in 0..6 {
             let Some((d, rv)) = read_secret(&api, WEBHOOK_SECRET).await? else {
-                load_webhook(&self.client, &self.namespace, &self.service, &self.lifetimes)
-                    .await?;
+                load_webhook(
+                    &self.client,
+                    &self.namespace,
+                    &self.service,
+                    &self.lifetimes,
+                )
+                .await?;
                 continue;
             };
             let p: WebhookPki =
                 parse(&d, WEBHOOK_SECRET)?.unwrap_or_else(|| legacy_webhook(&d, &self.lifetimes));
             if let Some(s) = &self.serving {
-                if s.set(&p.serving).map_err(|e| RotationError::State(WEBHOOK_SECRET, e))? {
-                    tracing::info!(not_after = p.serving.not_after, "serving the rotated webhook certificate");
+                if s.set(&p.serving)
+                    .map_err(|e| RotationError::State(WEBHOOK_SECRET, e))?
+                {
+                    tracing::info!(
+                        not_after = p.serving.not_after,
+                        "serving the rotated webhook certificate"
+                    );
                 }
             }
             m.cert_not_after
@@ -624,8 +654,8 @@ impl Rotation {
                         lifetime(self.lifetimes.serving),
                     )?;
                     // A CA without a key (stored before rotation existed) is not kept.
-                    next.previous_ca = Some(std::mem::replace(&mut next.ca, ca))
-                        .filter(|c| !c.cert.is_empty());
+                    next.previous_ca =
+                        Some(std::mem::replace(&mut next.ca, ca)).filter(|c| !c.cert.is_empty());
                     m.cert_rotations.with_label_values(&["webhook-ca"]).inc();
                 }
                 WebhookStep::ReissueServing => {
@@ -643,8 +673,14 @@ impl Rotation {
                 WebhookStep::PrunePrevious => next.previous_ca = None,
             }
             tracing::info!(?step, "webhook certificate rotation");
-            if !write_secret(&api, &self.namespace, WEBHOOK_SECRET, webhook_data(&next), rv)
-                .await?
+            if !write_secret(
+                &api,
+                &self.namespace,
+                WEBHOOK_SECRET,
+                webhook_data(&next),
+                rv,
+            )
+            .await?
             {
                 return Ok(());
             }
@@ -701,8 +737,14 @@ impl Rotation {
                 InterceptStep::PrunePrevious => next.previous_ca = None,
             }
             tracing::info!(?step, "interception CA rotation");
-            if !write_secret(&api, &self.namespace, INTERCEPT_SECRET, intercept_data(&next), rv)
-                .await?
+            if !write_secret(
+                &api,
+                &self.namespace,
+                INTERCEPT_SECRET,
+                intercept_data(&next),
+                rv,
+            )
+            .await?
             {
                 return Ok(());
             }

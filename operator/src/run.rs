@@ -249,7 +249,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             ca: distribution,
             ctx: ctx.clone(),
         }
-        .run(Duration::from_secs(args.certs.cert_check_interval_seconds.max(1))),
+        .run(Duration::from_secs(
+            args.certs.cert_check_interval_seconds.max(1),
+        )),
     );
     ctx.stores
         .wait_until_ready()

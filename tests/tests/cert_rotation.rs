@@ -55,7 +55,8 @@ fn handshake(t: TcpStream, roots_pem: &str, name: &str) -> Result<Vec<u8>, Strin
     let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
     let mut conn = rustls::ClientConnection::new(client(roots_pem), name).unwrap();
     let mut sock = t;
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
     }
@@ -65,7 +66,11 @@ fn handshake(t: TcpStream, roots_pem: &str, name: &str) -> Result<Vec<u8>, Strin
 fn tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
     let mut t = TcpStream::connect(proxy).unwrap();
     t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(t, "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").unwrap();
+    write!(
+        t,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -79,7 +84,11 @@ fn tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
 
 fn bundle(api: &TestApiServer, plural: &str) -> String {
     api.get("admissionregistration.k8s.io/v1", plural, "", "tollgate")
-        .and_then(|o| o["webhooks"][0]["clientConfig"]["caBundle"].as_str().map(b64))
+        .and_then(|o| {
+            o["webhooks"][0]["clientConfig"]["caBundle"]
+                .as_str()
+                .map(b64)
+        })
         .unwrap_or_default()
 }
 
@@ -93,12 +102,21 @@ fn webhook_and_interception_certificates_rotate_without_a_gap_or_a_restart() {
     );
     api.put("tools", json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "Tool",
         "metadata": {"name": "local", "namespace": "agents"}, "spec": {"match": {"host": "localhost"}}}));
-    api.put("agentidentities", json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentIdentity",
+    api.put(
+        "agentidentities",
+        json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentIdentity",
         "metadata": {"name": "billing", "namespace": "agents"},
-        "spec": {"serviceAccount": "billing-agent", "tenants": ["acme"], "tools": ["local"]}}));
+        "spec": {"serviceAccount": "billing-agent", "tenants": ["acme"], "tools": ["local"]}}),
+    );
     for (plural, kind) in [
-        ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration"),
-        ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration"),
+        (
+            "mutatingwebhookconfigurations",
+            "MutatingWebhookConfiguration",
+        ),
+        (
+            "validatingwebhookconfigurations",
+            "ValidatingWebhookConfiguration",
+        ),
     ] {
         api.put(plural, json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind, "metadata": {"name": "tollgate"},
             "webhooks": [{"name": "x.tollgate.dev", "clientConfig": {"service": {"name": "tollgate-operator", "namespace": "tollgate-system", "path": "/mutate"}}}]}));
@@ -110,8 +128,17 @@ fn webhook_and_interception_certificates_rotate_without_a_gap_or_a_restart() {
     let (port, wport) = (free_port(), free_port());
     let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
     let mut op = Command::new(bin("tollgate-operator"))
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--no-leader-elect"])
-        .args(["--webhook-listen", &format!("127.0.0.1:{wport}"), "--inject-config"])
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--no-leader-elect",
+        ])
+        .args([
+            "--webhook-listen",
+            &format!("127.0.0.1:{wport}"),
+            "--inject-config",
+        ])
         .arg(dir.path().join("inject.yaml"))
         .args([
             "--webhook-ca-lifetime-seconds",
@@ -144,8 +171,16 @@ fn webhook_and_interception_certificates_rotate_without_a_gap_or_a_restart() {
     // A real sidecar, started with the CA as mounted at injection.
     let sdir = tempfile::tempdir().unwrap();
     std::fs::write(sdir.path().join("token"), "tok-billing").unwrap();
-    std::fs::write(sdir.path().join("ca.crt"), secret("tollgate-intercept-ca", "tls.crt").unwrap()).unwrap();
-    std::fs::write(sdir.path().join("ca.key"), secret("tollgate-intercept-ca", "tls.key").unwrap()).unwrap();
+    std::fs::write(
+        sdir.path().join("ca.crt"),
+        secret("tollgate-intercept-ca", "tls.crt").unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        sdir.path().join("ca.key"),
+        secret("tollgate-intercept-ca", "tls.key").unwrap(),
+    )
+    .unwrap();
     let (pp, ap) = (free_port(), free_port());
     let local = format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\nagent: {{name: local, tenants: []}}\naudit: {{path: audit.jsonl}}\ntls: {{intercept: {{caCert: ca.crt, caKey: ca.key}}}}\n");
     let token_file = sdir.path().join("token").display().to_string();
@@ -184,8 +219,10 @@ fn webhook_and_interception_certificates_rotate_without_a_gap_or_a_restart() {
             webhook_cas.insert(ca);
         }
         let t = TcpStream::connect(("127.0.0.1", wport)).unwrap();
-        let leaf = handshake(t, &before, "tollgate-operator.tollgate-system.svc")
-            .unwrap_or_else(|e| panic!("the webhook serves a certificate the caBundle does not trust: {e}"));
+        let leaf =
+            handshake(t, &before, "tollgate-operator.tollgate-system.svc").unwrap_or_else(|e| {
+                panic!("the webhook serves a certificate the caBundle does not trust: {e}")
+            });
         let t = TcpStream::connect(("127.0.0.1", wport)).unwrap();
         handshake(t, &mutating, "tollgate-operator.tollgate-system.svc")
             .expect("both webhook configurations trust the serving certificate");
@@ -202,8 +239,9 @@ fn webhook_and_interception_certificates_rotate_without_a_gap_or_a_restart() {
         // ...then the sidecar's leaf must chain to a CA trusted before this moment.
         let all_trusted: String = trusted_since.keys().map(|c| format!("{c}\n")).collect();
         let t = tunnel(sidecar.proxy, "localhost:443");
-        handshake(t, &all_trusted, "localhost")
-            .unwrap_or_else(|e| panic!("the sidecar signed with a CA the agents do not trust yet: {e}"));
+        handshake(t, &all_trusted, "localhost").unwrap_or_else(|e| {
+            panic!("the sidecar signed with a CA the agents do not trust yet: {e}")
+        });
         let signer = trusted_since
             .keys()
             .find(|ca| {

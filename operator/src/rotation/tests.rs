@@ -25,16 +25,24 @@ fn webhook(secs: i64) -> WebhookPki {
 
 /// Apply a decided step the way the loop does (certificates with the same lifetimes).
 fn apply(p: &mut WebhookPki, step: &WebhookStep, published: &mut Vec<String>, now: i64) {
+    // Certificates are issued now (real time) but their schedule is kept in simulated time.
+    let sim = |mut c: Issued, secs: i64| {
+        c.not_before = now;
+        c.not_after = now + secs;
+        c
+    };
     match step {
         WebhookStep::PublishBundle => *published = vec![p.bundle(now)],
-        WebhookStep::AddNextCa => p.next_ca = Some(ca("wh-next", 3000)),
+        WebhookStep::AddNextCa => p.next_ca = Some(sim(ca("wh-next", 3000), 3000)),
         WebhookStep::Promote => {
             let next = p.next_ca.take().unwrap();
-            p.serving = issue_serving(&next, "svc", "ns", &[], time::Duration::seconds(1500)).unwrap();
+            let s = issue_serving(&next, "svc", "ns", &[], time::Duration::seconds(1500)).unwrap();
+            p.serving = sim(s, 1500);
             p.previous_ca = Some(std::mem::replace(&mut p.ca, next));
         }
         WebhookStep::ReissueServing => {
-            p.serving = issue_serving(&p.ca, "svc", "ns", &[], time::Duration::seconds(1500)).unwrap()
+            let s = issue_serving(&p.ca, "svc", "ns", &[], time::Duration::seconds(1500)).unwrap();
+            p.serving = sim(s, 1500)
         }
         WebhookStep::PrunePrevious => p.previous_ca = None,
         WebhookStep::Nothing => {}
@@ -69,13 +77,17 @@ fn the_ca_bundle_trusts_the_next_ca_before_anything_is_signed_by_it() {
     let mut published = vec![String::new()];
     let mut now = p.ca.not_before;
     // First: publish the bundle.
-    assert_eq!(webhook_step(&p, &published, G, now), WebhookStep::PublishBundle);
+    assert_eq!(
+        webhook_step(&p, &published, G, now),
+        WebhookStep::PublishBundle
+    );
     apply(&mut p, &WebhookStep::PublishBundle, &mut published, now);
     assert_eq!(webhook_step(&p, &published, G, now), WebhookStep::Nothing);
     // Walk through a whole CA life: at every step the served certificate verifies against
     // the bundle the API server held *before* the step.
     let mut seen = Vec::new();
-    while now < p.ca.not_after + 4000 {
+    let end = p.ca.not_after + 4000;
+    while now < end {
         let step = webhook_step(&p, &published, G, now);
         let before = published.clone();
         apply(&mut p, &step, &mut published, now);
@@ -84,7 +96,10 @@ fn the_ca_bundle_trusts_the_next_ca_before_anything_is_signed_by_it() {
             "after {step:?} the API server does not trust the served certificate"
         );
         if step == WebhookStep::Promote {
-            assert!(before[0].contains(p.ca.cert.trim()), "promoted a CA not in the bundle");
+            assert!(
+                before[0].contains(p.ca.cert.trim()),
+                "promoted a CA not in the bundle"
+            );
         }
         if step != WebhookStep::Nothing {
             seen.push(step);
@@ -100,7 +115,10 @@ fn the_ca_bundle_trusts_the_next_ca_before_anything_is_signed_by_it() {
     ] {
         assert!(seen.contains(&s), "{s:?} never happened: {seen:?}");
     }
-    let add = seen.iter().position(|s| *s == WebhookStep::AddNextCa).unwrap();
+    let add = seen
+        .iter()
+        .position(|s| *s == WebhookStep::AddNextCa)
+        .unwrap();
     assert_eq!(seen[add + 1], WebhookStep::PublishBundle);
     assert_eq!(seen[add + 2], WebhookStep::Promote);
 }
@@ -134,9 +152,15 @@ fn an_interception_ca_signs_only_once_every_namespace_trusts_it_and_the_grace_pa
         previous_ca: None,
     };
     let grace = Duration::from_secs(60);
-    assert_eq!(intercept_step(&p, true, grace, at(&p.ca, 0.5)), InterceptStep::Nothing);
+    assert_eq!(
+        intercept_step(&p, true, grace, at(&p.ca, 0.5)),
+        InterceptStep::Nothing
+    );
     let due = at(&p.ca, 0.7);
-    assert_eq!(intercept_step(&p, true, grace, due), InterceptStep::AddNextCa);
+    assert_eq!(
+        intercept_step(&p, true, grace, due),
+        InterceptStep::AddNextCa
+    );
     p.next_ca = Some(ca("ic-next", 900));
     let m = p.material(due);
     assert_eq!(pems(&m.trusted).len(), 2, "both CAs trusted");
