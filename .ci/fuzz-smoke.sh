@@ -10,7 +10,7 @@ export RUSTC_BOOTSTRAP=1
 # No sanitizer: the crate forbids unsafe code, and an ASan build of every dependency would
 # double the build; libFuzzer still finds panics and assertion failures.
 targets=$(cargo fuzz list)
-cargo fuzz build -s none $targets >/dev/null
+cargo fuzz build -s none
 for t in $targets; do
   work=$(mktemp -d)
   cp -r "corpus/$t/." "$work/" 2>/dev/null || true

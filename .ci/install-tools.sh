@@ -44,5 +44,6 @@ fi
 kubernetes-validate --version >/dev/null 2>&1 || python3 -m kubernetes_validate --version >/dev/null
 
 bash "$(dirname "$0")/install-ha.sh"
+bash "$(dirname "$0")/install-zoo.sh"
 redis-server --version | head -1
 promtool --version 2>&1 | head -1

@@ -47,7 +47,6 @@ fuzz_target!(|data: &[u8]| {
         idempotency: Default::default(),
         agent: "a",
         tenant: "t",
-        peer: None,
     };
     let req = rebuild(&call, &target, &parts.headers, &opts).expect("a decided call rebuilds");
     // What goes upstream reads back as what was decided.

@@ -62,6 +62,7 @@ fn input_doc(snap: &Snapshot) -> serde_json::Value {
         run: "run_1",
         protocol: "http",
         budget: BudgetFacts::default(),
+        query: &serde_json::Map::new(),
     };
     policy_input::build(snap, tool, &facts, time::OffsetDateTime::now_utc())
 }
@@ -123,7 +124,7 @@ fn input_building(c: &mut Criterion) {
     });
     let body = br#"{"charge":"ch_3PqX","amount":1250,"reason":"requested_by_customer","metadata":{"ticket":"ZD-4412"}}"#;
     c.bench_function("input_parse_json_strict", |b| {
-        b.iter(|| tollgate_proxy::input::parse_json(black_box(body)).unwrap())
+        b.iter(|| tollgate_proxy::canonical::parse_json(black_box(body)).unwrap())
     });
 }
 

@@ -7,20 +7,6 @@ use std::path::Path;
 /// Exit code for an invalid config.
 pub const EXIT_CONFIG: u8 = 64;
 
-/// Install the tracing subscriber; `TOLLGATE_LOG` overrides `default` (an env-filter).
-pub fn init_logging(json: bool, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        b.json().flatten_event(true).try_init()
-    } else {
-        b.try_init()
-    };
-}
-
 /// `run --config FILE`.
 pub async fn run(config: &Path) -> u8 {
     let running = match start_from_file(config, None, None).await {
@@ -301,6 +287,96 @@ pub fn audit_verify(files: &[std::path::PathBuf], allow_torn_tail: bool) -> u8 {
                     0
                 }
             }
+        }
+    }
+}
+
+/// `audit verify FILE... --checkpoints SOURCE [--public-key K]`.
+pub fn audit_verify_checkpoints(
+    files: &[std::path::PathBuf],
+    allow_torn_tail: bool,
+    source: &str,
+    public_key: Option<&str>,
+) -> u8 {
+    use crate::audit::{checkpoint, verify};
+    let pinned = match public_key.map(checkpoint::read_public_key).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let trusted = match checkpoint::load(source, pinned.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("{e}");
+            return 1;
+        }
+    };
+    let files = verify::order_files(files);
+    let anchored = match verify::verify_against(&files, &trusted) {
+        Err(e) => {
+            eprintln!("cannot read audit files: {e}");
+            return 1;
+        }
+        Ok(Err(e)) => {
+            println!("{e}");
+            return 1;
+        }
+        Ok(Ok(a)) => a,
+    };
+    let r = &anchored.report;
+    if let Some((f, line)) = &r.torn_tail {
+        if !allow_torn_tail {
+            println!("TRUNCATED: {}:{line}: the final line is incomplete (truncated, or a crash mid-write); the {} records before it chain correctly (use --allow-torn-tail after a crash)", f.display(), r.records);
+            return 1;
+        }
+        eprintln!("warning: {}:{line}: incomplete final line (a crash mid-write); verified up to the last complete record", f.display());
+    }
+    if !anchored.pinned {
+        eprintln!("warning: checkpoint signatures were checked against the key the checkpoints name (key {}); pass --public-key with the registered key to pin it", anchored.key_id);
+    }
+    let head = r.head.as_ref().map_or(0, |(s, _)| *s);
+    let from = r
+        .started_at
+        .map(|s| format!(" (from seq {s})"))
+        .unwrap_or_default();
+    let unanchored = head.saturating_sub(anchored.latest.seq);
+    println!(
+        "ok: {} records chain correctly{from} and extend all {} checkpoints signed by key {}{}; latest {} at seq {}{}",
+        r.records,
+        anchored.checkpoints,
+        anchored.key_id,
+        if anchored.pinned { " (pinned)" } else { "" },
+        anchored.latest.ts,
+        anchored.latest.seq,
+        if unanchored > 0 {
+            format!("; {unanchored} newer record(s) not yet checkpointed")
+        } else {
+            String::new()
+        }
+    );
+    for (name, a, b) in &anchored.pruned {
+        println!("  not given: {name} (seq {a}..{b}), no longer listed by the latest checkpoint (pruned or shipped)");
+    }
+    0
+}
+
+/// `audit key --key-file F`: print the checkpoint key's public half and id.
+pub fn audit_key(key_file: &Path) -> u8 {
+    match crate::audit::checkpoint::CheckpointKey::load_or_create(key_file) {
+        Ok(k) => {
+            println!("key id:     {}", k.id());
+            println!("public key: {}", k.public_key());
+            println!(
+                "exported:   {}",
+                crate::audit::checkpoint::public_key_path(key_file).display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", key_file.display());
+            1
         }
     }
 }

@@ -1,11 +1,11 @@
-//! Forward: header surgery (hop-by-hop per RFC 9110 §7.6.1, Tollgate headers, the agent's copy
-//! of an injected credential), W3C `traceparent`, the upstream call, and dry-run answers.
+//! Forward: response header surgery (hop-by-hop per RFC 9110 §7.6.1), W3C `traceparent`, and
+//! dry-run answers. The upstream request itself is rebuilt from the decided call
+//! ([`crate::canonical::rebuild`]).
 
 use crate::identify::RUN_HEADER;
-use crate::snapshot::Tool;
 use crate::target::Target;
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONNECTION};
 use http::HeaderMap;
 
 /// Hop-by-hop headers never forwarded in either direction.
@@ -36,45 +36,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in HOP_BY_HOP {
         h.remove(*n);
     }
-}
-
-/// The upstream request headers for a call.
-pub fn upstream_headers(
-    agent_headers: &HeaderMap,
-    target: &Target,
-    tool: Option<&Tool>,
-    traceparent: &str,
-    body_len: usize,
-) -> HeaderMap {
-    let mut h = agent_headers.clone();
-    strip_hop_by_hop(&mut h);
-    let tollgate: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-tollgate-"))
-        .cloned()
-        .collect();
-    for k in tollgate {
-        h.remove(k);
-    }
-    h.remove(HOST);
-    h.remove(CONTENT_LENGTH);
-    h.remove(TRANSFER_ENCODING);
-    if let Ok(v) = HeaderValue::from_str(&target.authority()) {
-        h.insert(HOST, v);
-    }
-    if body_len > 0 || !matches!(target.method, http::Method::GET | http::Method::HEAD) {
-        h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
-    }
-    if let Some(cred) = tool.and_then(|t| t.credential.as_ref()) {
-        // Whatever the agent sent under this name is dropped first: the agent never chooses
-        // the credential, and never learns it.
-        h.remove(&cred.header);
-        h.insert(cred.header.clone(), cred.value.clone());
-    }
-    if let Ok(v) = HeaderValue::from_str(traceparent) {
-        h.insert(HeaderName::from_static("traceparent"), v);
-    }
-    h
 }
 
 /// Continue the agent's trace (new span id under the same trace id), or start one.

@@ -40,6 +40,7 @@ pub mod snapshot;
 pub mod stages;
 pub mod state;
 pub mod target;
+pub mod telemetry;
 pub mod tls;
 pub mod transparent;
 pub mod tunnel;

@@ -185,6 +185,22 @@ enum AuditCommand {
         /// last complete record. Without it, truncation is reported and exits 1.
         #[arg(long)]
         allow_torn_tail: bool,
+        /// Signed checkpoints (a file, or `-` for stdin; other lines are skipped): the files
+        /// must faithfully extend every one — truncation, a rewritten chain and a replaced or
+        /// missing file exit 1, and so does a forged or unsigned checkpoint.
+        #[arg(long, value_name = "SOURCE")]
+        checkpoints: Option<String>,
+        /// The sidecar's registered public key (base64, or a file holding it such as
+        /// `audit-checkpoint.key.pub`). Without it the checkpoints' own key is used.
+        #[arg(long, value_name = "K", requires = "checkpoints")]
+        public_key: Option<String>,
+    },
+    /// Print the checkpoint signing key's public half and id (generating the key if absent),
+    /// for registration with the verifier.
+    Key {
+        /// Key file (`audit.checkpoints.keyFile`).
+        #[arg(long, default_value = "audit-checkpoint.key")]
+        key_file: PathBuf,
     },
     /// Summarise runs in the shape of the run record.
     Runs {
@@ -205,7 +221,6 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    cli::init_logging(cli.log_json, default_log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -216,6 +231,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    {
+        let _rt = rt.enter();
+        tollgate_proxy::telemetry::init(cli.log_json, default_log);
+    }
     let code = rt.block_on(async move {
         match cli.command {
             Command::Run {
@@ -265,8 +284,21 @@ fn main() -> ExitCode {
                     AuditCommand::Verify {
                         files,
                         allow_torn_tail,
+                        checkpoints,
+                        public_key,
                     },
-            } => cli::audit_verify(&files, allow_torn_tail),
+            } => match checkpoints {
+                None => cli::audit_verify(&files, allow_torn_tail),
+                Some(source) => cli::audit_verify_checkpoints(
+                    &files,
+                    allow_torn_tail,
+                    &source,
+                    public_key.as_deref(),
+                ),
+            },
+            Command::Audit {
+                command: AuditCommand::Key { key_file },
+            } => cli::audit_key(&key_file),
             Command::Audit {
                 command: AuditCommand::Runs { files, json },
             } => cli::audit_runs(&files, json),
@@ -314,6 +346,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Spans still batched go out before the process exits (the runtime still runs the send).
+    tollgate_proxy::telemetry::shutdown();
     let _ = EXIT_CONFIG;
     ExitCode::from(code)
 }

@@ -70,6 +70,8 @@ pub struct CallFacts<'a> {
     pub protocol: &'a str,
     /// Budget facts: (run calls, run spent, run budget, tenant spent today, tenant budget today).
     pub budget: BudgetFacts,
+    /// The canonical call's decoded query (repeated keys as arrays of every value).
+    pub query: &'a Map<String, Value>,
 }
 
 /// Budget facts shown to policy.
@@ -109,11 +111,7 @@ pub fn build(snap: &Snapshot, tool: &Tool, f: &CallFacts<'_>, now: time::OffsetD
             }
         }
     }
-    let query = t
-        .query
-        .as_deref()
-        .map(|q| crate::input::parse_form(q.as_bytes()).unwrap_or_else(|_| query_lossy(q)))
-        .unwrap_or_else(|| json!({}));
+    let query = Value::Object(f.query.clone());
     let r = &tool.config.risk;
     json!({
         "version": 1,
@@ -125,24 +123,6 @@ pub fn build(snap: &Snapshot, tool: &Tool, f: &CallFacts<'_>, now: time::OffsetD
         "approval": Value::Null,
         "time": time_doc(now),
     })
-}
-
-fn query_lossy(q: &str) -> Value {
-    // Repeated query keys: keep every value, as an array, so policy sees all of them.
-    let mut m = Map::new();
-    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-        match m.get_mut(k.as_ref()) {
-            Some(Value::Array(a)) => a.push(Value::String(v.into_owned())),
-            Some(other) => {
-                let prev = other.take();
-                *other = Value::Array(vec![prev, Value::String(v.into_owned())]);
-            }
-            None => {
-                m.insert(k.into_owned(), Value::String(v.into_owned()));
-            }
-        }
-    }
-    Value::Object(m)
 }
 
 /// `input.time`.

@@ -51,6 +51,13 @@ pub enum Refusal {
     PayloadTooLarge(usize),
     /// Body does not parse as its content type says.
     UnparsableBody(String),
+    /// The request has more than one reading (see [`crate::canonical`]): refused, not guessed.
+    Ambiguous {
+        /// The canonical builder's code, e.g. `repeated_header`, `method_override`.
+        code: &'static str,
+        /// Reason.
+        reason: String,
+    },
     /// Input fails the tool's JSON Schema.
     InvalidInput(Vec<String>),
     /// Tenant missing or not one of the agent's.
@@ -121,9 +128,11 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         use Refusal::*;
         match self {
-            BadRequest(_) | UnparsableBody(_) | InvalidInput(_) | IdempotencyKeyRequired => {
-                StatusCode::BAD_REQUEST
-            }
+            BadRequest(_)
+            | UnparsableBody(_)
+            | Ambiguous { .. }
+            | InvalidInput(_)
+            | IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
@@ -147,6 +156,7 @@ impl Refusal {
             BadRequest(_) => "bad_request",
             PayloadTooLarge(_) => "payload_too_large",
             UnparsableBody(_) => "unparsable_body",
+            Ambiguous { code, .. } => code,
             InvalidInput(_) => "invalid_input",
             TenantNotAllowed(_) => "tenant_not_allowed",
             UnknownTool(_) => "unknown_tool",
@@ -211,7 +221,7 @@ impl Refusal {
             )],
             OverBudget { reason, .. } => vec![reason.clone()],
             IdempotencyKeyRequired => vec!["this tool requires an Idempotency-Key header".into()],
-            Unavailable { reason, .. } => vec![reason.clone()],
+            Unavailable { reason, .. } | Ambiguous { reason, .. } => vec![reason.clone()],
         }
     }
 
@@ -220,6 +230,9 @@ impl Refusal {
         use Refusal::*;
         match self {
             BadRequest(_) | UnparsableBody(_) => "fix the request; it was not forwarded",
+            Ambiguous { .. } => {
+                "the request could be read more than one way; send it in one plain form (see reason); it was not forwarded"
+            }
             PayloadTooLarge(_) => "send a smaller body",
             Misdirected(_) => "open a new connection for each host",
             InvalidInput(_) => "fix the listed input errors and retry",

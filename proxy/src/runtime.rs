@@ -29,15 +29,18 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stop accepting, finish in-flight calls, return once drained.
+    /// Stop accepting, finish in-flight calls, return once drained and the audit writer has
+    /// written its final checkpoint.
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.proxy_task.await;
+        self.state.audit.close().await;
     }
 
-    /// Wait until the proxy listener ends (after a shutdown).
+    /// Wait until the proxy listener ends (after a shutdown), then close the audit writer.
     pub async fn wait(self) {
         let _ = self.proxy_task.await;
+        self.state.audit.close().await;
     }
 }
 
@@ -83,8 +86,16 @@ pub async fn start_operator(
     args: crate::control::ControlArgs,
 ) -> Result<Running, StartError> {
     let audit_path = resolve(base_dir, &base.audit.path);
-    let audit = AuditLog::open(&audit_path, base.audit.stdout, base.audit.max_file_bytes)
-        .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
+    let au = &base.audit;
+    let audit = crate::audit::WriterOptions::from_config(
+        au.stdout,
+        au.max_file_bytes,
+        au.checkpoints.as_ref(),
+        &au.retention,
+        base_dir,
+    )
+    .and_then(|o| AuditLog::open_with(&audit_path, o))
+    .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
     let extra_ca = base
         .tls
         .extra_ca_file
@@ -134,8 +145,16 @@ pub async fn start(
     tracked: bool,
 ) -> Result<Running, StartError> {
     let audit_path = resolve(base, &snap.audit.path);
-    let audit = AuditLog::open(&audit_path, snap.audit.stdout, snap.audit.max_file_bytes)
-        .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
+    let au = &snap.audit;
+    let audit = crate::audit::WriterOptions::from_config(
+        au.stdout,
+        au.max_file_bytes,
+        au.checkpoints.as_ref(),
+        &au.retention,
+        base,
+    )
+    .and_then(|o| AuditLog::open_with(&audit_path, o))
+    .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
     let extra_ca = snap
         .server
         .extra_ca_file

@@ -4,7 +4,8 @@
 //! empty segments, and no way to climb above the root.
 
 use rand::{Rng, SeedableRng};
-use tollgate_proxy::input::{mcp_call, parse_form, parse_json};
+use tollgate_proxy::canonical::{parse_form, parse_json};
+use tollgate_proxy::input::mcp_call;
 use tollgate_proxy::target::{
     check_query, normalise_host, normalise_path, parse_authority, Scheme,
 };

@@ -201,3 +201,68 @@ fn prefer_wait_holds_the_call_until_it_is_approved() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(up.count(), 1);
 }
+
+/// Held calls cannot grow memory without bound: past `approvals.maxPending` a call needing a
+/// new approval is refused (counted `over_cap`), and expired requests are evicted (counted
+/// `expired`) when the next one opens, making room again.
+#[test]
+fn pending_requests_are_capped_and_expired_ones_evicted() {
+    let up = Upstream::start();
+    let p = TestProxy::start(
+        &format!("{}  maxPending: 3\n", config(&up, "2s")),
+        &[("ALICE_TOKEN", TOKEN), ("BOB_TOKEN", BOB)],
+    );
+    let url = format!("http://{}/v1/refunds", up.addr);
+    let refund = |amount: u32| {
+        let body = format!(r#"{{"charge":"c","amount":{amount}}}"#);
+        call(
+            p.proxy,
+            "POST",
+            &url,
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+            ],
+            Some(&body),
+        )
+    };
+    let evicted = |reason: &str| -> f64 {
+        let needle = format!("tollgate_approvals_evicted_total{{reason=\"{reason}\"}}");
+        p.metrics()
+            .lines()
+            .find(|l| l.starts_with(&needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    for amount in [501, 502, 503] {
+        assert_eq!(refund(amount).json()["error"], "approval_required");
+    }
+    let over = refund(504);
+    assert_eq!(over.status, 403);
+    assert_eq!(
+        over.json()["error"],
+        "approval_rejected",
+        "{}",
+        over.body_text()
+    );
+    assert!(
+        over.body_text().contains("maxPending"),
+        "{}",
+        over.body_text()
+    );
+    assert_eq!(evicted("over_cap"), 1.0);
+    // A call whose request is already pending is not a new one: still answered.
+    assert_eq!(refund(501).json()["error"], "approval_required");
+    assert_eq!(up.count(), 0);
+    // Once the three expire, the next request evicts them and opens.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(refund(505).json()["error"], "approval_required");
+    assert_eq!(evicted("expired"), 3.0);
+    let (code, listed) = cli(&p, TOKEN, &["list"]);
+    assert_eq!(code, 0, "{listed}");
+    assert_eq!(
+        listed.matches("apr-").count(),
+        1,
+        "only the new request is held: {listed}"
+    );
+}

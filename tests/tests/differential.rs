@@ -848,7 +848,6 @@ fn start_zoo() -> Vec<Stack> {
 }
 
 #[test]
-#[ignore = "the canonical call is not yet wired into the request path (issue 13); run with `make differential`"]
 fn every_stack_executes_what_tollgate_decided() {
     let stacks = start_zoo();
     // Each stack answers directly before the corpus runs (the echo itself works).

@@ -365,8 +365,19 @@ fn granted_approval_allows_the_identical_call_once() {
         .unwrap()
         .to_string();
     assert!(!key.is_empty());
-    // Compute the approval key the same way the proxy does, from the canonical input.
-    let canonical = br#"{"amount":1200,"charge":"c"}"#;
+    // The same body under another query is another call: another approval.
+    let with_query = call(
+        p.proxy,
+        "POST",
+        &format!("{url}?note=x"),
+        &[T, JSON],
+        Some(body),
+    );
+    let other_id = with_query.json()["approval"].as_str().unwrap().to_string();
+    assert_ne!(other_id, id, "the approval binds the query too");
+    // Compute the approval key the same way the proxy does, from the canonical call: method,
+    // path, decoded query, body and the tool's meaning-carrying headers, keys sorted.
+    let canonical = br#"{"body":{"amount":1200,"charge":"c"},"headers":{},"method":"POST","path":"/v1/refunds","query":{}}"#;
     let mut h = sha2::Sha256::default();
     use sha2::Digest;
     for part in ["billing", "acme", "pay.refund"] {

@@ -1,16 +1,23 @@
 //! The audit trail: one hash-chained JSONL record per call (refusals included), group-committed
 //! with an fsync per batch. A call is forwarded only after its decision record is durable.
-//! Offline: [`verify`] checks the chain, [`runs`] summarises runs, [`replay`] re-decides calls
+//! [`checkpoint`] anchors the chain outside its writer with signed checkpoints.
+//! Offline: [`verify`] checks the chain (and, given checkpoints, that it extends them), [`runs`] summarises runs, [`replay`] re-decides calls
 //! under other policies.
 
+pub mod checkpoint;
 mod record;
 pub mod replay;
+mod retention;
 pub mod runs;
 pub mod verify;
 mod writer;
 
 pub use record::{AuditApproval, AuditCost, AuditLatency, AuditRecord, Phase};
-pub use writer::{line_hash, rotated_name, AuditError, AuditLog, GENESIS};
+pub use retention::Retention;
+pub use writer::{
+    line_hash, rotated_name, rotated_siblings, AuditError, AuditLog, CheckpointSink, WriterOptions,
+    GENESIS,
+};
 
 /// Read records from files (in order); a torn final line is skipped.
 pub fn read_records(files: &[std::path::PathBuf]) -> std::io::Result<Vec<serde_json::Value>> {

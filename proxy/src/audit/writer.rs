@@ -10,14 +10,16 @@
 //! record was durable before it was forwarded) is written without an fsync; the next batch
 //! that needs one, or the writer going idle for [`LAZY_SYNC`], makes it durable.
 
+use super::checkpoint::{Checkpoint, CheckpointKey, FileEntry};
+use super::retention::{Retention, RotatedFiles};
 use super::AuditRecord;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// How long written-but-unsynced outcome records may wait for an fsync when nothing else comes.
@@ -59,6 +61,33 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// The writer thread, joined by [`AuditLog::close`].
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Where signed checkpoints of the chain go (see [`super::checkpoint`]).
+pub struct CheckpointSink {
+    /// Signing key.
+    pub key: CheckpointKey,
+    /// File the checkpoint lines are appended to.
+    pub path: Option<PathBuf>,
+    /// Also print them to stdout.
+    pub stdout: bool,
+    /// Time between periodic checkpoints.
+    pub interval: Duration,
+}
+
+/// How a writer writes beyond the chain itself.
+#[derive(Default)]
+pub struct WriterOptions {
+    /// Also write each record to stdout.
+    pub stdout: bool,
+    /// Rotate past this size.
+    pub max_file_bytes: Option<u64>,
+    /// Signed checkpoints (off when `None`).
+    pub checkpoints: Option<CheckpointSink>,
+    /// Shipping and pruning of rotated files.
+    pub retention: Retention,
 }
 
 /// Closes the queue when the last handle goes.
@@ -72,6 +101,68 @@ impl Drop for Closer {
         self.0.wake.notify_one();
     }
 }
+
+impl WriterOptions {
+    /// The options `audit.*` asks for; relative paths are resolved against `base`. Loads (or
+    /// creates) the checkpoint key and opens the checkpoint file, so a bad one stops the start.
+    pub fn from_config(
+        stdout: bool,
+        max_file_bytes: Option<u64>,
+        checkpoints: Option<&crate::config::AuditCheckpointConfig>,
+        retention: &crate::config::AuditRetentionConfig,
+        base: &Path,
+    ) -> Result<Self, AuditError> {
+        let resolve = |p: &str| crate::snapshot::resolve(base, p);
+        let checkpoints = match checkpoints {
+            None => None,
+            Some(c) => {
+                let key_path = resolve(c.key_file.as_deref().unwrap_or("audit-checkpoint.key"));
+                let key = CheckpointKey::load_or_create(&key_path).map_err(|e| {
+                    AuditError::Io(format!("checkpoint key {}: {e}", key_path.display()))
+                })?;
+                tracing::info!(
+                    key_id = key.id(),
+                    public_key = key.public_key(),
+                    exported = %super::checkpoint::public_key_path(&key_path).display(),
+                    "audit checkpoint signing key (register its public key with the verifier)"
+                );
+                let path = c.path.as_deref().map(resolve);
+                if let Some(p) = &path {
+                    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir)
+                            .map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
+                    }
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| AuditError::Io(format!("{}: {e}", p.display())))?;
+                }
+                Some(CheckpointSink {
+                    key,
+                    path,
+                    stdout: c.stdout,
+                    interval: c
+                        .interval
+                        .map_or(DEFAULT_CHECKPOINT_INTERVAL, |d| d.get())
+                        .max(Duration::from_millis(10)),
+                })
+            }
+        };
+        Ok(Self {
+            stdout,
+            max_file_bytes,
+            checkpoints,
+            retention: Retention {
+                max_age: retention.max_age.map(|d| d.get()),
+                ship_command: retention.ship_command.clone(),
+            },
+        })
+    }
+}
+
+/// Time between periodic checkpoints when `audit.checkpoints.interval` is not set.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Handle to the audit writer.
 #[derive(Clone)]
@@ -89,7 +180,20 @@ impl AuditLog {
         stdout: bool,
         max_file_bytes: Option<u64>,
     ) -> Result<Self, AuditError> {
-        let state = ChainState::open(path, max_file_bytes)
+        Self::open_with(
+            path,
+            WriterOptions {
+                stdout,
+                max_file_bytes,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Open (or continue) the chain in `path` with checkpoints and retention.
+    pub fn open_with(path: &Path, options: WriterOptions) -> Result<Self, AuditError> {
+        let stdout = options.stdout;
+        let mut state = ChainState::open(path, options)
             .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -99,14 +203,21 @@ impl AuditLog {
                 closed: false,
             }),
             wake: Condvar::new(),
+            thread: Mutex::new(None),
         });
         let records = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let (r, e, sh) = (records.clone(), errors.clone(), shared.clone());
-        std::thread::Builder::new()
+        state.rotated.ship_pending();
+        // The chain as found at start is anchored before anything is added to it.
+        state.checkpoint(true);
+        let handle = std::thread::Builder::new()
             .name("tollgate-audit".into())
             .spawn(move || run(state, &sh, stdout, r, e))
             .map_err(|e| AuditError::Io(e.to_string()))?;
+        if let Ok(mut t) = shared.thread.lock() {
+            *t = Some(handle);
+        }
         Ok(Self {
             _closer: Arc::new(Closer(shared.clone())),
             shared,
@@ -142,6 +253,19 @@ impl AuditLog {
         }
     }
 
+    /// Stop the writer: refuse further records, write what is queued, fsync, write the final
+    /// checkpoint, and return once the writer thread has finished.
+    pub async fn close(&self) {
+        if let Ok(mut q) = self.shared.queue.lock() {
+            q.closed = true;
+        }
+        self.shared.wake.notify_one();
+        let handle = self.shared.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
     /// Records written so far.
     pub fn records_written(&self) -> u64 {
         self.records.load(Ordering::Relaxed)
@@ -162,29 +286,77 @@ struct ChainState {
     max_bytes: Option<u64>,
     /// Written without an fsync since the last one.
     unsynced: bool,
+    /// The live file: seq of its first record and complete lines.
+    live_first_seq: u64,
+    live_lines: u64,
+    /// sha256 of everything in the live file, so a rotated file's hash costs no re-read.
+    live_hasher: Sha256,
+    /// Rotated files of this chain still on disk, oldest first.
+    rotated: RotatedFiles,
+    /// Number of the next rotated file: only rises, so pruning never reuses a name.
+    next_rotation: u32,
+    checkpoints: Option<CheckpointSink>,
+    /// Head seq and file count of the last checkpoint, and when the next one is due.
+    last_checkpoint: Option<(u64, usize)>,
+    next_checkpoint: Instant,
 }
 
 impl ChainState {
-    fn open(path: &Path, max_bytes: Option<u64>) -> std::io::Result<Self> {
+    fn open(path: &Path, options: WriterOptions) -> std::io::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let (seq, prev) = last_link(path)?;
+        let live = scan(path)?;
+        let mut rotated = Vec::new();
+        let siblings = rotated_siblings(path)?;
+        let next_rotation = siblings.last().map_or(1, |(n, _)| n + 1);
+        for (_, p) in siblings {
+            let stats = scan(&p)?;
+            if stats.lines > 0 {
+                rotated.push((p.clone(), stats.entry(&p, true)));
+            }
+        }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            seq,
-            prev,
+            seq: live.last_seq,
+            prev: live.last_hash.clone(),
             size,
-            max_bytes,
+            max_bytes: options.max_file_bytes,
             unsynced: false,
-        })
+            live_first_seq: live.first_seq.unwrap_or(live.last_seq + 1),
+            live_lines: live.lines,
+            live_hasher: live.hasher,
+            rotated: RotatedFiles::new(rotated, options.retention),
+            next_rotation,
+            next_checkpoint: Instant::now()
+                + options
+                    .checkpoints
+                    .as_ref()
+                    .map_or(DEFAULT_CHECKPOINT_INTERVAL, |c| c.interval),
+            checkpoints: options.checkpoints,
+            last_checkpoint: None,
+        }
+        .with_head_of_rotated(live.lines == 0))
+    }
+
+    /// A live file that is empty (just rotated) continues the chain of the newest rotated file.
+    fn with_head_of_rotated(mut self, live_empty: bool) -> Self {
+        if live_empty {
+            if let Some((_, e)) = self.rotated.files.last() {
+                self.seq = e.last_seq;
+                self.prev = e.last_hash.clone();
+                self.live_first_seq = e.last_seq + 1;
+            }
+        }
+        self
     }
 
     /// Rotate to `<path>.<n>` when the file is over its size limit. The chain continues: the
-    /// first record of the new file points at the last record of the old one.
+    /// first record of the new file points at the last record of the old one. `n` is one past
+    /// the highest rotated file seen, so pruning old files never reuses a number.
     fn maybe_rotate(&mut self) -> std::io::Result<()> {
         let Some(max) = self.max_bytes else {
             return Ok(());
@@ -192,18 +364,215 @@ impl ChainState {
         if self.size < max {
             return Ok(());
         }
-        let mut n = 1;
-        while rotated_name(&self.path, n).exists() {
-            n += 1;
-        }
-        std::fs::rename(&self.path, rotated_name(&self.path, n))?;
+        let n = rotated_siblings(&self.path)?
+            .last()
+            .map_or(1, |(n, _)| n + 1)
+            .max(self.next_rotation);
+        self.next_rotation = n + 1;
+        let to = rotated_name(&self.path, n);
+        std::fs::rename(&self.path, &to)?;
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)?;
+        let hasher = std::mem::take(&mut self.live_hasher);
+        if self.live_lines > 0 {
+            let entry = FileEntry {
+                name: file_name(&to),
+                first_seq: self.live_first_seq,
+                last_seq: self.seq,
+                lines: self.live_lines,
+                last_hash: self.prev.clone(),
+                bytes: Some(self.size),
+                sha256: Some(hex::encode(hasher.finalize())),
+            };
+            self.rotated.push(to, entry);
+        }
         self.size = 0;
+        self.live_lines = 0;
+        self.live_first_seq = self.seq + 1;
         Ok(())
     }
+
+    /// Time between housekeeping rounds: the checkpoint interval, or the default one when only
+    /// retention is configured.
+    fn housekeeping_interval(&self) -> Duration {
+        self.checkpoints
+            .as_ref()
+            .map_or(DEFAULT_CHECKPOINT_INTERVAL, |c| c.interval)
+    }
+
+    /// When the next housekeeping round (checkpoint, ship retries, pruning) is due; none when
+    /// neither checkpoints nor retention are configured.
+    fn checkpoint_due(&self) -> Option<Instant> {
+        (self.checkpoints.is_some() || self.rotated.active()).then_some(self.next_checkpoint)
+    }
+
+    /// Housekeeping when it is due: retry shipping, prune, checkpoint.
+    fn tick(&mut self) {
+        if self.checkpoint_due().is_some_and(|d| Instant::now() >= d) {
+            self.next_checkpoint = Instant::now() + self.housekeeping_interval();
+            self.rotated.ship_pending();
+            self.rotated.prune();
+            self.checkpoint(false);
+        }
+    }
+
+    /// Sign and publish a checkpoint of the durable chain. A periodic one (`force` false) is
+    /// skipped when nothing changed since the last.
+    fn checkpoint(&mut self, force: bool) {
+        let Some(sink) = &self.checkpoints else {
+            return;
+        };
+        self.next_checkpoint = Instant::now() + sink.interval;
+        let state = (self.seq, self.rotated.files.len());
+        if !force && self.last_checkpoint == Some(state) {
+            return;
+        }
+        if let Err(e) = sync(self) {
+            tracing::error!(error = %e, "audit fsync before checkpoint failed; checkpoint skipped");
+            return;
+        }
+        let Some(sink) = &self.checkpoints else {
+            return;
+        };
+        let mut files: Vec<FileEntry> = self.rotated.files.iter().map(|(_, e)| e.clone()).collect();
+        if self.live_lines > 0 {
+            files.push(FileEntry {
+                name: file_name(&self.path),
+                first_seq: self.live_first_seq,
+                last_seq: self.seq,
+                lines: self.live_lines,
+                last_hash: self.prev.clone(),
+                bytes: None,
+                sha256: None,
+            });
+        }
+        let cp = Checkpoint {
+            v: 1,
+            ts: now_rfc3339(),
+            seq: self.seq,
+            head: self.prev.clone(),
+            files,
+            key_id: sink.key.id().into(),
+        };
+        let mut line = sink.key.sign_line(&cp);
+        line.push('\n');
+        if let Some(p) = &sink.path {
+            let res = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
+            if let Err(e) = res {
+                tracing::error!(error = %e, path = %p.display(), "audit checkpoint write failed");
+                return;
+            }
+        }
+        if sink.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(line.as_bytes()).and_then(|_| out.flush());
+        }
+        self.last_checkpoint = Some(state);
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Rotated files beside `path` (`<path>.N`), ordered by N.
+pub fn rotated_siblings(path: &Path) -> std::io::Result<Vec<(u32, PathBuf)>> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    let prefix = format!("{}.", file_name(path));
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix(&prefix)
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            out.push((n, e.path()));
+        }
+    }
+    out.sort_by_key(|(n, _)| *n);
+    Ok(out)
+}
+
+/// What one pass over a file finds.
+pub(crate) struct FileStats {
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    pub lines: u64,
+    pub last_hash: String,
+    pub bytes: u64,
+    pub hasher: Sha256,
+}
+
+impl FileStats {
+    fn entry(&self, p: &Path, closed: bool) -> FileEntry {
+        FileEntry {
+            name: file_name(p),
+            first_seq: self.first_seq.unwrap_or(0),
+            last_seq: self.last_seq,
+            lines: self.lines,
+            last_hash: self.last_hash.clone(),
+            bytes: closed.then_some(self.bytes),
+            sha256: closed.then(|| hex::encode(self.hasher.clone().finalize())),
+        }
+    }
+}
+
+/// Read a file once: its complete lines (first and last seq, count, last line's hash) and the
+/// sha256 of all its bytes. A torn final line (crash mid-write) counts for the hash only, so
+/// the chain continues from the last complete record. A missing file is an empty one.
+pub(crate) fn scan(path: &Path) -> std::io::Result<FileStats> {
+    let mut stats = FileStats {
+        first_seq: None,
+        last_seq: 0,
+        lines: 0,
+        last_hash: GENESIS.into(),
+        bytes: 0,
+        hasher: Sha256::new(),
+    };
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(stats),
+        Err(e) => return Err(e),
+    };
+    stats.hasher.update(&data);
+    stats.bytes = data.len() as u64;
+    let mut rest = &data[..];
+    while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+        let line = &rest[..end];
+        rest = &rest[end + 1..];
+        let seq = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(0);
+        stats.first_seq.get_or_insert(seq);
+        stats.last_seq = seq;
+        stats.lines += 1;
+        stats.last_hash = hex::encode(Sha256::digest(line));
+    }
+    Ok(stats)
 }
 
 /// Name of the n-th rotated file: `audit.jsonl.1`, `audit.jsonl.2`, …
@@ -211,39 +580,6 @@ pub fn rotated_name(path: &Path, n: u32) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(format!(".{n}"));
     PathBuf::from(s)
-}
-
-/// The chain head of an existing file: last complete line's seq and hash. A torn final line
-/// (crash mid-write) is ignored, so the chain continues from the last complete record.
-fn last_link(path: &Path) -> std::io::Result<(u64, String)> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, GENESIS.into())),
-        Err(e) => return Err(e),
-    };
-    let mut last: Option<String> = None;
-    let mut reader = BufReader::new(file);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let n = reader.read_until(b'\n', &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if buf.ends_with(b"\n") {
-            last = Some(String::from_utf8_lossy(&buf[..buf.len() - 1]).into_owned());
-        }
-    }
-    match last {
-        None => Ok((0, GENESIS.into())),
-        Some(line) => {
-            let seq = serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v["seq"].as_u64())
-                .unwrap_or(0);
-            Ok((seq, line_hash(&line)))
-        }
-    }
 }
 
 /// Hex sha256 of one line (without its newline).
@@ -267,25 +603,41 @@ fn run(
             while q.records.is_empty() {
                 if q.closed {
                     let _ = sync(&mut st);
+                    // The final checkpoint: what a clean shutdown leaves is anchored whole.
+                    st.checkpoint(true);
                     return;
                 }
                 q.writer_idle = true;
-                if st.unsynced {
-                    // Idle with outcome records not yet synced: sync them soon.
-                    let Ok((g, timeout)) = shared.wake.wait_timeout(q, LAZY_SYNC) else {
-                        return;
-                    };
-                    q = g;
-                    if timeout.timed_out() && q.records.is_empty() {
-                        if let Err(e) = sync(&mut st) {
-                            tracing::error!(error = %e, path = %st.path.display(), "audit fsync failed");
+                // Idle with outcome records not yet synced: sync them soon. A due checkpoint
+                // wakes the writer too.
+                let now = Instant::now();
+                let until_checkpoint = st
+                    .checkpoint_due()
+                    .map(|d| d.saturating_duration_since(now));
+                let wait = match (st.unsynced, until_checkpoint) {
+                    (true, Some(c)) => Some(c.min(LAZY_SYNC)),
+                    (true, None) => Some(LAZY_SYNC),
+                    (false, c) => c,
+                };
+                match wait {
+                    Some(d) => {
+                        let Ok((g, timeout)) = shared.wake.wait_timeout(q, d) else {
+                            return;
+                        };
+                        q = g;
+                        if timeout.timed_out() && q.records.is_empty() {
+                            if let Err(e) = sync(&mut st) {
+                                tracing::error!(error = %e, path = %st.path.display(), "audit fsync failed");
+                            }
+                            st.tick();
                         }
                     }
-                } else {
-                    let Ok(g) = shared.wake.wait(q) else {
-                        return;
-                    };
-                    q = g;
+                    None => {
+                        let Ok(g) = shared.wake.wait(q) else {
+                            return;
+                        };
+                        q = g;
+                    }
                 }
             }
             q.writer_idle = false;
@@ -309,6 +661,8 @@ fn run(
         ack.notify.notify_waiters();
         batch.clear();
         spare = batch;
+        // Under steady load the writer is never idle: checkpoints fall due here.
+        st.tick();
     }
 }
 
@@ -342,9 +696,7 @@ fn commit(st: &mut ChainState, batch: &mut [AuditRecord], stdout: bool) -> Resul
         .map_err(|e| AuditError::Io(e.to_string()))?;
     let (start_seq, start_prev) = (st.seq, st.prev.clone());
     let mut buf = Vec::with_capacity(batch.len() * 1024);
-    let ts = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let ts = now_rfc3339();
     let mut seq = st.seq;
     let mut prev = st.prev.clone();
     // Only a batch of outcome records alone may skip the fsync (module docs).
@@ -365,15 +717,29 @@ fn commit(st: &mut ChainState, batch: &mut [AuditRecord], stdout: bool) -> Resul
         .and_then(|_| if durable { st.file.sync_data() } else { Ok(()) });
     if let Err(e) = res {
         // The file may now hold a partial batch; re-read the head so the chain stays valid.
-        if let Ok((s, p)) = last_link(&st.path) {
-            st.seq = s;
-            st.prev = p;
-        } else {
-            st.seq = start_seq;
-            st.prev = start_prev;
+        match scan(&st.path) {
+            Ok(live) if live.lines > 0 => {
+                st.seq = live.last_seq;
+                st.prev = live.last_hash;
+                st.live_lines = live.lines;
+                st.size = live.bytes;
+                st.live_hasher = live.hasher;
+            }
+            Ok(live) => {
+                st.seq = start_seq;
+                st.prev = start_prev;
+                st.size = live.bytes;
+                st.live_hasher = live.hasher;
+            }
+            Err(_) => {
+                st.seq = start_seq;
+                st.prev = start_prev;
+            }
         }
         return Err(AuditError::Io(e.to_string()));
     }
+    st.live_hasher.update(&buf);
+    st.live_lines += batch.len() as u64;
     st.size += buf.len() as u64;
     st.seq = seq;
     st.prev = prev;

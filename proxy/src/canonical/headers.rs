@@ -20,9 +20,10 @@ pub const METHOD_OVERRIDE_HEADERS: &[&str] = &[
     "x-method-override",
 ];
 
-/// The names a `Connection` header may list: hop-by-hop headers only. Naming an end-to-end
-/// header (`Connection: Content-Type`) would make the next hop drop the header the decision
-/// was based on.
+/// The hop-by-hop names a `Connection` header lists in ordinary use. Any other name it lists
+/// is an agent-declared hop-by-hop header: dropped, as `Connection` asks, unless it names a
+/// header the decision reads or the proxy forwards (`Connection: Content-Type` would make a
+/// hop drop the header the decision was based on): that is refused (see [`check`]).
 const CONNECTION_TOKENS: &[&str] = &[
     "close",
     "keep-alive",
@@ -35,8 +36,37 @@ const CONNECTION_TOKENS: &[&str] = &[
     "proxy-authorization",
 ];
 
-/// Refuse ambiguous headers (see the constants above).
-pub fn check(h: &HeaderMap) -> Result<(), CanonicalError> {
+/// Whether `Connection` may name `token` (lower-case): a hop-by-hop name, or a header neither
+/// read by the decision nor forwarded (`forwarded` lists the tool's own forwarded and
+/// meaning-carrying headers).
+pub fn may_drop(token: &str, forwarded: &[HeaderName]) -> bool {
+    use super::rebuild::{DEFAULT_FORWARD_HEADERS, NEVER_FORWARD_HEADERS};
+    CONNECTION_TOKENS.contains(&token)
+        || !(NEVER_FORWARD_HEADERS.contains(&token)
+            || DEFAULT_FORWARD_HEADERS.contains(&token)
+            || token.starts_with("x-tollgate-")
+            || forwarded.iter().any(|n| n.as_str() == token))
+}
+
+/// The names the `Connection` header lists, lower-case.
+pub fn connection_tokens(h: &HeaderMap) -> Result<Vec<String>, CanonicalError> {
+    let mut out = Vec::new();
+    for v in h.get_all(header::CONNECTION) {
+        let v = v
+            .to_str()
+            .map_err(|_| CanonicalError::BadHeader("connection".into(), "not ASCII".into()))?;
+        out.extend(
+            v.split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty()),
+        );
+    }
+    Ok(out)
+}
+
+/// Refuse ambiguous headers (see the constants above). `meaning` are the tool's
+/// meaning-carrying headers, which `Connection` may not name either.
+pub fn check(h: &HeaderMap, meaning: &[HeaderName]) -> Result<(), CanonicalError> {
     for name in SINGLETON_HEADERS {
         if h.get_all(name).iter().count() > 1 {
             return Err(CanonicalError::RepeatedHeader(name.as_str().to_string()));
@@ -47,14 +77,9 @@ pub fn check(h: &HeaderMap) -> Result<(), CanonicalError> {
             return Err(CanonicalError::MethodOverride(format!("header {name}")));
         }
     }
-    for v in h.get_all(header::CONNECTION) {
-        let v = v
-            .to_str()
-            .map_err(|_| CanonicalError::BadHeader("connection".into(), "not ASCII".into()))?;
-        for token in v.split(',').map(|t| t.trim().to_ascii_lowercase()) {
-            if !token.is_empty() && !CONNECTION_TOKENS.contains(&token.as_str()) {
-                return Err(CanonicalError::ConnectionNamesEndToEnd(token));
-            }
+    for token in connection_tokens(h)? {
+        if !may_drop(&token, meaning) {
+            return Err(CanonicalError::ConnectionNamesEndToEnd(token));
         }
     }
     Ok(())

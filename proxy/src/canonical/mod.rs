@@ -284,7 +284,7 @@ impl CanonicalCall {
         body: &[u8],
         opts: &CallOptions,
     ) -> Result<Self, CanonicalError> {
-        headers::check(&parts.headers)?;
+        headers::check(&parts.headers, &opts.meaning_headers)?;
         check_path(&target.path, opts.path_params)?;
         let query_pairs = match target.query.as_deref() {
             Some(q) => form::pairs(q.as_bytes()).map_err(CanonicalError::Query)?,

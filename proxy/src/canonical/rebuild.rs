@@ -10,10 +10,10 @@
 //!   `Content-Encoding`; `Content-Length` from the rebuilt body; `Host` from the target.
 //! - Agent headers: only [`DEFAULT_FORWARD_HEADERS`], the tool's `forwardHeaders` and its
 //!   meaning-carrying headers, and never [`NEVER_FORWARD_HEADERS`] whatever a tool lists.
-//! - Set by the proxy: `X-Forwarded-For` (the agent's address, when known),
-//!   `X-Forwarded-Proto` and `X-Forwarded-Host` (the upstream request's own scheme and
-//!   authority), `traceparent`, the tool's credential, and the `Idempotency-Key` in the
-//!   tool's forwarding mode.
+//! - Set by the proxy: `X-Forwarded-Proto` and `X-Forwarded-Host` (the upstream request's
+//!   own scheme and authority), `traceparent`, the tool's credential, and the
+//!   `Idempotency-Key` in the tool's forwarding mode. `X-Forwarded-For` is neither passed nor
+//!   set: the agent is the sidecar's own pod, so the address would say nothing.
 
 use super::{form, CanonicalBody, CanonicalCall, CanonicalError, IDEMPOTENCY_KEY};
 use crate::config::IdempotencyKeyForwarding;
@@ -22,7 +22,6 @@ use crate::target::Target;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
-use std::net::IpAddr;
 
 /// Agent headers forwarded to every tool: content negotiation, caching preconditions, the
 /// agent's own credential (replaced when the tool injects one), W3C trace state, and the
@@ -110,8 +109,6 @@ pub struct RebuildOptions<'a> {
     pub agent: &'a str,
     /// Tenant (namespaces the `Idempotency-Key`).
     pub tenant: &'a str,
-    /// The agent's address, for `X-Forwarded-For`.
-    pub peer: Option<IpAddr>,
 }
 
 /// The forwarded form of an agent's `Idempotency-Key` in `namespaced` mode:
@@ -163,10 +160,19 @@ pub fn rebuild(
         uri.push('?');
         uri.push_str(&form::serialize_pairs(&call.query_pairs));
     }
+    // Headers the agent declared hop-by-hop are dropped; one the tool forwards cannot be.
+    let hop = super::headers::connection_tokens(agent_headers)?;
+    if let Some(t) = hop
+        .iter()
+        .find(|t| !super::headers::may_drop(t, opts.forward_headers))
+    {
+        return Err(CanonicalError::ConnectionNamesEndToEnd(t.clone()));
+    }
     let mut h = HeaderMap::new();
     let allowed = |n: &HeaderName| {
         let s = n.as_str();
         !NEVER_FORWARD_HEADERS.contains(&s)
+            && !hop.iter().any(|t| t == s)
             && !s.starts_with("x-tollgate-")
             && (DEFAULT_FORWARD_HEADERS.contains(&s)
                 || opts.forward_headers.contains(n)
@@ -212,12 +218,6 @@ pub fn rebuild(
         h.insert(
             IDEMPOTENCY_KEY,
             HeaderValue::from_str(&forwarded).map_err(|_| bad("idempotency-key"))?,
-        );
-    }
-    if let Some(ip) = opts.peer {
-        h.insert(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_str(&ip.to_string()).map_err(|_| bad("x-forwarded-for"))?,
         );
     }
     h.insert(

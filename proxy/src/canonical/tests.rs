@@ -269,6 +269,26 @@ fn ambiguous_headers_are_refused() {
         b"{}"
     )
     .is_ok());
+    // `Connection` may name a header of the agent's own (it is dropped), never one the
+    // decision reads or the proxy forwards.
+    for named in [
+        "authorization",
+        "x-tollgate-tenant",
+        "idempotency-key",
+        "accept",
+    ] {
+        assert_eq!(
+            code(build("GET", "/x", None, &[("connection", named)], b"")),
+            "connection_names_end_to_end_header",
+            "{named}"
+        );
+    }
+    let mut opts = CallOptions::strict(1024);
+    opts.meaning_headers = vec![HeaderName::from_static("stripe-account")];
+    let hop = parts("GET", &[("connection", "Stripe-Account")]);
+    let r = CanonicalCall::build(&hop, &target("GET", "/x", None), b"", &opts);
+    assert_eq!(code(r), "connection_names_end_to_end_header");
+    assert!(build("GET", "/x", None, &[("connection", "x-hop")], b"").is_ok());
     for ct in [
         "application/json, text/plain",
         "application/json; charset=utf-16",
@@ -463,11 +483,38 @@ fn rebuild_opts<'a>(cred: Option<&'a Credential>, fwd: &'a [HeaderName]) -> Rebu
         idempotency: crate::config::IdempotencyKeyForwarding::Namespaced,
         agent: "agent-a",
         tenant: "acme",
-        peer: Some("10.0.0.7".parse().unwrap()),
     }
 }
 
 use crate::snapshot::Credential;
+
+#[test]
+fn agent_hop_by_hop_headers_are_dropped_unless_forwarded() {
+    let h = parts(
+        "GET",
+        &[("connection", "x-hop"), ("x-hop", "1"), ("x-keep", "2")],
+    );
+    let call = CanonicalCall::build(
+        &h,
+        &target("GET", "/x", None),
+        b"",
+        &CallOptions::strict(1024),
+    )
+    .unwrap();
+    let t = target("GET", "/x", None);
+    let fwd = [
+        HeaderName::from_static("x-hop"),
+        HeaderName::from_static("x-keep"),
+    ];
+    // A tool that forwards the header cannot have it dropped by the agent.
+    let e = rebuild(&call, &t, &h.headers, &rebuild_opts(None, &fwd)).unwrap_err();
+    assert_eq!(e.code(), "connection_names_end_to_end_header");
+    let fwd = [HeaderName::from_static("x-keep")];
+    let req = rebuild(&call, &t, &h.headers, &rebuild_opts(None, &fwd)).unwrap();
+    assert!(req.headers().get("x-hop").is_none());
+    assert!(req.headers().get("connection").is_none());
+    assert_eq!(req.headers()["x-keep"], "2");
+}
 
 #[test]
 fn rebuild_sends_the_decided_form_only() {
@@ -514,7 +561,7 @@ fn rebuild_sends_the_decided_form_only() {
     assert_eq!(h["host"], "api.example.com");
     assert_eq!(h["accept"], "application/json");
     assert_eq!(h["x-forwarded-host"], "api.example.com");
-    assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+    assert!(h.get("x-forwarded-for").is_none());
     assert_eq!(h["x-forwarded-proto"], "https");
     assert_eq!(h["authorization"], "Bearer secret");
     for gone in [

@@ -741,6 +741,48 @@ pub struct AuditConfig {
     /// Redaction rules for recorded input.
     #[serde(default)]
     pub redaction: RedactionConfig,
+    /// Signed checkpoints of the chain, published to a second sink (off when absent).
+    #[serde(default)]
+    pub checkpoints: Option<AuditCheckpointConfig>,
+    /// Shipping and pruning of rotated files.
+    #[serde(default)]
+    pub retention: AuditRetentionConfig,
+}
+
+/// Signed checkpoints of the audit chain (record count, head hash, file set), written
+/// periodically and at shutdown to a sink the writer's volume does not hold, so that
+/// `audit verify --checkpoints` detects truncation, a rewritten chain and a replaced file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditCheckpointConfig {
+    /// JSONL file the checkpoints are appended to (on another volume than the audit files).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Also print each checkpoint to stdout (for the log pipeline).
+    #[serde(default)]
+    pub stdout: bool,
+    /// Time between checkpoints (default 60s). One is also written at start and at shutdown.
+    #[serde(default)]
+    pub interval: Option<ConfigDuration>,
+    /// Ed25519 signing key (PKCS#8, base64), generated at first start with mode 0600; its
+    /// public half is written beside it as `<keyFile>.pub` (default `audit-checkpoint.key`).
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
+/// Shipping and pruning of rotated audit files.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditRetentionConfig {
+    /// Delete rotated files whose last write is older than this (never the live file). With a
+    /// `shipCommand`, only files it has shipped successfully are deleted.
+    #[serde(default)]
+    pub max_age: Option<ConfigDuration>,
+    /// Command run for every rotated file, with the file's path appended as the last
+    /// argument (e.g. `[sh, -c, 'cp "$0" /archive/']`); exit 0 means shipped. It runs again
+    /// for rotated files found at start, so it must be idempotent.
+    #[serde(default)]
+    pub ship_command: Vec<String>,
 }
 
 fn default_audit_path() -> String {
@@ -756,6 +798,8 @@ impl Default for AuditConfig {
             max_file_bytes: None,
             commit_interval: None,
             redaction: RedactionConfig::default(),
+            checkpoints: None,
+            retention: AuditRetentionConfig::default(),
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct Call {
     pub routed: Option<usize>,
     /// The decided tool calls.
     pub elements: Vec<Element>,
+    /// The canonical call: what was decided, and what forward rebuilds the request from.
+    pub canonical: Option<crate::canonical::CanonicalCall>,
     /// Hash of a message no tool decides (MCP session methods).
     pub message_hash: String,
     /// MCP JSON-RPC id(s), when the call is MCP (refusals answer in JSON-RPC).
@@ -107,6 +109,7 @@ impl Call {
             traceparent: String::new(),
             routed: None,
             elements: Vec::new(),
+            canonical: None,
             message_hash: String::new(),
             mcp_id: None,
             mcp_list: false,

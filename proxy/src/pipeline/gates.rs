@@ -5,6 +5,7 @@
 use super::call::{Call, Element};
 use super::gate;
 use crate::audit::AuditApproval;
+use crate::canonical::CanonicalCall;
 use crate::config::{Mode, OverBudget};
 use crate::idempotency::Stored;
 use crate::input::BodyKind;
@@ -13,7 +14,7 @@ use crate::limits::{BudgetGuard, IdemGuard, UNCAPPED};
 use crate::policy_input::{self, CallFacts};
 use crate::refusal::Refusal;
 use crate::snapshot::Tool;
-use crate::stages::{self, body::Decoded, tools::ToolCalls};
+use crate::stages::{self, tools::ToolCalls};
 use crate::target::Target;
 use http::request::Parts;
 use tracing::Instrument;
@@ -52,11 +53,13 @@ pub(super) fn fresh(call: &mut Call) -> Result<(), Refusal> {
 }
 
 /// Turn the matched tool calls into elements: each input validated against its tool and
-/// hashed in canonical form.
+/// hashed in canonical form. An HTTP call's hash (and approval binding) covers the whole
+/// canonical call — method, path, decoded query, body and the tool's meaning-carrying
+/// headers — so an approved call cannot be replayed with another query or header.
 pub(super) fn elements(
     call: &mut Call,
     calls: ToolCalls,
-    decoded: &Decoded,
+    decided: &CanonicalCall,
     parts: &Parts,
 ) -> Result<(), Refusal> {
     call.mcp_list = calls.lists_tools;
@@ -72,8 +75,13 @@ pub(super) fn elements(
         .and_then(|v| v.to_str().ok());
     let snap = call.snap.clone();
     call.elements.reserve(calls.calls.len());
+    let mcp = call.mcp_id.is_some();
     for (tool, input) in calls.calls {
-        let canonical = policy_input::canonical_json(&input);
+        let canonical = if mcp {
+            policy_input::canonical_json(&input)
+        } else {
+            policy_input::canonical_json(&decided.to_value())
+        };
         call.elements.push(Element {
             tool,
             input_hash: policy_input::sha256_hex(&canonical),
@@ -82,10 +90,9 @@ pub(super) fn elements(
             ..Default::default()
         });
         let e = call.elements.last().expect("just pushed");
-        let kind = if call.protocol == "mcp" {
-            BodyKind::Json
-        } else {
-            decoded.kind
+        let kind = match &decided.body {
+            crate::canonical::CanonicalBody::Opaque { .. } if !mcp => BodyKind::Opaque,
+            _ => BodyKind::Json,
         };
         stages::tools::validate(&snap.tools[tool], kind, content_type, &e.input)?;
     }
@@ -203,6 +210,7 @@ pub(super) async fn policy(
     let run_calls = call.state.limits.run_calls(&call.run);
     let budget = stages::budget::facts(&caps, &usage, run_calls);
     let mut asks = Vec::new();
+    let no_query = serde_json::Map::new();
     let span = tracing::info_span!("policy", elements = call.elements.len());
     let _entered = span.enter();
     for i in 0..call.elements.len() {
@@ -216,6 +224,7 @@ pub(super) async fn policy(
             run: &call.run,
             protocol: call.protocol,
             budget,
+            query: call.canonical.as_ref().map_or(&no_query, |c| &c.query),
         };
         let ev = stages::policy::evaluate(&snap, tool, &facts, &e.estimate, now);
         let m = &call.state.metrics;

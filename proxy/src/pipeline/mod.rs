@@ -20,6 +20,7 @@ pub use call::{Call, Element};
 pub use finish::Outcome;
 pub use passthrough::{record_passthrough, refuse_tunnel};
 
+use crate::canonical::{CallOptions, CanonicalBody, CanonicalCall, RebuildOptions};
 use crate::config::Mode;
 use crate::forward;
 use crate::identify;
@@ -30,7 +31,6 @@ use crate::stages;
 use crate::state::ProxyState;
 use crate::target::Target;
 use crate::upstream::ResBody;
-use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -53,8 +53,8 @@ pub async fn handle_in_tunnel(
 
 /// What the stages admitted.
 enum Admitted {
-    /// Forward this body to the target.
-    Forward(Target, Bytes),
+    /// Forward the canonical call (on the call) to the target.
+    Forward(Target),
     /// An identical idempotent call already completed: answer with its stored response.
     Replay(crate::idempotency::Stored),
 }
@@ -80,10 +80,16 @@ async fn handle_with(
     let (traceparent, trace_id) = forward::traceparent(&parts.headers);
     call.traceparent = traceparent;
     call.trace_id = trace_id;
-    let span = tracing::info_span!("call", call = %call.id, run = %call.run, trace_id = %call.trace_id, tool = tracing::field::Empty, decision = tracing::field::Empty);
+    let span = tracing::info_span!("call", call = %call.id, run = %call.run, trace_id = tracing::field::Empty, tool = tracing::field::Empty, decision = tracing::field::Empty);
+    // With trace export on, the call span's own ids are what goes upstream and on record.
+    if let Some((traceparent, trace_id)) = crate::telemetry::link(&span, &parts.headers) {
+        call.traceparent = traceparent;
+        call.trace_id = trace_id;
+    }
+    span.record("trace_id", tracing::field::display(&call.trace_id));
     async move {
         match run(&mut call, &parts, body, tunnel).await {
-            Ok(Admitted::Forward(target, body)) => forward_call(call, &parts, target, body).await,
+            Ok(Admitted::Forward(target)) => forward_call(call, &parts, target).await,
             Ok(Admitted::Replay(stored)) => finish::finish(call, Outcome::Replayed(stored)).await,
             Err(r) => finish::finish(call, Outcome::Refused(r)).await,
         }
@@ -122,16 +128,25 @@ async fn run(
     )
     .await?;
     call.body_len = bytes.len();
-    let mut decoded = stages::body::decode(&parts.headers, bytes)?;
-    let calls = stages::tools::match_calls(&snap, &target, route, &mut decoded, &mut call.mcp_id)?;
-    gates::elements(call, calls, &decoded, parts)?;
+    let opts = match route {
+        RouteMatch::Tool(i) => CallOptions::for_tool(&snap.tools[i].config, snap.max_body),
+        _ => CallOptions::strict(snap.max_body),
+    };
+    let canonical = CanonicalCall::build(parts, &target, &bytes, &opts)
+        .map_err(|e| stages::body::ambiguous(e, snap.max_body))?;
+    let calls = stages::tools::match_calls(&snap, &target, route, &canonical, &mut call.mcp_id)?;
+    gates::elements(call, calls, &canonical, parts)?;
+    call.canonical = Some(canonical);
     // 5. Gates, in order: kill switch → rate limit → budget reservation → policy → approval.
     call.stage = "kill_switch";
     gates::kill_switches(call)?;
+    let limits = tracing::info_span!("limits");
     call.stage = "rate_limit";
-    gates::rate_limits(call).await?;
+    gates::rate_limits(call).instrument(limits.clone()).await?;
     call.stage = "budget";
-    gates::budget(call, parts, &target).await?;
+    gates::budget(call, parts, &target)
+        .instrument(limits)
+        .await?;
     call.stage = "policy";
     let asks = gates::policy(call, parts, &target).await?;
     call.stage = "approval";
@@ -143,7 +158,7 @@ async fn run(
     }
     let counted = call.elements.len() as u64;
     call.state.limits.count_run_call(&call.run, counted);
-    Ok(Admitted::Forward(target, decoded.bytes))
+    Ok(Admitted::Forward(target))
 }
 
 /// Apply shadow mode to a gate's result: in `shadow` the refusal is noted and the call goes on.
@@ -157,24 +172,66 @@ fn gate<T: Default>(call: &mut Call, r: Result<T, Refusal>) -> Result<T, Refusal
     }
 }
 
-/// Forward an admitted call: dry-run answers, the durable decision record, the upstream.
+/// Forward an admitted call: the upstream request is rebuilt from the canonical call (see
+/// [`crate::canonical::rebuild`]), never copied from the agent's bytes; then dry-run answers,
+/// the durable decision record, the upstream.
 async fn forward_call(
     mut call: Call,
     parts: &http::request::Parts,
     target: Target,
-    body: Bytes,
 ) -> Response<ResBody> {
     let snap = call.snap.clone();
     let tool = call.elements.first().map(|e| &snap.tools[e.tool]);
+    let Some(mut decided) = call.canonical.take() else {
+        let r = Refusal::BadRequest("the call has no decided form".into());
+        return finish::finish(call, Outcome::Refused(r)).await;
+    };
+    // Streamed LLM calls are asked to report usage, when the tool says so.
+    let inject = tool
+        .and_then(|t| t.config.cost.as_ref())
+        .and_then(|c| c.llm.as_ref())
+        .is_some_and(|l| l.inject_stream_usage);
+    if inject {
+        if let CanonicalBody::Json(v) = &decided.body {
+            if let Some(v) = crate::metering::inject_stream_usage(v) {
+                decided.body = CanonicalBody::Json(v);
+            }
+        }
+    }
+    let forward_headers: Vec<http::HeaderName> = tool
+        .map(|t| {
+            t.config
+                .request
+                .forward_headers
+                .iter()
+                .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let opts = RebuildOptions {
+        forward_headers: &forward_headers,
+        credential: tool.and_then(|t| t.credential.as_ref()),
+        traceparent: &call.traceparent,
+        idempotency: tool
+            .map(|t| t.config.request.idempotency_key)
+            .unwrap_or_default(),
+        agent: &snap.agent.name,
+        tenant: &call.tenant,
+    };
+    let rebuilt = match crate::canonical::rebuild(&decided, &target, &parts.headers, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            let r = stages::body::ambiguous(e, snap.max_body);
+            return finish::finish(call, Outcome::Refused(r)).await;
+        }
+    };
     if snap.agent.mode == Mode::DryRun && forward::is_mutating(&target.method) {
-        let headers =
-            forward::upstream_headers(&parts.headers, &target, tool, &call.traceparent, body.len());
         let reasons = call.shadow_reasons.clone();
         let answer = forward::dry_run_body(
             &target,
             call.tool_name().unwrap_or(""),
-            &headers,
-            &body,
+            rebuilt.headers(),
+            rebuilt.body(),
             call.passed().as_str(),
             &reasons,
         );
@@ -185,30 +242,7 @@ async fn forward_call(
     if let Err(r) = finish::durable_decision(&call).await {
         return finish::finish(call, Outcome::AuditFailed(r)).await;
     }
-    // Streamed LLM calls are asked to report usage, when the tool says so.
-    let inject = tool
-        .and_then(|t| t.config.cost.as_ref())
-        .and_then(|c| c.llm.as_ref())
-        .is_some_and(|l| l.inject_stream_usage);
-    let body = match inject
-        .then(|| {
-            call.elements
-                .first()
-                .and_then(|e| crate::metering::inject_stream_usage(&e.input))
-        })
-        .flatten()
-    {
-        Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
-        None => body,
-    };
-    let headers =
-        forward::upstream_headers(&parts.headers, &target, tool, &call.traceparent, body.len());
-    let mut req = Request::builder()
-        .method(target.method.clone())
-        .uri(target.uri())
-        .body(http_body_util::Full::new(body))
-        .expect("valid request parts");
-    *req.headers_mut() = headers;
+    let req = rebuilt.map(http_body_util::Full::new);
     let t = tool.map(|t| (t.connect_timeout, t.header_timeout, t.total_timeout));
     let (connect, header, total) = t.unwrap_or(crate::snapshot::DEFAULT_TIMEOUTS);
     call.stage = "upstream";

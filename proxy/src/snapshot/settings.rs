@@ -73,6 +73,10 @@ pub struct Audit {
     pub stdout: bool,
     /// Rotate past this size.
     pub max_file_bytes: Option<u64>,
+    /// Signed checkpoints (read at start).
+    pub checkpoints: Option<crate::config::AuditCheckpointConfig>,
+    /// Shipping and pruning of rotated files (read at start).
+    pub retention: crate::config::AuditRetentionConfig,
 }
 
 /// Listener and connection settings.
@@ -127,6 +131,14 @@ pub fn lower(raw: &Config, base_dir: &Path) -> Result<Settings, ConfigError> {
     let ap = &raw.approvals;
     let au = &raw.audit;
     let sv = &raw.server;
+    if let Some(c) = &au.checkpoints {
+        if c.path.is_none() && !c.stdout {
+            return Err(ConfigError::invalid(
+                "audit.checkpoints",
+                "give a path (on another volume than the audit files) and/or stdout: true",
+            ));
+        }
+    }
     let mut redacted = serde_json::to_value(raw).unwrap_or_default();
     if let Some(o) = redacted.as_object_mut() {
         // Rego sources and data can be large and are pinned by the bundle hash instead.
@@ -164,6 +176,8 @@ pub fn lower(raw: &Config, base_dir: &Path) -> Result<Settings, ConfigError> {
             path: au.path.clone(),
             stdout: au.stdout,
             max_file_bytes: au.max_file_bytes,
+            checkpoints: au.checkpoints.clone(),
+            retention: au.retention.clone(),
         },
         limits: raw.limits.clone(),
         server: Server {

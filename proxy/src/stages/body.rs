@@ -1,26 +1,12 @@
-//! Read and parse the request body: framing checks, a bounded read with a timeout, and the
-//! parse by media type. This is the seam where the canonical call is built (see
-//! [`Decoded`]): what it returns is what the tool stages, schema, policy and the approval hash
-//! see, and what forward re-sends.
+//! Read the request body: framing checks and a bounded read with a timeout. The bytes read
+//! here become the canonical call ([`crate::canonical::CanonicalCall::build`]); a request
+//! with no single reading is refused by [`ambiguous`].
 
-use crate::input::{self, BodyKind};
 use crate::refusal::Refusal;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
-use serde_json::Value;
 use std::time::Duration;
-
-/// A request body, read and parsed.
-#[derive(Debug)]
-pub struct Decoded {
-    /// The buffered bytes.
-    pub bytes: Bytes,
-    /// Media kind.
-    pub kind: BodyKind,
-    /// The parsed value (JSON or form); `None` when empty or opaque.
-    pub parsed: Option<Value>,
-}
 
 /// Refuse request framings that different HTTP parsers read differently.
 pub fn framing(h: &HeaderMap) -> Result<(), Refusal> {
@@ -87,22 +73,18 @@ where
     }
 }
 
-/// Parse a buffered body by its media type.
-pub fn decode(headers: &HeaderMap, bytes: Bytes) -> Result<Decoded, Refusal> {
-    let content_type = headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let kind = input::body_kind(content_type, &bytes);
-    let parsed = match kind {
-        BodyKind::Empty | BodyKind::Opaque => None,
-        BodyKind::Json => Some(input::parse_json(&bytes).map_err(Refusal::UnparsableBody)?),
-        BodyKind::Form => Some(input::parse_form(&bytes).map_err(Refusal::UnparsableBody)?),
-    };
-    Ok(Decoded {
-        bytes,
-        kind,
-        parsed,
-    })
+/// The refusal of a request with no single reading (see [`crate::canonical`]).
+pub fn ambiguous(e: crate::canonical::CanonicalError, max: usize) -> Refusal {
+    if e.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
+        return Refusal::PayloadTooLarge(max);
+    }
+    match e {
+        crate::canonical::CanonicalError::Body { .. } => Refusal::UnparsableBody(e.to_string()),
+        e => Refusal::Ambiguous {
+            code: e.code(),
+            reason: e.to_string(),
+        },
+    }
 }
 
 #[cfg(test)]

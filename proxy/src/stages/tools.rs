@@ -3,10 +3,11 @@
 //! batch is decided element by element).
 
 use crate::input::{self, BodyKind};
+
+use crate::canonical::{CanonicalBody, CanonicalCall};
 use crate::refusal::Refusal;
 use crate::route::RouteMatch;
 use crate::snapshot::{Snapshot, Tool};
-use crate::stages::body::Decoded;
 use crate::target::Target;
 use serde_json::Value;
 
@@ -27,29 +28,21 @@ pub fn match_calls(
     snap: &Snapshot,
     target: &Target,
     route: RouteMatch,
-    body: &mut Decoded,
+    canonical: &CanonicalCall,
     mcp_id: &mut Option<Value>,
 ) -> Result<ToolCalls, Refusal> {
     match route {
-        RouteMatch::Tool(i) => {
-            let input = match (body.parsed.take(), body.kind) {
-                (Some(v), _) => v,
-                (None, BodyKind::Opaque) => Value::Null,
-                (None, _) => target
-                    .query
-                    .as_deref()
-                    .and_then(|q| input::parse_form(q.as_bytes()).ok())
-                    .unwrap_or_else(|| Value::Object(Default::default())),
-            };
-            Ok(ToolCalls {
-                calls: vec![(i, input)],
-                ..Default::default()
-            })
-        }
+        RouteMatch::Tool(i) => Ok(ToolCalls {
+            calls: vec![(i, canonical.tool_input())],
+            ..Default::default()
+        }),
         RouteMatch::Mcp => {
-            let msg = body.parsed.take().ok_or_else(|| {
-                Refusal::UnparsableBody("MCP endpoint expects a JSON-RPC body".into())
-            })?;
+            let CanonicalBody::Json(msg) = &canonical.body else {
+                return Err(Refusal::UnparsableBody(
+                    "MCP endpoint expects a JSON-RPC body".into(),
+                ));
+            };
+            let msg = msg.clone();
             *mcp_id = crate::mcp::reply_id(&msg);
             let m = crate::mcp::classify(&msg, snap, target)?;
             let message = m.tool_calls.is_empty().then_some(msg);
