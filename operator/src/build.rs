@@ -57,7 +57,15 @@ pub fn validate_policy(p: &AgentPolicy) -> Result<(), String> {
     if modules.is_empty() {
         return Err("no Rego: set spec.rego or spec.modules".into());
     }
-    tollgate_proxy::policy::compile_check(&modules).map_err(|e| e.to_string())
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(
+        serde_json::json!(["policy", modules])
+            .to_string()
+            .as_bytes(),
+    ));
+    cached(hash, || {
+        tollgate_proxy::policy::compile_check(&modules).map_err(|e| e.to_string())
+    })
 }
 
 /// Validate a tool: its input schema and its match.
@@ -232,14 +240,73 @@ pub fn build_agent(world: &World, id: &AgentIdentity) -> Result<Config, Vec<Stri
     if let Some(s) = id.spec.approvals.single_use {
         config.approvals.single_use = s;
     }
-    // Run the proxy's own validation, minus credentials (their files exist only in the pod).
+    // Run the proxy's own validation, minus credentials (their files exist only in the pod)
+    // and minus the Rego, which is compiled once per distinct bundle (see [`check_bundle`]).
     let mut check = config.clone();
     for t in &mut check.tools {
         t.credentials = None;
     }
+    check.policies.modules = Vec::new();
+    check.policies.data = serde_json::Value::Object(Default::default());
     tollgate_proxy::snapshot::Snapshot::build(check, 0, std::path::Path::new("/"))
         .map_err(|e| vec![e.to_string()])?;
+    check_bundle(&config.policies).map_err(|e| vec![e])?;
     Ok(config)
+}
+
+/// Compile results of policy bundles, by the sha256 of their modules, data and timeout: an
+/// event that does not change an identity's Rego (a kill switch, an approval) does not
+/// recompile it, and identities sharing a policy compile it once.
+static BUNDLES: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Result<(), String>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Bound on [`BUNDLES`]; past it the cache starts over.
+const BUNDLE_CACHE_MAX: usize = 4096;
+
+/// The content hash a policy bundle is cached under.
+pub fn bundle_hash(p: &tollgate_proxy::config::PoliciesConfig) -> String {
+    use sha2::Digest;
+    let key = serde_json::json!([p.modules, p.data, p.timeout]);
+    hex::encode(sha2::Sha256::digest(key.to_string().as_bytes()))
+}
+
+/// Compile an identity's policy bundle exactly as its sidecars will (the proxy's
+/// `PolicyBundle`), answering from the content-hash cache when this bundle was compiled before.
+pub fn check_bundle(p: &tollgate_proxy::config::PoliciesConfig) -> Result<(), String> {
+    cached(bundle_hash(p), || {
+        let modules: Vec<(String, String)> = p
+            .modules
+            .iter()
+            .map(|m| (m.name.clone(), m.rego.clone()))
+            .collect();
+        let timeout = p
+            .timeout
+            .map(|d| d.get())
+            .unwrap_or(tollgate_proxy::snapshot::DEFAULT_POLICY_TIMEOUT);
+        tollgate_proxy::policy::PolicyBundle::compile(&modules, &p.data, timeout)
+            .map(|_| ())
+            .map_err(|e| format!("policies: {e}"))
+    })
+}
+
+/// The cached compile result under `hash`, or `compile`'s, cached.
+fn cached(hash: String, compile: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    if let Some(r) = BUNDLES.lock().expect("bundle cache").get(&hash) {
+        return r.clone();
+    }
+    let result = compile();
+    let mut cache = BUNDLES.lock().expect("bundle cache");
+    if cache.len() >= BUNDLE_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(hash, result.clone());
+    result
+}
+
+/// How many distinct policy bundles have been compiled and cached.
+pub fn cached_bundles() -> usize {
+    BUNDLES.lock().expect("bundle cache").len()
 }
 
 /// A condition, stamped now.

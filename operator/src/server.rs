@@ -147,25 +147,6 @@ impl Authenticator {
     }
 }
 
-/// Operator counters shown on `/metrics`.
-#[derive(Default)]
-pub struct OperatorMetrics {
-    /// Recomputes done.
-    pub reconciles: std::sync::atomic::AtomicU64,
-    /// Recomputes or status writes that failed.
-    pub reconcile_errors: std::sync::atomic::AtomicU64,
-    /// Snapshot requests being held right now.
-    pub connected: std::sync::atomic::AtomicI64,
-    /// Snapshot requests refused (auth).
-    pub refused: std::sync::atomic::AtomicU64,
-    /// Duration of the last recompute, µs.
-    pub last_reconcile_us: std::sync::atomic::AtomicU64,
-    /// Pending approval requests.
-    pub approvals_pending: std::sync::atomic::AtomicI64,
-    /// Snapshots sidecars reported they could not apply.
-    pub snapshots_rejected: std::sync::atomic::AtomicU64,
-}
-
 /// Spend reports: (agent, sidecar instance) → (UTC day, USD per tenant).
 pub type UsageReports =
     HashMap<(String, String), (String, std::collections::BTreeMap<String, f64>)>;
@@ -181,19 +162,22 @@ pub struct ServerState {
     pub auth: Authenticator,
     /// API client (creates ApprovalRequests).
     pub client: kube::Client,
-    /// Counters.
-    pub metrics: Arc<OperatorMetrics>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Ready once the caches synced.
     pub ready: std::sync::atomic::AtomicBool,
     /// Leader (writes status).
     pub leader: std::sync::atomic::AtomicBool,
     /// Spend reports: (agent, sidecar instance) → (UTC day, USD per tenant).
     pub usage: Mutex<UsageReports>,
-    /// Wakes the recompute loop (status shows new spend).
-    pub dirty: Arc<tokio::sync::Notify>,
+    /// Reconciles that sidecar reports ask for (status shows new spend, a rejection).
+    pub triggers: Arc<crate::controller::Triggers>,
     /// Snapshots sidecars rejected: (agent, sidecar instance) → (snapshot hash, the
     /// sidecar's error). The identity is `Ready=False` while a rejected hash is the one served.
     pub rejected: Mutex<Rejections>,
+    /// The interception CA whose signing certificate and key go with every snapshot answer
+    /// (so a rotation reaches running sidecars; the hub's epoch changes with it).
+    pub intercept_ca: std::sync::OnceLock<Arc<crate::pki::CaDistribution>>,
 }
 
 impl ServerState {
@@ -244,82 +228,10 @@ pub async fn handle(
         }
         "/metrics" => {
             let m = &st.metrics;
-            let mut s = String::new();
-            let mut g = |name: &str, help: &str, kind: &str, v: String| {
-                s.push_str(&format!(
-                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-                ));
-            };
-            g(
-                "tollgate_operator_up",
-                "1 while the operator runs.",
-                "gauge",
-                "1".into(),
-            );
-            g(
-                "tollgate_operator_leader",
-                "1 on the replica that writes status.",
-                "gauge",
-                u8::from(st.leader.load(Relaxed)).to_string(),
-            );
-            g(
-                "tollgate_operator_reconciles_total",
-                "Snapshot recomputes.",
-                "counter",
-                m.reconciles.load(Relaxed).to_string(),
-            );
-            g(
-                "tollgate_operator_reconcile_errors_total",
-                "Failed recomputes or status writes.",
-                "counter",
-                m.reconcile_errors.load(Relaxed).to_string(),
-            );
-            g(
-                "tollgate_operator_reconcile_duration_seconds",
-                "Duration of the last recompute.",
-                "gauge",
-                format!("{}", m.last_reconcile_us.load(Relaxed) as f64 / 1e6),
-            );
-            g(
-                "tollgate_operator_connected_sidecars",
-                "Snapshot long-polls held open.",
-                "gauge",
-                m.connected.load(Relaxed).to_string(),
-            );
-            g(
-                "tollgate_operator_snapshot_refused_total",
-                "Snapshot requests refused.",
-                "counter",
-                m.refused.load(Relaxed).to_string(),
-            );
-            g(
-                "tollgate_operator_token_reviews_reused_total",
-                "Sidecar tokens accepted from an earlier TokenReview because the API server failed.",
-                "counter",
-                st.auth
-                    .served_stale
-                    .load(Relaxed)
-                    .to_string(),
-            );
-            g(
-                "tollgate_operator_snapshots_rejected_total",
-                "Snapshots sidecars reported they could not apply.",
-                "counter",
-                m.snapshots_rejected.load(Relaxed).to_string(),
-            );
-            g(
-                "tollgate_approvals_pending",
-                "ApprovalRequests waiting for a decision.",
-                "gauge",
-                m.approvals_pending.load(Relaxed).to_string(),
-            );
-            s.push_str("# HELP tollgate_operator_snapshot_version Snapshot version served per agent.\n# TYPE tollgate_operator_snapshot_version gauge\n");
-            for (agent, v) in st.hub.agents() {
-                s.push_str(&format!(
-                    "tollgate_operator_snapshot_version{{agent=\"{agent}\"}} {v}\n"
-                ));
-            }
-            let mut r = hyper::Response::new(Full::new(Bytes::from(s)));
+            let reused = st.auth.served_stale.load(Relaxed);
+            m.token_reviews_reused
+                .inc_by(reused.saturating_sub(m.token_reviews_reused.get()));
+            let mut r = hyper::Response::new(Full::new(Bytes::from(m.render())));
             r.headers_mut().insert(
                 "content-type",
                 "text/plain; version=0.0.4".parse().expect("static"),
@@ -354,19 +266,21 @@ pub async fn handle(
     if let Err(r) = authorize(&st, req.headers(), &agent).await {
         return r;
     }
-    st.metrics.connected.fetch_add(1, Relaxed);
+    st.metrics.connected.inc();
     let newer = st
         .hub
         .wait_changed(&agent, &hash, Duration::from_secs(timeout))
         .await;
-    st.metrics.connected.fetch_sub(1, Relaxed);
+    st.metrics.connected.dec();
     match newer {
         Some(s) => {
             let credentials = credentials(&st.client, &s).await;
-            json(
-                200,
-                serde_json::json!({"version": s.version, "hash": s.hash, "config": *s.config, "credentials": credentials}),
-            )
+            let mut body = serde_json::json!({"version": s.version, "hash": s.hash, "config": *s.config, "credentials": credentials});
+            if let Some(ca) = st.intercept_ca.get() {
+                let m = ca.material();
+                body["interceptCa"] = serde_json::json!({"cert": m.cert, "key": m.key});
+            }
+            json(200, body)
         }
         None => json(
             200,
@@ -427,9 +341,8 @@ async fn authorize(
     headers: &http::HeaderMap,
     agent: &str,
 ) -> Result<crate::hub::Served, hyper::Response<Full<Bytes>>> {
-    use std::sync::atomic::Ordering::Relaxed;
     let refuse = |reason: String| {
-        st.metrics.refused.fetch_add(1, Relaxed);
+        st.metrics.refused.inc();
         tracing::warn!(%agent, %reason, "sidecar request refused");
         json(
             403,
@@ -690,22 +603,20 @@ async fn snapshot_report(
     match v["error"].as_str() {
         Some(error) => {
             let error: String = error.chars().take(1000).collect();
-            st.metrics
-                .snapshots_rejected
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            st.metrics.snapshots_rejected.inc();
             tracing::warn!(%agent, %instance, %hash, %error, "a sidecar rejected its snapshot");
             if map.len() > 100_000 {
                 map.clear();
             }
-            map.insert((agent, instance), (hash, error));
+            map.insert((agent.clone(), instance), (hash, error));
         }
         None => {
             tracing::info!(%agent, %instance, "a sidecar applied its snapshot after a rejection");
-            map.remove(&(agent, instance));
+            map.remove(&(agent.clone(), instance));
         }
     }
     drop(map);
-    st.dirty.notify_one();
+    st.triggers.reconcile_agent(&agent);
     json(200, serde_json::json!({"ok": true}))
 }
 
@@ -745,9 +656,10 @@ async fn usage(
     if usage.len() > 100_000 {
         usage.clear();
     }
+    let agent = key.0.clone();
     usage.insert(key, (day, by_tenant));
     drop(usage);
-    st.dirty.notify_one();
+    st.triggers.reconcile_agent(&agent);
     json(200, serde_json::json!({"ok": true}))
 }
 

@@ -3,7 +3,8 @@
 //! get, list (cluster-wide or per namespace) with a `resourceVersion`, watch from a
 //! `resourceVersion` (ADDED/MODIFIED/DELETED as newline-delimited JSON, held open until
 //! `timeoutSeconds`), create, replace with optimistic concurrency (409 on a stale
-//! `resourceVersion`), merge and apply patches, the `/status` subresource (status-only writes;
+//! `resourceVersion`), merge and apply patches (an apply naming a `resourceVersion` is
+//! conditional on it), the `/status` subresource (status-only writes;
 //! spec writes bump `generation`, status writes do not), delete, and `TokenReview` against
 //! registered tokens and audiences. Leases are ordinary objects, so leader election works.
 //!
@@ -602,6 +603,16 @@ async fn serve(
                 }
             };
             let mut new = old.clone();
+            // A server-side apply naming a resourceVersion is conditional on it, as on a
+            // real server.
+            if apply {
+                if let Some(rv) = body["metadata"]["resourceVersion"].as_str() {
+                    if rv != old["metadata"]["resourceVersion"].as_str().unwrap_or("") {
+                        let (c, v) = status(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again");
+                        return reply(c, v);
+                    }
+                }
+            }
             if method == hyper::Method::PUT {
                 if let Some(rv) = body["metadata"]["resourceVersion"].as_str() {
                     if rv != old["metadata"]["resourceVersion"].as_str().unwrap_or("") {

@@ -196,6 +196,7 @@ async fn reconcile_serve_propagate_and_report() {
         inject_config: None,
         webhook_service: "tollgate-operator".into(),
         webhook_config_name: "tollgate".into(),
+        certs: Default::default(),
     };
     tokio::spawn(async move { tollgate_operator::run::run(args).await });
     // Reconciled to Ready.

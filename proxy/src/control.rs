@@ -130,6 +130,10 @@ enum Answer {
 /// with the snapshot, keyed `<secret>/<key>`.
 pub const SECRET_MOUNT: &str = "/var/run/tollgate/secrets";
 
+/// Where [`Delivered`] carries the operator's current interception CA (certificate, key).
+const INTERCEPT_CA_CERT: &str = ":intercept-ca/tls.crt";
+const INTERCEPT_CA_KEY: &str = ":intercept-ca/tls.key";
+
 /// Tool credentials delivered with a snapshot: `<secret>/<key>` → value.
 type Delivered = std::collections::BTreeMap<String, String>;
 
@@ -159,6 +163,17 @@ fn install(
         }
     }
     let mut snap = Snapshot::build(merged, version, base_dir).map_err(|e| e.to_string())?;
+    // A sidecar that intercepts signs with the CA the operator delivered (it rotates without
+    // a restart); the mounted files are only the start-up copy.
+    if let (Some(_), Some(cert), Some(key)) = (
+        &snap.intercept,
+        delivered.get(INTERCEPT_CA_CERT),
+        delivered.get(INTERCEPT_CA_KEY),
+    ) {
+        let ca = crate::tls::InterceptCa::from_pem(cert, key)
+            .map_err(|e| format!("the delivered interception CA: {e}"))?;
+        snap.intercept = Some(Arc::new(ca));
+    }
     for (tool, c, value) in inline {
         let header = http::HeaderName::from_bytes(c.header.as_bytes())
             .map_err(|_| format!("tools[{tool}].credentials.header: not a valid header name"))?;
@@ -291,7 +306,15 @@ async fn fetch(
     let new_hash = v["hash"].as_str().unwrap_or("").to_string();
     let config: Config = serde_json::from_value(v["config"].clone())
         .map_err(|e| format!("snapshot does not parse: {e}"))?;
-    let delivered: Delivered = serde_json::from_value(v["credentials"].clone()).unwrap_or_default();
+    let mut delivered: Delivered =
+        serde_json::from_value(v["credentials"].clone()).unwrap_or_default();
+    // The interception CA the operator signs with now (it rotates), under keys no Secret
+    // name can take.
+    for (field, key) in [("cert", INTERCEPT_CA_CERT), ("key", INTERCEPT_CA_KEY)] {
+        if let Some(pem) = v["interceptCa"][field].as_str() {
+            delivered.insert(key.to_string(), pem.to_string());
+        }
+    }
     Ok(Answer::Snapshot(
         new_version,
         new_hash,

@@ -118,7 +118,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 #[test]
 fn dashboard_queries_name_only_exported_metrics() {
     let exported = std::fs::read_to_string(root().join("proxy/src/metrics.rs")).unwrap()
-        + &std::fs::read_to_string(root().join("operator/src/server.rs")).unwrap();
+        + &std::fs::read_to_string(root().join("operator/src/metrics.rs")).unwrap();
     let rules = std::fs::read_to_string(files().join("alerts.rules.yaml")).unwrap();
     let mut all = BTreeSet::new();
     for (_, e) in dashboard_queries() {

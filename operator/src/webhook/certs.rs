@@ -2,7 +2,10 @@
 //! certificate for `<service>.<namespace>.svc` signed by an operator CA (whose PEM goes into the
 //! webhook configurations' `caBundle`), and the interception CA the sidecars mint leaves from.
 
-use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use time::{Duration, OffsetDateTime};
 
 /// A PEM certificate and key.
@@ -72,6 +75,103 @@ pub fn webhook_certs(
             cert: cert.pem(),
             key: key.serialize_pem(),
         },
+        not_after,
+    })
+}
+
+/// A certificate with its key and validity, as the rotation keeps it (Unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Issued {
+    /// Certificate (PEM).
+    pub cert: String,
+    /// Private key (PEM).
+    pub key: String,
+    /// Valid from (Unix seconds).
+    pub not_before: i64,
+    /// Valid until (Unix seconds).
+    pub not_after: i64,
+}
+
+impl Issued {
+    /// Past two thirds of its life at `now` (Unix seconds)?
+    pub fn due(&self, now: i64) -> bool {
+        now >= self.not_before + (self.not_after - self.not_before) * 2 / 3
+    }
+
+    /// Expired at `now`?
+    pub fn expired(&self, now: i64) -> bool {
+        now >= self.not_after
+    }
+}
+
+fn validity(p: &mut CertificateParams, lifetime: Duration) -> (i64, i64) {
+    // Issued a little in the past so clocks slightly behind still accept it; the rotation
+    // schedule counts from the real issue time.
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::seconds(60);
+    p.not_after = now + lifetime;
+    (now.unix_timestamp(), p.not_after.unix_timestamp())
+}
+
+/// A new CA valid for `lifetime`.
+pub fn issue_ca(common_name: &str, lifetime: Duration) -> Result<Issued, CertError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "Tollgate");
+    p.distinguished_name = dn;
+    let (not_before, not_after) = validity(&mut p, lifetime);
+    let cert = p.self_signed(&key).map_err(e)?;
+    Ok(Issued {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+        not_before,
+        not_after,
+    })
+}
+
+/// A serving certificate for a Service (`svc`, `svc.ns`, `svc.ns.svc`,
+/// `svc.ns.svc.cluster.local`, plus `extra_names`), signed by `ca`, valid for `lifetime`
+/// (never past the CA's own expiry).
+pub fn issue_serving(
+    ca: &Issued,
+    service: &str,
+    namespace: &str,
+    extra_names: &[String],
+    lifetime: Duration,
+) -> Result<Issued, CertError> {
+    let ca_key = KeyPair::from_pem(&ca.key).map_err(e)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(e)?;
+    let mut names = vec![
+        service.to_string(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ];
+    names.extend(extra_names.iter().cloned());
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(names).map_err(e)?;
+    p.distinguished_name
+        .push(DnType::CommonName, format!("{service}.{namespace}.svc"));
+    let (not_before, mut not_after) = validity(&mut p, lifetime);
+    if not_after > ca.not_after {
+        not_after = ca.not_after;
+        p.not_after = OffsetDateTime::from_unix_timestamp(not_after).map_err(e)?;
+    }
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = p.signed_by(&key, &issuer).map_err(e)?;
+    Ok(Issued {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+        not_before,
         not_after,
     })
 }
