@@ -424,8 +424,17 @@ fn read_body(
                 kind: "JSON",
                 detail,
             }),
+        // A form of no fields (`&&`) re-serialises to no body at all, and a bodiless call's
+        // input is its query: decide it as bodiless too, so the rebuilt request reads back
+        // as the decided call (found by the canonical_call fuzz target).
         MediaType::Form => form::parse_form(&decoded)
-            .map(CanonicalBody::Form)
+            .map(|m| {
+                if m.is_empty() {
+                    CanonicalBody::Empty
+                } else {
+                    CanonicalBody::Form(m)
+                }
+            })
             .map_err(|detail| {
                 if detail.starts_with("method override") {
                     CanonicalError::MethodOverride("form field \"_method\"".into())

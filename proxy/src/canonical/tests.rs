@@ -53,6 +53,13 @@ fn gzip(b: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn a_form_of_no_fields_is_decided_as_bodiless() {
+    let call = build("POST", "/x", Some("a=1"), &[FORM], b"&&").unwrap();
+    assert_eq!(call.body, CanonicalBody::Empty);
+    assert_eq!(call.tool_input(), serde_json::json!({"a": 1}));
+}
+
+#[test]
 fn json_and_form_bodies_are_decided() {
     let c = build("POST", "/v1/refunds", None, &[JSON], br#"{"amount":100}"#).unwrap();
     assert_eq!(c.tool_input(), json!({"amount": 100}));
