@@ -10,6 +10,7 @@ demo:
 # Everything the tests need, then the whole suite. CI runs exactly this (see .ci/run).
 test: deps build
 	cargo nextest run --workspace --no-fail-fast
+	bash .ci/fuzz-smoke.sh
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
@@ -30,7 +31,7 @@ generate:
 	fi
 	@mkdir -p charts/tollgate/files/policies && find policies -maxdepth 1 -name '*.rego' ! -name '*_test.rego' -exec cp {} charts/tollgate/files/policies/ \;
 
-# A bounded coverage-guided libFuzzer run of every fuzz target (FUZZ_SECONDS each, default 10).
+# A bounded, reproducible coverage-guided libFuzzer run of every fuzz target (also in `make test`).
 fuzz-smoke:
 	bash .ci/fuzz-smoke.sh
 
