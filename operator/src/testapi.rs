@@ -20,6 +20,9 @@
 //! finalizers and garbage collection, validation of custom objects against their CRD's schema
 //! and rules. The real-cluster suite
 //! (`TOLLGATE_TEST_KUBECONFIG`) covers those.
+//!
+//! (One file, about 750 lines: test-only, behind the `test-api` feature; the store, watch
+//! and server-side apply it emulates depend on one another's resourceVersion rules.)
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};

@@ -3,6 +3,9 @@
 //! known at the response (fixed, per-unit) or at the end of its body (LLM usage, read from a
 //! JSON body or from SSE events as they stream past, without holding them back, decoding a
 //! compressed body on the side). The provider shapes read are listed at [`fold_usage`].
+//!
+//! (One file, about 630 lines: every provider's usage shape next to the one estimator and
+//! scanner that read them, plus their tests.)
 
 use crate::codec::stream::StreamDecoder;
 use crate::config::{CostModel, LlmCost, LlmProvider};

@@ -9,6 +9,9 @@
 //! one notification. A batch of only `outcome` records (which gate nothing: the call's decision
 //! record was durable before it was forwarded) is written without an fsync; the next batch
 //! that needs one, or the writer going idle for [`LAZY_SYNC`], makes it durable.
+//!
+//! (One file, about 850 lines: the queue, the chain, rotation and checkpoints all run on the
+//! writer thread and share its state; its tests are the bulk of the length.)
 
 use super::checkpoint::{Checkpoint, CheckpointKey, FileEntry};
 use super::retention::{Retention, RotatedFiles};

@@ -1,3 +1,6 @@
+//! Tests of the canonical call: one per class of refusal and rebuild rule, then the property
+//! tests (about 700 lines, by design: each row of SECURITY.md's table has its test here).
+
 use super::*;
 use crate::target::{Scheme, Via};
 use http::HeaderValue;

@@ -3,6 +3,9 @@
 //! These are the *raw* serde types: camelCase, unknown fields rejected, JSON Schema generated
 //! from them (`tollgate-proxy schema`). Nothing downstream reads them directly: they are lowered
 //! into a validated [`crate::snapshot::Snapshot`] with `TryFrom`, and only that is served.
+//!
+//! (One file, about 900 lines: the raw schema types, one per config block, each small; the
+//! schema generator needs them in one module tree.)
 
 mod duration;
 mod load;

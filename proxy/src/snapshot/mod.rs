@@ -3,6 +3,9 @@
 //!
 //! Everything that can fail — tool templates, schemas, credentials, Rego — fails here, at load
 //! time, with the field named; the request path never re-parses raw config.
+//!
+//! (One file, about 600 lines: `Snapshot::build` and the per-part compilers it calls; the
+//! settings it lowers live in `settings.rs`.)
 
 mod settings;
 
