@@ -134,11 +134,15 @@ async fn run(
     )
     .await?;
     call.body_len = bytes.len();
+    let strict;
     let opts = match route {
-        RouteMatch::Tool(i) => CallOptions::for_tool(&snap.tools[i].config, max_body),
-        _ => CallOptions::strict(max_body),
+        RouteMatch::Tool(i) => &snap.tools[i].call_options,
+        _ => {
+            strict = CallOptions::strict(max_body);
+            &strict
+        }
     };
-    let canonical = CanonicalCall::build(parts, &target, &bytes, &opts)
+    let canonical = CanonicalCall::build(parts, &target, &bytes, opts)
         .map_err(|e| stages::body::ambiguous(e, max_body))?;
     if route == RouteMatch::Mcp {
         // Bodiless session GET and DELETE; routing headers that agree with the body.
@@ -213,18 +217,8 @@ async fn forward_call(
             }
         }
     }
-    let forward_headers: Vec<http::HeaderName> = tool
-        .map(|t| {
-            t.config
-                .request
-                .forward_headers
-                .iter()
-                .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
-                .collect()
-        })
-        .unwrap_or_default();
     let opts = RebuildOptions {
-        forward_headers: &forward_headers,
+        forward_headers: tool.map_or(&[][..], |t| &t.forward_headers),
         credential: tool.and_then(|t| t.credential.as_ref()),
         traceparent: &call.traceparent,
         idempotency: tool

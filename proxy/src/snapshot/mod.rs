@@ -52,6 +52,10 @@ pub struct Tool {
     pub idle_timeout: Duration,
     /// Request body limit.
     pub max_body: usize,
+    /// How a call to this tool is canonicalised (built once here, not per call).
+    pub call_options: crate::canonical::CallOptions,
+    /// Agent headers this tool forwards beyond the default set.
+    pub forward_headers: Vec<http::HeaderName>,
     /// Declared LLM provider (`llm.provider`).
     pub provider: Option<config::LlmProvider>,
     /// Mutating (anything but GET/HEAD/OPTIONS) — computed per call, kept for MCP tools.
@@ -444,6 +448,10 @@ fn compile_tool(
             ));
         }
     }
+    let tool_max_body = t.max_body_bytes.unwrap_or(match provider {
+        Some(_) => LLM_MAX_BODY,
+        None => max_body,
+    });
     Ok(Tool {
         config: t.clone(),
         schema,
@@ -455,10 +463,14 @@ fn compile_tool(
         header_timeout: to.header.map(|d| d.get()).unwrap_or(total),
         total_timeout: total,
         idle_timeout: idle,
-        max_body: t.max_body_bytes.unwrap_or(match provider {
-            Some(_) => LLM_MAX_BODY,
-            None => max_body,
-        }),
+        max_body: tool_max_body,
+        call_options: crate::canonical::CallOptions::for_tool(t, tool_max_body),
+        forward_headers: t
+            .request
+            .forward_headers
+            .iter()
+            .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+            .collect(),
         provider,
         mcp: t.matcher.mcp_tool.is_some(),
     })
