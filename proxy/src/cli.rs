@@ -414,7 +414,7 @@ pub fn replay(
         None => serde_json::json!({}),
         Some(p) => match std::fs::read_to_string(p)
             .map_err(|e| e.to_string())
-            .and_then(|t| serde_yaml::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
+            .and_then(|t| yaml_serde::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
         {
             Ok(v) => v,
             Err(e) => {
