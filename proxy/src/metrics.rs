@@ -58,6 +58,9 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Budget reservations and idempotency claims ended by `Drop` (client gone, panic).
     pub guards_dropped: IntCounterVec,
+    /// `tollgate_runs_forgotten_total{table}`: least recently used runs dropped from the local
+    /// run tables to keep them bounded (their per-run spend or call count starts again).
+    pub runs_forgotten: IntCounterVec,
     /// Approval requests evicted from the in-memory store, by reason.
     pub approvals_evicted: IntCounterVec,
     /// `tollgate_connections_closed_total{reason}`: agent connections the sidecar cut
@@ -119,6 +122,7 @@ impl Metrics {
             fail_open: reg(&r, IntCounterVec::new(Opts::new("tollgate_fail_open_total", "Calls let through by an explicit fail-open setting."), &["reason"]).unwrap()),
             limits_unavailable: reg(&r, IntCounterVec::new(Opts::new("tollgate_limits_unavailable_total", "Limits-store operations that failed, by how limits.onUnavailable handled them."), &["on_unavailable"]).unwrap()),
             budget_overrun: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_budget_overrun_usd_total", "Actual cost above the reserved estimate."), &["tenant"]).unwrap()),
+            runs_forgotten: reg(&r, IntCounterVec::new(Opts::new("tollgate_runs_forgotten_total", "Least recently used runs dropped from the local run tables (budget counters, call counts) to keep memory bounded."), &["table"]).unwrap()),
             guards_dropped: reg(&r, IntCounterVec::new(Opts::new("tollgate_guards_dropped_total", "Budget reservations and idempotency claims ended by Drop (client gone, panic): charged, released."), &["guard"]).unwrap()),
             approvals_evicted: reg(&r, IntCounterVec::new(Opts::new("tollgate_approvals_evicted_total", "Approval requests evicted from memory: expired, decided, over the per-agent cap."), &["reason"]).unwrap()),
             upstream_errors: reg(&r, IntCounterVec::new(Opts::new("tollgate_upstream_errors_total", "Upstream failures by kind."), &["kind"]).unwrap()),

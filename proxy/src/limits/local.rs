@@ -6,8 +6,20 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Most budget counters and run call counts held at once. Every call without an
+/// `X-Tollgate-Run` starts a run, and each run has its counter, so these tables grow with
+/// traffic; past this size the expired entries are dropped and then, if that is not enough,
+/// the least recently used *run* entries with nothing reserved (never a tenant's or agent's
+/// day or month counter), down to nine tenths. Sweeps are amortised: the next one runs only
+/// after another tenth of the bound has been added, so no call pays a scan of the table.
+pub const MAX_ENTRIES: usize = 100_000;
+
+/// The size down to which a sweep forgets entries.
+const KEEP: usize = MAX_ENTRIES / 10 * 9;
 
 #[derive(Default)]
 struct Counter {
@@ -30,11 +42,50 @@ impl Counter {
 /// One governor limiter per (interval, burst), keyed by the limit's key.
 type Limiters = HashMap<(Duration, u32), Arc<DefaultKeyedRateLimiter<String>>>;
 
+/// The budget counters, keyed by cap key, and the size that triggers the next sweep.
+#[derive(Default)]
+struct Counters {
+    map: HashMap<String, Counter>,
+    next_sweep: usize,
+}
+
+impl Counters {
+    /// Make room when the table has reached its next sweep size; returns how many run
+    /// counters were forgotten.
+    fn make_room(&mut self, now: Instant) -> u64 {
+        if self.map.len() < self.next_sweep.max(MAX_ENTRIES) {
+            return 0;
+        }
+        self.map.retain(|_, c| c.until.is_none_or(|u| u > now));
+        let mut forgotten = 0;
+        if self.map.len() > KEEP {
+            let idle = self
+                .map
+                .iter()
+                .filter(|(k, c)| k.starts_with("run:") && c.held.is_empty());
+            let mut runs: Vec<(Instant, &String)> =
+                idle.map(|(k, c)| (c.until.unwrap_or(now), k)).collect();
+            let n = (self.map.len() - KEEP).min(runs.len());
+            if n > 0 {
+                runs.select_nth_unstable(n - 1);
+                let drop: Vec<String> = runs[..n].iter().map(|(_, k)| (*k).clone()).collect();
+                for k in drop {
+                    self.map.remove(&k);
+                }
+                forgotten = n as u64;
+            }
+        }
+        self.next_sweep = self.map.len() + MAX_ENTRIES / 10;
+        forgotten
+    }
+}
+
 /// In-process limits.
 #[derive(Default)]
 pub struct LocalStore {
     limiters: Mutex<Limiters>,
-    counters: Mutex<HashMap<String, Counter>>,
+    counters: Mutex<Counters>,
+    forgotten: AtomicU64,
 }
 
 impl LocalStore {
@@ -61,7 +112,8 @@ impl LocalStore {
     /// Usage of each cap.
     pub fn usage(&self, caps: &[Cap]) -> Vec<Usage> {
         let now = Instant::now();
-        let mut counters = self.counters.lock().expect("counter lock");
+        let mut guard = self.counters.lock().expect("counter lock");
+        let counters = &mut guard.map;
         caps.iter()
             .map(|c| match counters.get_mut(&c.key) {
                 Some(k) => Usage {
@@ -82,10 +134,12 @@ impl LocalStore {
         ttl: Duration,
     ) -> Result<(), Exceeded> {
         let now = Instant::now();
-        let mut counters = self.counters.lock().expect("counter lock");
-        if counters.len() > 10_000 {
-            counters.retain(|_, c| c.until.is_none_or(|u| u > now));
+        let mut guard = self.counters.lock().expect("counter lock");
+        let forgotten = guard.make_room(now);
+        if forgotten > 0 {
+            self.forgotten.fetch_add(forgotten, Ordering::Relaxed);
         }
+        let counters = &mut guard.map;
         for (cap, &amount) in caps.iter().zip(amounts) {
             let k = counters.entry(cap.key.clone()).or_default();
             let usage = Usage {
@@ -108,9 +162,15 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Run counters forgotten to keep the table bounded since the last call (for the metric).
+    pub fn take_forgotten(&self) -> u64 {
+        self.forgotten.swap(0, Ordering::Relaxed)
+    }
+
     /// Settle: drop the holds and add the actual amounts.
     pub fn settle(&self, r: &Reservation, actual: &[i64]) {
-        let mut counters = self.counters.lock().expect("counter lock");
+        let mut guard = self.counters.lock().expect("counter lock");
+        let counters = &mut guard.map;
         for ((cap, _), &a) in r.entries.iter().zip(actual) {
             let k = counters.entry(cap.key.clone()).or_default();
             k.held.remove(&r.id);
@@ -119,43 +179,51 @@ impl LocalStore {
     }
 }
 
-/// Calls per run, for `input.run.calls`. Bounded: runs idle for a week are forgotten, and
-/// past [`RunCalls::MAX_RUNS`] the oldest are dropped first.
+/// Calls per run, for `input.run.calls`. Bounded like the budget counters: runs idle for a
+/// week are forgotten, and past [`MAX_ENTRIES`] the least recently seen, in amortised sweeps.
 #[derive(Default)]
 pub struct RunCalls {
-    runs: Mutex<HashMap<String, (u64, Instant)>>,
+    runs: Mutex<(HashMap<String, (u64, Instant)>, usize)>,
+    forgotten: AtomicU64,
 }
 
 impl RunCalls {
-    /// Most runs remembered at once.
-    pub const MAX_RUNS: usize = 100_000;
     const IDLE: Duration = Duration::from_secs(7 * 86_400);
 
     /// Calls counted in `run`.
     pub fn count(&self, run: &str) -> u64 {
         let m = self.runs.lock().expect("run calls lock");
-        m.get(run).map(|(n, _)| *n).unwrap_or(0)
+        m.0.get(run).map(|(n, _)| *n).unwrap_or(0)
     }
 
     /// Count `n` more calls in `run`.
     pub fn add(&self, run: &str, n: u64) {
         let now = Instant::now();
-        let mut m = self.runs.lock().expect("run calls lock");
-        if m.len() >= Self::MAX_RUNS && !m.contains_key(run) {
+        let mut guard = self.runs.lock().expect("run calls lock");
+        let (m, next_sweep) = &mut *guard;
+        if m.len() >= (*next_sweep).max(MAX_ENTRIES) && !m.contains_key(run) {
             m.retain(|_, (_, seen)| now.duration_since(*seen) < Self::IDLE);
-            if m.len() >= Self::MAX_RUNS {
-                if let Some(oldest) = m
-                    .iter()
-                    .min_by_key(|(_, (_, s))| *s)
-                    .map(|(k, _)| k.clone())
-                {
-                    m.remove(&oldest);
+            if m.len() > KEEP {
+                let mut seen: Vec<(Instant, &String)> =
+                    m.iter().map(|(k, (_, s))| (*s, k)).collect();
+                let excess = m.len() - KEEP;
+                seen.select_nth_unstable(excess - 1);
+                let drop: Vec<String> = seen[..excess].iter().map(|(_, k)| (*k).clone()).collect();
+                for k in drop {
+                    m.remove(&k);
                 }
+                self.forgotten.fetch_add(excess as u64, Ordering::Relaxed);
             }
+            *next_sweep = m.len() + MAX_ENTRIES / 10;
         }
         let e = m.entry(run.to_owned()).or_insert((0, now));
         e.0 += n;
         e.1 = now;
+    }
+
+    /// Runs forgotten since the last call (for the metric).
+    pub fn take_forgotten(&self) -> u64 {
+        self.forgotten.swap(0, Ordering::Relaxed)
     }
 }
 
@@ -221,6 +289,53 @@ mod tests {
         );
         s.reserve("r3", &caps, &[20, 20], Duration::from_secs(60))
             .unwrap();
+    }
+
+    #[test]
+    fn run_counters_stay_bounded_and_day_counters_are_never_forgotten() {
+        let s = LocalStore::default();
+        let day = cap("tenant:acme:2026-12-01", i64::MAX);
+        let calls = MAX_ENTRIES + MAX_ENTRIES / 4;
+        for i in 0..calls {
+            let run = Cap {
+                scope: "run",
+                ttl: Duration::from_secs(7 * 86_400),
+                ..cap(&format!("run:a:{i}"), i64::MAX)
+            };
+            let caps = [run, day.clone()];
+            let id = format!("r{i}");
+            s.reserve(&id, &caps, &[1, 1], Duration::from_secs(60))
+                .unwrap();
+            let r = Reservation {
+                id,
+                entries: caps.iter().cloned().zip([1, 1]).collect(),
+                held: Held::Local,
+            };
+            s.settle(&r, &[1, 1]);
+        }
+        let len = s.counters.lock().unwrap().map.len();
+        assert!(len <= MAX_ENTRIES, "{len} counters");
+        let forgotten = s.take_forgotten();
+        assert!(forgotten as usize >= calls - MAX_ENTRIES, "{forgotten}");
+        // Amortised: a handful of sweeps, not one per call past the bound.
+        assert!(forgotten as usize <= calls - KEEP, "{forgotten}");
+        // The most recent run is kept; the day counter holds every call's spend.
+        let last = cap(&format!("run:a:{}", calls - 1), i64::MAX);
+        assert_eq!(s.usage(&[last])[0].spent, 1);
+        assert_eq!(s.usage(&[day])[0].spent, calls as i64);
+    }
+
+    #[test]
+    fn run_call_counts_stay_bounded() {
+        let r = RunCalls::default();
+        let runs = MAX_ENTRIES + MAX_ENTRIES / 4;
+        for i in 0..runs {
+            r.add(&format!("run_{i}"), 1);
+        }
+        r.add("run_0", 1);
+        assert!(r.runs.lock().unwrap().0.len() <= MAX_ENTRIES);
+        assert!(r.take_forgotten() as usize >= runs - MAX_ENTRIES);
+        assert_eq!(r.count(&format!("run_{}", runs - 1)), 1);
     }
 
     #[test]

@@ -321,14 +321,19 @@ impl Limits {
                 Err(e) => self.redis_failed("reserve", &e)?,
             }
         }
-        Ok(self
-            .local
-            .reserve(&id, caps, amounts, self.reservation_ttl)
-            .map(|()| Reservation {
-                id,
-                entries: caps.iter().cloned().zip(amounts.iter().copied()).collect(),
-                held: Held::Local,
-            }))
+        let reserved = self.local.reserve(&id, caps, amounts, self.reservation_ttl);
+        let forgotten = self.local.take_forgotten();
+        if forgotten > 0 {
+            self.metrics
+                .runs_forgotten
+                .with_label_values(&["budget"])
+                .inc_by(forgotten);
+        }
+        Ok(reserved.map(|()| Reservation {
+            id,
+            entries: caps.iter().cloned().zip(amounts.iter().copied()).collect(),
+            held: Held::Local,
+        }))
     }
 
     /// Settle a local reservation without a runtime (a guard dropped outside one).
@@ -346,6 +351,13 @@ impl Limits {
     /// Count one admitted call in a run.
     pub fn count_run_call(&self, run_key: &str, n: u64) {
         self.run_calls.add(run_key, n);
+        let forgotten = self.run_calls.take_forgotten();
+        if forgotten > 0 {
+            self.metrics
+                .runs_forgotten
+                .with_label_values(&["calls"])
+                .inc_by(forgotten);
+        }
     }
 
     /// Settle a reservation to the actual amounts (per entry); zero releases.

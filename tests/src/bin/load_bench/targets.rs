@@ -260,7 +260,11 @@ fn tollgate_conf(dir: &Path, up: SocketAddr, port: u16, cfg: &TollgateConfig) ->
         for i in 0..n {
             std::fs::write(pdir.join(format!("m{i}.rego")), generated_module(i)).unwrap();
         }
-        let _ = writeln!(config, "policies: {{paths: [\"{}\"]}}", pdir.display());
+        let _ = writeln!(
+            config,
+            "policies: {{paths: [\"{}\"], timeout: 10s}}",
+            pdir.display()
+        );
     }
     config.push_str(&cfg.extra);
     config
