@@ -28,6 +28,7 @@ pub mod mcp;
 pub mod metering;
 pub mod metrics;
 pub mod passthrough;
+pub mod pins;
 pub mod pipeline;
 pub mod policy_input;
 pub mod redact;

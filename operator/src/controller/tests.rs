@@ -127,6 +127,7 @@ fn context(client: Client, w: World, leader: bool) -> Arc<Context> {
         usage: Default::default(),
         triggers: Default::default(),
         rejected: Default::default(),
+        tool_definitions: Default::default(),
         intercept_ca: Default::default(),
     });
     let stores = Stores {
