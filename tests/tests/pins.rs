@@ -14,7 +14,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use tollgate_tests::harness::{bin, call, eventually, get, TestProxy};
+use tollgate_operator::testapi::TestApiServer;
+use tollgate_tests::harness::{bin, call, eventually, free_port, get, TestProxy};
 
 fn python() -> PathBuf {
     Path::new(&std::env::var("TOLLGATE_CLIENTS").unwrap_or_else(|_| "/opt/tollgate-clients".into()))
@@ -340,4 +341,231 @@ audit: {{path: audit.jsonl}}
             .any(|l| l.starts_with('+') && l.contains("~/.ssh/id_rsa")),
         "{out}"
     );
+}
+
+/// The operator binary against the in-process test API server (no Kubernetes API server runs
+/// here), killed on drop.
+struct Operator {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kubectl_tollgate(api: &TestApiServer, dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("kubectl-tollgate"))
+        .args(args)
+        .env("KUBECONFIG", dir.join("kubeconfig"))
+        .output()
+        .unwrap();
+    let _ = api;
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+const GV: &str = "tollgate.dev/v1alpha1";
+
+fn pinned_condition(api: &TestApiServer) -> Option<(String, String)> {
+    let t = api.get(GV, "tools", "agents", "orders-lookup")?;
+    let c = t["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "DefinitionPinned")?
+        .clone();
+    Some((
+        c["status"].as_str()?.to_string(),
+        c["reason"].as_str()?.to_string(),
+    ))
+}
+
+/// In a cluster: the sidecar reports what its server advertises; the operator keeps it in the
+/// Tool's status, `kubectl tollgate tools pin` pins it after review, the condition says
+/// `Matches`; after the rug pull the sidecar withholds the tool, and the Tool goes
+/// `DefinitionChanged` with a Warning Event, and `kubectl tollgate tools diff` shows the change.
+#[test]
+fn in_a_cluster_the_tool_status_and_events_follow_the_advertised_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = McpServer::start(&dir.path().join("mcp.log"));
+    let api = TestApiServer::start();
+    api.add_token(
+        "tok-support",
+        "system:serviceaccount:agents:support-agent",
+        &["tollgate"],
+    );
+    api.put(
+        "tenants",
+        json!({"apiVersion": GV, "kind": "Tenant", "metadata": {"name": "acme"}, "spec": {}}),
+    );
+    api.put("tools", json!({"apiVersion": GV, "kind": "Tool", "metadata": {"name": "orders-lookup", "namespace": "agents"},
+        "spec": {"match": {"host": server.addr.to_string(), "path": "/mcp", "mcpTool": "lookup_order"}}}));
+    api.put("agentidentities", json!({"apiVersion": GV, "kind": "AgentIdentity", "metadata": {"name": "support", "namespace": "agents"},
+        "spec": {"serviceAccount": "support-agent", "tenants": ["acme"], "tools": ["orders-lookup"]}}));
+    std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).unwrap();
+    let port = free_port();
+    let op = Operator {
+        child: Command::new(bin("tollgate-operator"))
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--no-leader-elect",
+            ])
+            .env("KUBECONFIG", dir.path().join("kubeconfig"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("operator.log")).unwrap())
+            .spawn()
+            .unwrap(),
+        port,
+    };
+    let op_addr: SocketAddr = format!("127.0.0.1:{}", op.port).parse().unwrap();
+    eventually("operator ready", || {
+        get(op_addr, "/readyz").is_ok_and(|r| r.status == 200)
+    });
+    let sdir = tempfile::tempdir().unwrap();
+    std::fs::write(sdir.path().join("token"), "tok-support").unwrap();
+    let (pp, ap) = (free_port(), free_port());
+    let token_file = sdir.path().join("token").display().to_string();
+    let url = format!("http://127.0.0.1:{}", op.port);
+    let sidecar = TestProxy::start_custom(
+        sdir,
+        &format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\nagent: {{name: local, tenants: []}}\naudit: {{path: audit.jsonl}}\n"),
+        format!("127.0.0.1:{pp}").parse().unwrap(),
+        format!("127.0.0.1:{ap}").parse().unwrap(),
+        &[],
+        &[
+            ("TOLLGATE_OPERATOR", url.as_str()),
+            ("TOLLGATE_AGENT", "agents/support"),
+            ("TOLLGATE_TOKEN_FILE", token_file.as_str()),
+        ],
+    );
+
+    // Unpinned: listed, and what the server advertises reaches the Tool's status.
+    eventually("the snapshot serves the tool", || {
+        let (_, v) = rpc(
+            &sidecar,
+            &server,
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+            true,
+        );
+        v["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| t.len() == 1)
+    });
+    eventually("observedDefinition in the Tool status", || {
+        api.get(GV, "tools", "agents", "orders-lookup")
+            .is_some_and(|t| {
+                t["status"]["observedDefinition"]["definition"]["description"]
+                    == "Look up an order by its id."
+            })
+    });
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &["-n", "agents", "tools", "diff", "orders-lookup"],
+    );
+    assert!(!ok && out.contains("(not pinned)"), "{out}");
+    let honest = out
+        .lines()
+        .find_map(|l| l.strip_prefix("observed: sha256 "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "-n",
+            "agents",
+            "tools",
+            "pin",
+            "orders-lookup",
+            "--sha256",
+            &"f".repeat(64),
+        ],
+    );
+    assert!(!ok && out.contains("you reviewed"), "{out}");
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "-n",
+            "agents",
+            "tools",
+            "pin",
+            "orders-lookup",
+            "--sha256",
+            &honest,
+        ],
+    );
+    assert!(ok, "{out}");
+    let tool = api.get(GV, "tools", "agents", "orders-lookup").unwrap();
+    assert_eq!(tool["spec"]["pin"]["sha256"], honest.as_str());
+    assert_eq!(
+        tool["spec"]["pin"]["definition"]["description"],
+        "Look up an order by its id."
+    );
+    eventually("DefinitionPinned True/Matches", || {
+        pinned_condition(&api) == Some(("True".into(), "Matches".into()))
+    });
+    // The pinned snapshot reached the sidecar: the call runs.
+    eventually("the pinned tool is callable", || {
+        rpc(
+            &sidecar,
+            &server,
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+            true,
+        );
+        call_tool(&sidecar, &server, "lookup_order", json!({"order": "C1"}))["result"].is_object()
+    });
+
+    // The rug pull: withheld by the sidecar, DefinitionChanged with a Warning Event.
+    server.pull_the_rug();
+    let (_, v) = rpc(
+        &sidecar,
+        &server,
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        true,
+    );
+    assert_eq!(v["result"]["tools"], json!([]), "{v}");
+    let v = call_tool(&sidecar, &server, "lookup_order", json!({"order": "C2"}));
+    assert_eq!(
+        v["error"]["data"]["error"], "tool_definition_changed",
+        "{v}"
+    );
+    assert!(!server.executed().iter().any(|c| c["order"] == "C2"));
+    eventually("DefinitionPinned False/DefinitionChanged", || {
+        pinned_condition(&api) == Some(("False".into(), "DefinitionChanged".into()))
+    });
+    eventually("a Warning Event on the Tool", || {
+        api.list("events.k8s.io/v1", "events").iter().any(|e| {
+            e["reason"] == "DefinitionChanged"
+                && e["type"] == "Warning"
+                && e["regarding"]["kind"] == "Tool"
+                && e["regarding"]["name"] == "orders-lookup"
+                && e["note"].as_str().is_some_and(|n| n.contains(&honest))
+        })
+    });
+    let (ok, out) = kubectl_tollgate(
+        &api,
+        dir.path(),
+        &["-n", "agents", "tools", "diff", "orders-lookup"],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with('+') && l.contains("~/.ssh/id_rsa")),
+        "{out}"
+    );
+    drop(op);
 }

@@ -89,7 +89,7 @@ async fn rpc(
     let Some(id) = msg.get("id") else {
         return Ok((None, session));
     };
-    let sse = crate::metering::is_sse(&parts.headers);
+    let sse = crate::meter::is_sse(&parts.headers);
     let body = crate::mcp::decoded_body(&mut parts.headers, &bytes)?;
     let answers: Vec<Value> = if sse {
         String::from_utf8_lossy(&body)
@@ -281,7 +281,7 @@ pub async fn pin(config: &Path, tool: &str, reviewed: &str, url: Option<&str>) -
             return 1;
         }
     };
-    let mut doc: serde_yaml::Value = match serde_yaml::from_str(&text) {
+    let mut doc: yaml_serde::Value = match yaml_serde::from_str(&text) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("{}: {e}", config.display());
@@ -295,14 +295,14 @@ pub async fn pin(config: &Path, tool: &str, reviewed: &str, url: Option<&str>) -
             s.iter_mut()
                 .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(tool))
         });
-    let (Some(entry), Ok(value)) = (entry, serde_yaml::to_value(&pin)) else {
+    let (Some(entry), Ok(value)) = (entry, yaml_serde::to_value(&pin)) else {
         eprintln!("tool {tool} not found in {}", config.display());
         return 1;
     };
     if let Some(m) = entry.as_mapping_mut() {
         m.insert("pin".into(), value);
     }
-    let out = match serde_yaml::to_string(&doc) {
+    let out = match yaml_serde::to_string(&doc) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");

@@ -3,7 +3,7 @@ use crate::config::ToolPin;
 
 fn tool(pin: Option<ToolPin>, mcp: Option<&str>) -> ToolConfig {
     let mut t: ToolConfig =
-        serde_yaml::from_str("{name: kb.lookup, match: {host: \"mcp.internal\", mcpTool: lookup}}")
+        yaml_serde::from_str("{name: kb.lookup, match: {host: \"mcp.internal\", mcpTool: lookup}}")
             .unwrap();
     t.matcher.mcp_tool = mcp.map(str::to_owned);
     t.pin = pin;
