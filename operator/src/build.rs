@@ -79,6 +79,7 @@ pub fn validate_tool(t: &Tool) -> Result<(), String> {
         tollgate_proxy::route::PathTemplate::parse(p)
             .map_err(|e| format!("spec.match.path: {e}"))?;
     }
+    tollgate_proxy::pins::compile(&tool_config(t)).map_err(|(f, m)| format!("spec.{f}: {m}"))?;
     Ok(())
 }
 
@@ -105,6 +106,7 @@ fn tool_config(t: &Tool) -> ToolConfig {
         request: s.request.clone(),
         llm: s.llm.clone(),
         max_body_bytes: s.max_body_bytes,
+        pin: s.pin.clone(),
     }
 }
 

@@ -168,10 +168,11 @@ pub struct SecretCredential {
     kind = "Tool",
     namespaced,
     shortname = "tgtool",
-    status = "CommonStatus",
+    status = "ToolStatus",
     printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.match.host"}"#,
     printcolumn = r#"{"name":"Path","type":"string","jsonPath":".spec.match.path"}"#,
     printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
+    printcolumn = r#"{"name":"Pinned","type":"string","jsonPath":".status.conditions[?(@.type==\"DefinitionPinned\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -211,6 +212,47 @@ pub struct ToolSpec {
     /// Largest request body buffered for this tool.
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
+    /// MCP tools: the definition the server must advertise in `tools/list` (its sha256, the
+    /// full definition, or both). A different one withholds the tool and refuses its calls
+    /// (`tool_definition_changed`); `kubectl tollgate tools diff|pin` review and record it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<tollgate_proxy::config::ToolPin>,
+}
+
+/// Status of a tool.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolStatus {
+    /// Conditions: `Valid`, and for a pinned MCP tool `DefinitionPinned` (`True`/`Matches`,
+    /// `False`/`DefinitionChanged`, `Unknown`/`NotObserved`).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Last generation reconciled.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// The definition a sidecar last reported its MCP server advertising (a changed one is
+    /// kept over a matching one), for `kubectl tollgate tools diff` and `tools pin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_definition: Option<ObservedDefinition>,
+}
+
+/// A tool definition as a sidecar saw it advertised.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedDefinition {
+    /// Hex sha256 of the canonical definition.
+    pub sha256: String,
+    /// The canonical definition (`name`, `description`, `inputSchema`); absent when it was
+    /// over the sidecar's 16 KiB bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve")]
+    pub definition: Option<Value>,
+    /// The identity (`namespace/name`) whose sidecar reported it.
+    #[serde(default)]
+    pub agent: String,
+    /// When the sidecar saw it (RFC 3339).
+    #[serde(default)]
+    pub observed_at: String,
 }
 
 /// A Rego module.
@@ -495,6 +537,20 @@ pub fn crds() -> Vec<(String, Value)> {
                 "has(self.rego) || size(self.modules) > 0",
                 "set rego or modules",
             ),
+            "Tool" => {
+                cel(
+                    &mut v,
+                    &["spec", "pin"],
+                    "has(self.sha256) || has(self.definition)",
+                    "set sha256, definition, or both",
+                );
+                cel(
+                    &mut v,
+                    &["spec", "pin"],
+                    "!has(self.sha256) || self.sha256.matches('^[0-9a-f]{64}$')",
+                    "sha256 is 64 lowercase hex digits (the sha256 of the canonical definition)",
+                );
+            }
             "ApprovalRequest" => cel(
                 &mut v,
                 &["spec"],

@@ -192,6 +192,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         usage: Default::default(),
         triggers: triggers.clone(),
         rejected: Default::default(),
+        tool_definitions: Default::default(),
         intercept_ca: Default::default(),
     });
     metrics.leader.set(i64::from(args.no_leader_elect));

@@ -157,6 +157,23 @@ pub type UsageReports =
 /// Snapshots sidecars rejected: (agent, sidecar instance) → (snapshot hash, error).
 pub type Rejections = HashMap<(String, String), (String, String)>;
 
+/// A tool definition a sidecar reported seeing advertised (`POST /v1/tools/observed`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReportedDefinition {
+    /// Hex sha256 of the canonical definition.
+    pub sha256: String,
+    /// The canonical definition, when the sidecar kept it (bounded there).
+    pub definition: Option<serde_json::Value>,
+    /// The reporting identity, `namespace/name`.
+    pub agent: String,
+    /// When the sidecar saw it (RFC 3339, as reported).
+    pub observed_at: String,
+}
+
+/// Tool definitions sidecars reported: (namespace, Tool name) → (agent, sidecar instance) →
+/// what that sidecar last saw.
+pub type ObservedTools = HashMap<(String, String), HashMap<(String, String), ReportedDefinition>>;
+
 /// Shared by the server handlers.
 pub struct ServerState {
     /// Snapshots.
@@ -178,6 +195,9 @@ pub struct ServerState {
     /// Snapshots sidecars rejected: (agent, sidecar instance) → (snapshot hash, the
     /// sidecar's error). The identity is `Ready=False` while a rejected hash is the one served.
     pub rejected: Mutex<Rejections>,
+    /// Tool definitions sidecars reported seeing advertised (their `Tool`s' `DefinitionPinned`
+    /// condition and `observedDefinition`).
+    pub tool_definitions: Mutex<ObservedTools>,
     /// The interception CA whose signing certificate and key go with every snapshot answer
     /// (so a rotation reaches running sidecars; the hub's epoch changes with it).
     pub intercept_ca: std::sync::OnceLock<Arc<crate::pki::CaDistribution>>,
@@ -250,6 +270,9 @@ pub async fn handle(
             return snapshot_report(st, req).await
         }
         "/v1/usage" if req.method() == http::Method::POST => return usage(st, req).await,
+        "/v1/tools/observed" if req.method() == http::Method::POST => {
+            return tools_observed(st, req).await
+        }
         _ => return json(404, serde_json::json!({"error": "not_found"})),
     }
     let q = query(req.uri().query().unwrap_or(""));
@@ -664,6 +687,78 @@ async fn usage(
     drop(usage);
     st.triggers.reconcile_agent(&agent);
     json(200, serde_json::json!({"ok": true}))
+}
+
+/// Most tools one report may carry, and the most characters kept of a reported field.
+const MAX_REPORTED_TOOLS: usize = 256;
+const MAX_REPORTED_DEFINITION: usize = 16 * 1024;
+
+/// `POST /v1/tools/observed`: the MCP tool definitions a sidecar saw its servers advertise,
+/// `{"agent", "instance", "tools": {"<Tool name>": {"sha256", "definition", "observedAt"}}}`.
+/// Only Tools of the identity (its `spec.tools`, in its namespace) are taken; each reconciles
+/// that Tool's status.
+async fn tools_observed(
+    st: Arc<ServerState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let (v, served) = match sidecar_report(&st, req).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let agent = v["agent"].as_str().unwrap_or("").to_string();
+    let instance: String = v["instance"]
+        .as_str()
+        .unwrap_or("")
+        .chars()
+        .take(64)
+        .collect();
+    let Some(tools) = v["tools"].as_object() else {
+        return json(
+            400,
+            serde_json::json!({"error": "bad_request", "reason": "tools must be an object"}),
+        );
+    };
+    // The identity's Tools, as its served snapshot names them.
+    let own: std::collections::HashSet<&str> = served.config["tools"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    let mut taken = Vec::new();
+    let mut map = st.tool_definitions.lock().expect("tool definitions lock");
+    if map.len() > 100_000 {
+        map.clear();
+    }
+    for (name, t) in tools.iter().take(MAX_REPORTED_TOOLS) {
+        let sha256 = t["sha256"].as_str().unwrap_or("");
+        let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !valid || !own.contains(name.as_str()) {
+            continue;
+        }
+        let definition = t
+            .get("definition")
+            .filter(|d| d.is_object() && d.to_string().len() <= MAX_REPORTED_DEFINITION)
+            .cloned();
+        let reported = ReportedDefinition {
+            sha256: sha256.to_ascii_lowercase(),
+            definition,
+            agent: agent.clone(),
+            observed_at: t["observedAt"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(40)
+                .collect(),
+        };
+        map.entry((served.namespace.clone(), name.clone()))
+            .or_default()
+            .insert((agent.clone(), instance.clone()), reported);
+        taken.push(name.clone());
+    }
+    drop(map);
+    for name in &taken {
+        st.triggers.reconcile_tool(&served.namespace, name);
+    }
+    json(200, serde_json::json!({"ok": true, "tools": taken}))
 }
 
 /// Serve until the listener fails.

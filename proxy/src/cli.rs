@@ -518,3 +518,13 @@ pub fn iptables(rules: &crate::intercept::transparent::RedirectRules, apply: boo
         }
     }
 }
+
+/// `tools diff --config FILE --tool NAME [--url URL]` (see [`crate::pins::command`]).
+pub async fn tools_diff(config: &Path, tool: &str, url: Option<&str>) -> u8 {
+    crate::pins::command::diff(config, tool, url).await
+}
+
+/// `tools pin --config FILE --tool NAME --sha256 H [--url URL]` (see [`crate::pins::command`]).
+pub async fn tools_pin(config: &Path, tool: &str, sha256: &str, url: Option<&str>) -> u8 {
+    crate::pins::command::pin(config, tool, sha256, url).await
+}

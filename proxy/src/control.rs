@@ -210,7 +210,7 @@ impl From<String> for FetchError {
 
 /// A `POST {operator}{path}` with the sidecar's projected token and a JSON body: the one way
 /// the sidecar reports to the operator (apply results, approvals, uses, usage).
-fn operator_post(
+pub(crate) fn operator_post(
     args: &ControlArgs,
     path: &str,
     body: &serde_json::Value,

@@ -24,6 +24,7 @@ pub mod limits;
 pub mod mcp;
 pub mod meter;
 pub mod metrics;
+pub mod pins;
 pub mod pipeline;
 pub mod policy_input;
 pub mod redact;

@@ -130,6 +130,11 @@ enum Command {
         #[arg(long)]
         no_ipv6: bool,
     },
+    /// Review pinned MCP tool definitions against what their servers advertise.
+    Tools {
+        #[command(subcommand)]
+        command: ToolsCommand,
+    },
     /// List and decide approval requests held by a standalone sidecar (admin API).
     Approvals {
         /// `list`, `approve` or `deny`.
@@ -146,6 +151,39 @@ enum Command {
         /// Reason recorded with the decision.
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsCommand {
+    /// Show the tool's pinned definition against the one its MCP server advertises now
+    /// (exit 0 when they are the same, 1 when they differ or the tool is not pinned).
+    Diff {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Tool name (`tools[].name`).
+        #[arg(long)]
+        tool: String,
+        /// The MCP endpoint, when the tool's match does not name one (wildcard host, templated path).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Write the definition the server advertises into the tool's `pin`, after review: only if
+    /// it still has the hash `tools diff` showed.
+    Pin {
+        /// Config file (rewritten; comments are not kept).
+        #[arg(long)]
+        config: PathBuf,
+        /// Tool name (`tools[].name`).
+        #[arg(long)]
+        tool: String,
+        /// The advertised hash you reviewed (from `tools diff`).
+        #[arg(long)]
+        sha256: String,
+        /// The MCP endpoint, when the tool's match does not name one.
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
@@ -316,6 +354,18 @@ fn main() -> ExitCode {
                 token,
                 reason,
             } => cli::approvals(&admin, &token, &action, id.as_deref(), reason.as_deref()).await,
+            Command::Tools {
+                command: ToolsCommand::Diff { config, tool, url },
+            } => cli::tools_diff(&config, &tool, url.as_deref()).await,
+            Command::Tools {
+                command:
+                    ToolsCommand::Pin {
+                        config,
+                        tool,
+                        sha256,
+                        url,
+                    },
+            } => cli::tools_pin(&config, &tool, &sha256, url.as_deref()).await,
             Command::Ca {
                 command: CaCommand::Init { out, days, force },
             } => cli::ca_init(&out, days, force),

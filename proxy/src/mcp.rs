@@ -260,6 +260,20 @@ pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMess
 /// Filter `result.tools` of every JSON-RPC response in a `tools/list` answer (a JSON body or an
 /// SSE stream of them) to the `allowed` names. Returns the new body and how many were removed.
 pub fn filter_tools_list(body: &[u8], sse: bool, allowed: &[&str]) -> (Vec<u8>, usize) {
+    filter_tools_list_by(body, sse, |t| {
+        t.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| allowed.contains(&n))
+    })
+}
+
+/// [`filter_tools_list`] with any rule: `keep` sees each advertised tool (as sent) and says
+/// whether it stays in the list (pins withhold a tool whose definition changed).
+pub fn filter_tools_list_by(
+    body: &[u8],
+    sse: bool,
+    mut keep: impl FnMut(&Value) -> bool,
+) -> (Vec<u8>, usize) {
     let mut removed = 0;
     let mut filter_value = |v: &mut Value| {
         let mut each = |m: &mut Value| {
@@ -269,11 +283,7 @@ pub fn filter_tools_list(body: &[u8], sse: bool, allowed: &[&str]) -> (Vec<u8>, 
                 .and_then(Value::as_array_mut)
             {
                 let before = tools.len();
-                tools.retain(|t| {
-                    t.get("name")
-                        .and_then(Value::as_str)
-                        .is_some_and(|n| allowed.contains(&n))
-                });
+                tools.retain(&mut keep);
                 removed += before - tools.len();
             }
         };

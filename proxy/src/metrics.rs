@@ -71,6 +71,10 @@ pub struct Metrics {
     /// failed (no Redis primary reachable, a reservation not replicated) and how
     /// `limits.onUnavailable` handled them (`deny` or `local`).
     pub limits_unavailable: IntCounterVec,
+    /// `tollgate_tool_definition_mismatch_total{agent,tool}`: `tools/list` answers that
+    /// advertised a pinned tool with another definition (the tool was withheld). `tool` is a
+    /// catalog tool name, so the series are bounded by the catalog.
+    pub tool_definition_mismatch: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -127,6 +131,7 @@ impl Metrics {
             approvals_evicted: reg(&r, IntCounterVec::new(Opts::new("tollgate_approvals_evicted_total", "Approval requests evicted from memory: expired, decided, over the per-agent cap."), &["reason"]).unwrap()),
             upstream_errors: reg(&r, IntCounterVec::new(Opts::new("tollgate_upstream_errors_total", "Upstream failures by kind."), &["kind"]).unwrap()),
             connections_closed: reg(&r, IntCounterVec::new(Opts::new("tollgate_connections_closed_total", "Agent connections closed by the sidecar: no request in time after accept, or idle."), &["reason"]).unwrap()),
+            tool_definition_mismatch: reg(&r, IntCounterVec::new(Opts::new("tollgate_tool_definition_mismatch_total", "tools/list answers that advertised a pinned MCP tool with a definition other than the pinned one (the tool was withheld)."), &["agent", "tool"]).unwrap()),
             registry: r,
         }
     }

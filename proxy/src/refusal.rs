@@ -127,6 +127,15 @@ pub enum Refusal {
     UpstreamTimeout(String),
     /// A protocol upgrade (WebSocket, h2c) that is not forwarded.
     UpgradeRefused(String),
+    /// A pinned MCP tool whose server advertises another definition
+    /// (`tool_definition_changed`), or whose definition this sidecar has not seen advertised
+    /// yet (`tool_definition_unverified`); see [`crate::pins`].
+    ToolDefinition {
+        /// `tool_definition_changed` or `tool_definition_unverified`.
+        code: &'static str,
+        /// Reason (both hashes, or what to do first).
+        reason: String,
+    },
 }
 
 impl Refusal {
@@ -143,6 +152,7 @@ impl Refusal {
             Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
             | PolicyError(_) | UpgradeRefused(_) => StatusCode::FORBIDDEN,
+            ToolDefinition { .. } => StatusCode::CONFLICT,
             ApprovalRequired { .. } | ApprovalRejected(_) => StatusCode::FORBIDDEN,
             Killed { .. } | Unavailable { .. } | AuditUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -182,6 +192,7 @@ impl Refusal {
             UpstreamFailed(_) => "upstream_failed",
             UpstreamTimeout(_) => "upstream_timeout",
             UpgradeRefused(_) => "upgrade_not_allowed",
+            ToolDefinition { code, .. } => code,
         }
     }
 
@@ -189,10 +200,15 @@ impl Refusal {
     pub fn decision(&self) -> Decision {
         use Refusal::*;
         match self {
-            TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | Misdirected(_)
-            | PolicyDenied(_) | PolicyError(_) | ApprovalRejected(_) | UpgradeRefused(_) => {
-                Decision::Deny
-            }
+            TenantNotAllowed(_)
+            | UnknownTool(_)
+            | ConnectNotAllowed(_)
+            | Misdirected(_)
+            | PolicyDenied(_)
+            | PolicyError(_)
+            | ApprovalRejected(_)
+            | UpgradeRefused(_)
+            | ToolDefinition { .. } => Decision::Deny,
             ApprovalRequired { .. } => Decision::ApprovalRequired,
             Killed { .. } => Decision::Killed,
             RateLimited { .. } => Decision::RateLimited,
@@ -231,7 +247,9 @@ impl Refusal {
             )],
             OverBudget { reason, .. } => vec![reason.clone()],
             IdempotencyKeyRequired => vec!["this tool requires an Idempotency-Key header".into()],
-            Unavailable { reason, .. } | Ambiguous { reason, .. } => vec![reason.clone()],
+            Unavailable { reason, .. }
+            | Ambiguous { reason, .. }
+            | ToolDefinition { reason, .. } => vec![reason.clone()],
         }
     }
 
@@ -268,6 +286,12 @@ impl Refusal {
                 "the upstream failed; retry later if the call is idempotent"
             }
             UpgradeRefused(_) => "use the plain HTTP API of this service; do not retry the upgrade",
+            ToolDefinition { code, .. } if *code == "tool_definition_unverified" => {
+                "list the server's tools (tools/list), then retry if the tool is still listed"
+            }
+            ToolDefinition { .. } => {
+                "this tool's definition changed since it was reviewed and it is withheld; do not retry, tell a human"
+            }
         }
     }
 

@@ -126,6 +126,11 @@ pub async fn start_operator(
         args.clone(),
         std::time::Duration::from_secs(5),
     ));
+    tokio::spawn(crate::pins::report(
+        state.clone(),
+        args.clone(),
+        std::time::Duration::from_secs(60),
+    ));
     let running = start_with_state(state.clone(), &base.listen, &base.server, None, None).await?;
     tokio::spawn(crate::control::poll(
         state,

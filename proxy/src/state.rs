@@ -69,6 +69,8 @@ pub struct ProxyState {
     pub control: std::sync::OnceLock<crate::control::ControlArgs>,
     /// Spend today (UTC day, USD per tenant), reported to the operator.
     pub spend_today: std::sync::Mutex<(String, std::collections::BTreeMap<String, f64>)>,
+    /// MCP tool definitions seen advertised, compared with pins (see [`crate::pins`]).
+    pub tool_definitions: crate::pins::Observations,
     /// Audit records already counted into the metric.
     audit_seen: AtomicU64,
     audit_err_seen: AtomicU64,
@@ -95,6 +97,7 @@ impl ProxyState {
             limits,
             control: std::sync::OnceLock::new(),
             spend_today: std::sync::Mutex::default(),
+            tool_definitions: Default::default(),
             audit_seen: AtomicU64::new(0),
             audit_err_seen: AtomicU64::new(0),
         };
@@ -111,6 +114,12 @@ impl ProxyState {
         m.kill_switch.reset();
         for k in &snap.kill_switches {
             m.kill_switch.with_label_values(&[k.name.as_str()]).set(1.0);
+        }
+        // Every pinned tool's mismatch series exists from the start (at 0), so a rate and an
+        // alert see the first mismatch.
+        for t in snap.tools.iter().filter(|t| t.pin.is_some()) {
+            m.tool_definition_mismatch
+                .with_label_values(&[snap.agent.name.as_str(), t.name()]);
         }
         self.snapshot.store(Some(snap));
         self.approvals.snapshot_changed();

@@ -44,7 +44,7 @@ fn alert_rules_check_and_pass_their_unit_tests() {
         String::from_utf8_lossy(&out.stdout)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("8 rules found"), "{text}");
+    assert!(text.contains("9 rules found"), "{text}");
     let out = promtool()
         .current_dir(files())
         .args(["test", "rules", "alerts.test.yaml"])
@@ -241,6 +241,9 @@ tools:
     match: {{host: "{a}", methods: [POST], path: /v1/macros}}
   - name: broken
     match: {{host: "{}", methods: [POST], path: /v1/x}}
+  - name: kb.pinned
+    match: {{host: "{a}", path: /mcp, mcpTool: lookup}}
+    pin: {{sha256: "{zero}"}}
 tenants:
   acme:
     rateLimits: [{{scope: tool, tool: notes, perSecond: 20}}]
@@ -260,7 +263,8 @@ audit: {{path: audit.jsonl}}
 server: {{headerReadTimeout: 200ms}}
 "#,
         dead.addr,
-        free_port()
+        free_port(),
+        zero = "0".repeat(64),
     );
     let proxy = TestProxy::start(&config, &[]);
     let prom = start_prometheus(proxy.admin, op_addr);

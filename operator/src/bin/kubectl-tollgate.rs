@@ -9,6 +9,8 @@
 //!   (`--tool` is scoped to the current namespace, `-n`, unless `-A`)
 //! kubectl tollgate unkill NAME                       lift a kill switch
 //! kubectl tollgate status [-n NS | -A]               identities, readiness, snapshot versions, kill switches
+//! kubectl tollgate tools diff TOOL [-n NS]           pinned vs last-observed MCP tool definition
+//! kubectl tollgate tools pin TOOL --sha256 H [-n NS] pin the observed definition (after review)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -17,7 +19,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use std::process::ExitCode;
 use tollgate_operator::crd::{
-    AgentIdentity, ApprovalRequest, KillSwitch, KillSwitchScope, KillSwitchSpec,
+    AgentIdentity, ApprovalRequest, KillSwitch, KillSwitchScope, KillSwitchSpec, Tool,
 };
 
 #[derive(Parser)]
@@ -87,6 +89,30 @@ enum Cmd {
     },
     /// Identities and kill switches at a glance.
     Status,
+    /// Pinned MCP tool definitions.
+    Tools {
+        #[command(subcommand)]
+        command: ToolsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsCmd {
+    /// The Tool's pinned definition against the one its sidecars last saw advertised (exit 1
+    /// when they differ, or when the tool is not pinned).
+    Diff {
+        /// Tool name.
+        tool: String,
+    },
+    /// Record the last-observed definition in the Tool's `spec.pin`, after review: only if it
+    /// still has the hash you reviewed (`tools diff` prints it).
+    Pin {
+        /// Tool name.
+        tool: String,
+        /// The observed hash you reviewed.
+        #[arg(long)]
+        sha256: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,6 +147,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Api::namespaced(client.clone(), &ns)
     };
     match cli.command {
+        Cmd::Tools { command } => tools(&Api::namespaced(client, &ns), command).await,
         Cmd::Approvals => {
             let list = approvals
                 .list(&ListParams::default())
@@ -271,6 +298,102 @@ async fn run(cli: Cli) -> Result<(), String> {
                     );
                 }
             }
+            Ok(())
+        }
+    }
+}
+
+/// `tools diff` and `tools pin`.
+async fn tools(api: &Api<Tool>, command: ToolsCmd) -> Result<(), String> {
+    use tollgate_proxy::pins;
+    let name = match &command {
+        ToolsCmd::Diff { tool } | ToolsCmd::Pin { tool, .. } => tool.clone(),
+    };
+    let t = api
+        .get(&name)
+        .await
+        .map_err(|e| format!("tool/{name}: {e}"))?;
+    let observed = t
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_definition.clone());
+    let pinned = t.spec.pin.as_ref().and_then(pins::pin_sha256);
+    match command {
+        ToolsCmd::Diff { .. } => {
+            println!("tool:     {}/{name}", t.namespace().unwrap_or_default());
+            println!(
+                "pinned:   {}",
+                pinned
+                    .as_deref()
+                    .map_or("(not pinned)".into(), |h| format!("sha256 {h}"))
+            );
+            let Some(o) = observed else {
+                println!("observed: (no sidecar has reported what its server advertises yet)");
+                return Err("nothing observed to compare".into());
+            };
+            println!(
+                "observed: sha256 {} (by {} at {})",
+                o.sha256, o.agent, o.observed_at
+            );
+            if pinned.as_deref() == Some(o.sha256.as_str()) {
+                println!("the server advertises the pinned definition");
+                return Ok(());
+            }
+            println!();
+            let pinned_def = t
+                .spec
+                .pin
+                .as_ref()
+                .and_then(|p| p.definition.as_ref())
+                .map(pins::pinned_value);
+            match (&pinned_def, &o.definition) {
+                (Some(p), Some(d)) => print!("{}", pins::line_diff(p, d)),
+                (_, Some(d)) => println!("{}", serde_json::to_string_pretty(d).unwrap_or_default()),
+                (_, None) => println!(
+                    "(the observed definition was too large to keep; only its hash is known)"
+                ),
+            }
+            println!();
+            println!(
+                "after review: kubectl tollgate tools pin {name} --sha256 {}",
+                o.sha256
+            );
+            Err(format!(
+                "tool/{name}: the observed definition is not the pinned one"
+            ))
+        }
+        ToolsCmd::Pin { sha256, .. } => {
+            let o = observed.ok_or_else(|| format!("tool/{name}: nothing observed to pin yet"))?;
+            if o.sha256 != sha256 {
+                return Err(format!("tool/{name}: the last observed definition is sha256 {}, not the {sha256} you reviewed; run tools diff again", o.sha256));
+            }
+            let d = o.definition.as_ref();
+            let definition = d.map(|d| tollgate_proxy::config::PinnedDefinition {
+                name: d["name"].as_str().unwrap_or_default().to_string(),
+                description: d["description"].as_str().map(str::to_owned),
+                input_schema: Some(d["inputSchema"].clone()).filter(|s| !s.is_null()),
+            });
+            let pin = tollgate_proxy::config::ToolPin {
+                sha256: Some(o.sha256.clone()),
+                definition,
+            };
+            // The kept definition must hash to what was observed, or the pin would not hold.
+            if let Some(h) = pin
+                .definition
+                .as_ref()
+                .map(|d| pins::hash(&pins::pinned_value(d)))
+            {
+                if h != o.sha256 {
+                    return Err(format!("tool/{name}: the kept definition hashes to {h}, not {}; pin by hash in the spec instead", o.sha256));
+                }
+            }
+            // A replace conditional on the version read: an edit made since is not lost.
+            let mut t = t;
+            t.spec.pin = Some(pin);
+            api.replace(&name, &kube::api::PostParams::default(), &t)
+                .await
+                .map_err(|e| format!("tool/{name}: {e}"))?;
+            println!("tool/{name} pinned to sha256 {}", o.sha256);
             Ok(())
         }
     }

@@ -5,7 +5,7 @@
 //!   identities it affects) and owns the identities' ServiceAccounts, so an event rebuilds only
 //!   the snapshots it touches. Every replica runs it (each serves snapshots from its own
 //!   caches); only the leader applies children and writes status.
-//! - [`status`]: `Tool` (Valid), `AgentPolicy` (Compiled), `Tenant` (Ready, spend),
+//! - [`status`]: `Tool` (Valid; DefinitionPinned from sidecar reports), `AgentPolicy` (Compiled), `Tenant` (Ready, spend),
 //!   `KillSwitch` (Engaged, affected agents) and `ApprovalRequest` (Pending) status, written by
 //!   the leader.
 //!
@@ -92,6 +92,7 @@ pub struct Triggers {
     all: Mutex<Vec<mpsc::UnboundedSender<()>>>,
     agents: Mutex<Vec<mpsc::UnboundedSender<ObjectRef<crate::crd::AgentIdentity>>>>,
     tenants: Mutex<Vec<mpsc::UnboundedSender<()>>>,
+    tools: Mutex<Vec<mpsc::UnboundedSender<ObjectRef<crate::crd::Tool>>>>,
 }
 
 impl Triggers {
@@ -116,6 +117,20 @@ impl Triggers {
         let (tx, rx) = mpsc::unbounded();
         self.tenants.lock().expect("triggers").push(tx);
         rx
+    }
+
+    /// A stream of Tools to reconcile (a sidecar reported their advertised definitions).
+    pub fn subscribe_tools(&self) -> mpsc::UnboundedReceiver<ObjectRef<crate::crd::Tool>> {
+        let (tx, rx) = mpsc::unbounded();
+        self.tools.lock().expect("triggers").push(tx);
+        rx
+    }
+
+    /// Reconcile the Tool `ns/name` (a sidecar reported what its server advertises).
+    pub fn reconcile_tool(&self, ns: &str, name: &str) {
+        for tx in self.tools.lock().expect("triggers").iter() {
+            let _ = tx.unbounded_send(ObjectRef::new(name).within(ns));
+        }
     }
 
     /// Reconcile everything (leadership gained).
@@ -534,6 +549,7 @@ pub fn start(
 
     let tools = Controller::new(Api::<Tool>::all(all(&client)), cfg())
         .reconcile_all_on(triggers.subscribe_all())
+        .reconcile_on(triggers.subscribe_tools())
         .run(status::reconcile_tool, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     tokio::spawn(tools);

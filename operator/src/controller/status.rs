@@ -6,9 +6,10 @@
 use super::{apply_status, keep_transition_times, same_conditions, Context, Error};
 use crate::build::{self, World};
 use crate::crd::{
-    AgentPolicy, ApprovalRequest, CommonStatus, KillSwitch, KillSwitchStatus, Tenant, TenantStatus,
-    Tool,
+    AgentPolicy, ApprovalRequest, CommonStatus, KillSwitch, KillSwitchStatus, ObservedDefinition,
+    Tenant, TenantStatus, Tool, ToolStatus,
 };
+use crate::server::ReportedDefinition;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use std::sync::atomic::Ordering;
@@ -47,21 +48,92 @@ fn common_current(old: Option<&CommonStatus>, want: &CommonStatus) -> bool {
     })
 }
 
-/// A Tool's status (pure): Valid, or the first problem with its schema or match.
-pub fn tool_status(t: &Tool) -> CommonStatus {
+/// The condition a pinned tool's definition is reported under.
+pub const DEFINITION_PINNED: &str = "DefinitionPinned";
+
+/// A Tool's status (pure): Valid (or the first problem with its schema, match or pin) and,
+/// for a pinned MCP tool, `DefinitionPinned` from what its agents' sidecars `reported`
+/// seeing advertised (or, with no report since the operator started, the kept
+/// `observedDefinition`). A changed definition reported by any sidecar wins over matching
+/// ones: one server that pulls the rug is enough.
+pub fn tool_status(t: &Tool, reported: &[ReportedDefinition]) -> ToolStatus {
     let g = t.meta().generation.unwrap_or(0);
     let cond = match build::validate_tool(t) {
         Ok(()) => build::condition("Valid", true, "Valid", "", g),
         Err(e) => build::condition("Valid", false, "Invalid", &e, g),
     };
-    let mut s = CommonStatus {
-        conditions: vec![cond],
+    let pinned = t
+        .spec
+        .pin
+        .as_ref()
+        .and_then(tollgate_proxy::pins::pin_sha256);
+    let newest =
+        |a: &&ReportedDefinition, b: &&ReportedDefinition| a.observed_at.cmp(&b.observed_at);
+    let changed = pinned
+        .as_ref()
+        .and_then(|p| reported.iter().filter(|r| &r.sha256 != p).max_by(newest));
+    let observed = changed
+        .or_else(|| reported.iter().max_by(newest))
+        .map(|r| ObservedDefinition {
+            sha256: r.sha256.clone(),
+            definition: r.definition.clone(),
+            agent: r.agent.clone(),
+            observed_at: r.observed_at.clone(),
+        })
+        .or_else(|| {
+            t.status
+                .as_ref()
+                .and_then(|s| s.observed_definition.clone())
+        });
+    let mut conditions = vec![cond];
+    if let Some(p) = &pinned {
+        conditions.push(match &observed {
+            None => crate::crd::Condition {
+                status: "Unknown".into(),
+                ..build::condition(
+                    DEFINITION_PINNED,
+                    false,
+                    "NotObserved",
+                    "no sidecar has reported the definition its MCP server advertises yet",
+                    g,
+                )
+            },
+            Some(o) if &o.sha256 == p => build::condition(
+                DEFINITION_PINNED,
+                true,
+                "Matches",
+                &format!("the server advertises the pinned definition (sha256 {p})"),
+                g,
+            ),
+            Some(o) => build::condition(
+                DEFINITION_PINNED,
+                false,
+                "DefinitionChanged",
+                &format!(
+                    "a sidecar of {} saw sha256 {} advertised, sha256 {p} is pinned: the tool is withheld and its calls refused (kubectl tollgate tools diff {})",
+                    o.agent,
+                    o.sha256,
+                    t.name_any()
+                ),
+                g,
+            ),
+        });
+    }
+    let mut s = ToolStatus {
+        conditions,
         observed_generation: g,
+        observed_definition: observed,
     };
     if let Some(old) = &t.status {
         keep_transition_times(&old.conditions, &mut s.conditions);
     }
     s
+}
+
+/// The `DefinitionPinned` reason of a status, if any.
+fn pinned_reason(s: Option<&ToolStatus>) -> Option<&str> {
+    s.and_then(|s| s.conditions.iter().find(|c| c.type_ == DEFINITION_PINNED))
+        .map(|c| c.reason.as_str())
 }
 
 /// An AgentPolicy's status (pure): Compiled, or the compiler's message.
@@ -131,16 +203,68 @@ fn finish(r: Result<(), kube::Error>) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Reconcile a Tool.
+/// Reconcile a Tool: its status, and an Event when its pinned definition changes (Warning
+/// `DefinitionChanged`) or matches again (Normal `DefinitionMatches`).
 #[tracing::instrument(skip_all, fields(tool = %build::key_of(&*t)))]
 pub async fn reconcile_tool(t: Arc<Tool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("Tool");
-    let want = tool_status(&t);
-    if !ctx.leader() || common_current(t.status.as_ref(), &want) {
+    let ns = t.namespace().unwrap_or_default();
+    let reported: Vec<ReportedDefinition> = ctx
+        .server
+        .tool_definitions
+        .lock()
+        .expect("tool definitions lock")
+        .get(&(ns.clone(), t.name_any()))
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let want = tool_status(&t, &reported);
+    let current = t.status.as_ref().is_some_and(|o| {
+        same_conditions(&o.conditions, &want.conditions)
+            && o.observed_generation == want.observed_generation
+            && o.observed_definition == want.observed_definition
+    });
+    if !ctx.leader() || current {
         return Ok(Action::await_change());
     }
-    let api: Api<Tool> = Api::namespaced(ctx.client.clone(), &t.namespace().unwrap_or_default());
-    finish(apply_status(&api, &t.name_any(), &want, None).await)
+    let api: Api<Tool> = Api::namespaced(ctx.client.clone(), &ns);
+    apply_status(&api, &t.name_any(), &want, None)
+        .await
+        .map_err(Error::Status)?;
+    let (was, now) = (pinned_reason(t.status.as_ref()), pinned_reason(Some(&want)));
+    if was != now {
+        let note = want
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DEFINITION_PINNED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        match now {
+            Some("DefinitionChanged") => {
+                event(
+                    &ctx,
+                    &t.object_ref(&()),
+                    false,
+                    "DefinitionChanged",
+                    &note,
+                    "CompareDefinition",
+                )
+                .await
+            }
+            Some("Matches") if was == Some("DefinitionChanged") => {
+                event(
+                    &ctx,
+                    &t.object_ref(&()),
+                    true,
+                    "DefinitionMatches",
+                    &note,
+                    "CompareDefinition",
+                )
+                .await
+            }
+            _ => {}
+        }
+    }
+    Ok(Action::await_change())
 }
 
 /// Reconcile an AgentPolicy.

@@ -127,6 +127,7 @@ fn context(client: Client, w: World, leader: bool) -> Arc<Context> {
         usage: Default::default(),
         triggers: Default::default(),
         rejected: Default::default(),
+        tool_definitions: Default::default(),
         intercept_ca: Default::default(),
     });
     let stores = Stores {
@@ -474,4 +475,83 @@ async fn a_kill_switch_status_counts_the_agents_it_affects() {
     .await;
     task.await.unwrap().unwrap();
     api.done();
+}
+
+/// A pinned Tool's `DefinitionPinned` condition from sidecar reports (pure): not observed,
+/// matching, and a changed definition from any one sidecar winning over matching ones; with no
+/// report since a restart, the kept `observedDefinition` decides.
+#[test]
+fn a_pinned_tools_condition_follows_what_sidecars_report() {
+    use crate::server::ReportedDefinition;
+    let good = "a".repeat(64);
+    let bad = "b".repeat(64);
+    let mut t: Tool = serde_json::from_value(json!({
+        "apiVersion": "tollgate.dev/v1alpha1", "kind": "Tool",
+        "metadata": {"name": "orders", "namespace": "agents", "generation": 2},
+        "spec": {"match": {"host": "mcp.internal", "mcpTool": "lookup"}, "pin": {"sha256": good}}
+    }))
+    .unwrap();
+    let report = |sha: &str, agent: &str, at: &str| ReportedDefinition {
+        sha256: sha.into(),
+        definition: Some(json!({"name": "lookup", "description": sha, "inputSchema": null})),
+        agent: agent.into(),
+        observed_at: at.into(),
+    };
+    let cond = |s: &crate::crd::ToolStatus| {
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == status::DEFINITION_PINNED)
+            .unwrap();
+        (c.status.clone(), c.reason.clone())
+    };
+    let s = status::tool_status(&t, &[]);
+    assert_eq!(cond(&s), ("Unknown".into(), "NotObserved".into()));
+    assert_eq!(s.conditions[0].type_, "Valid");
+    let s = status::tool_status(&t, &[report(&good, "agents/a", "2026-01-01T00:00:02Z")]);
+    assert_eq!(cond(&s), ("True".into(), "Matches".into()));
+    // An older changed report from another sidecar still wins over a newer matching one.
+    let s = status::tool_status(
+        &t,
+        &[
+            report(&bad, "agents/b", "2026-01-01T00:00:01Z"),
+            report(&good, "agents/a", "2026-01-01T00:00:02Z"),
+        ],
+    );
+    assert_eq!(cond(&s), ("False".into(), "DefinitionChanged".into()));
+    let o = s.observed_definition.clone().unwrap();
+    assert_eq!(
+        (o.sha256.as_str(), o.agent.as_str()),
+        (bad.as_str(), "agents/b")
+    );
+    assert!(s.conditions[1].message.contains(&good) && s.conditions[1].message.contains(&bad));
+    // After a restart (no reports), the kept observation decides; re-pinned to it, it matches.
+    t.status = Some(s);
+    let s = status::tool_status(&t, &[]);
+    assert_eq!(cond(&s), ("False".into(), "DefinitionChanged".into()));
+    t.spec.pin = Some(tollgate_proxy::config::ToolPin {
+        sha256: Some(bad.clone()),
+        definition: None,
+    });
+    assert_eq!(
+        cond(&status::tool_status(&t, &[])),
+        ("True".into(), "Matches".into())
+    );
+    // An unpinned tool has no DefinitionPinned condition, but keeps what was observed.
+    t.spec.pin = None;
+    let s = status::tool_status(&t, &[report(&good, "agents/a", "2026-01-01T00:00:03Z")]);
+    assert_eq!(s.conditions.len(), 1);
+    assert_eq!(s.observed_definition.unwrap().sha256, good);
+    // A malformed pin makes the Tool invalid.
+    t.spec.pin = Some(tollgate_proxy::config::ToolPin {
+        sha256: Some("xyz".into()),
+        definition: None,
+    });
+    let s = status::tool_status(&t, &[]);
+    assert_eq!(s.conditions[0].status, "False");
+    assert!(
+        s.conditions[0].message.contains("spec.pin.sha256"),
+        "{:?}",
+        s.conditions[0]
+    );
 }

@@ -249,6 +249,45 @@ pub struct ToolConfig {
     /// 32 MiB for an `llm` tool, whose requests carry images and long contexts).
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
+    /// MCP tools: the definition the upstream must advertise in `tools/list` (see
+    /// [`crate::pins`]). A different one withholds the tool and refuses its calls with
+    /// `tool_definition_changed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<ToolPin>,
+}
+
+/// The reviewed definition of an MCP tool: its hash, its full definition, or both (which must
+/// agree). The hash is the hex sha256 of the canonical form documented in [`crate::pins`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ToolPin {
+    /// Hex sha256 (64 lowercase digits) of the canonical definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The full definition (name, description, inputSchema), for a readable diff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<PinnedDefinition>,
+}
+
+/// The parts of an MCP tool definition that are pinned.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PinnedDefinition {
+    /// The MCP tool name (the tool's `match.mcpTool`).
+    pub name: String,
+    /// The description the model reads (absent when the server sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The input schema the server advertises (absent when the server sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub input_schema: Option<serde_json::Value>,
+}
+
+/// A free-form JSON object kept as written (an MCP `inputSchema` is always an object), marked
+/// for Kubernetes so a CRD can carry it.
+pub fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// Canonical-call options of a tool.

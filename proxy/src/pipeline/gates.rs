@@ -95,6 +95,11 @@ pub(super) fn elements(
             _ => BodyKind::Json,
         };
         stages::tools::validate(&snap.tools[tool], kind, content_type, &e.input)?;
+        // A pinned MCP tool runs only while its server advertises the reviewed definition.
+        let t = &snap.tools[tool];
+        call.state
+            .tool_definitions
+            .check(t.name(), t.pin.as_ref())?;
     }
     Ok(())
 }

@@ -273,11 +273,53 @@ async fn filtered_tools_list(
         Err(reason) => return super::finish::render(call, &Refusal::UpstreamFailed(reason)),
     };
     let allowed = call.snap.catalog.mcp_tools_on(target);
-    let (filtered, removed) = crate::mcp::filter_tools_list(&bytes, sse, &allowed);
+    let mut mismatches = Vec::new();
+    let (filtered, removed) = crate::mcp::filter_tools_list_by(&bytes, sse, |t| {
+        t.get("name")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|n| allowed.contains(&n))
+            && crate::pins::keep_listed(&call.state, &call.snap, target, t, &mut mismatches)
+    });
     if removed > 0 {
         tracing::debug!(removed, "tools/list filtered to this agent's tools");
+    }
+    // A withheld tool is on record before the list is served.
+    for m in mismatches {
+        let rec = mismatch_record(call, m, parts.status.as_u16());
+        if let Err(e) = call.state.audit.append(rec).await {
+            let r = Refusal::AuditUnavailable(format!(
+                "the record of a changed tool definition could not be written: {e}"
+            ));
+            return super::finish::render(call, &r);
+        }
     }
     parts.headers.remove(http::header::CONTENT_LENGTH);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     Response::from_parts(parts, full(filtered))
+}
+
+/// The record of a pinned tool withheld from a `tools/list` answer: a `deny` decision of the
+/// listing call for that tool, with the advertised hash as its input hash and the advertised
+/// definition (redacted) as its input.
+fn mismatch_record(call: &Call, m: crate::pins::Mismatch, status: u16) -> AuditRecord {
+    let reasons = std::iter::once(format!(
+        "tool_definition_changed: the server advertised sha256 {}, sha256 {} is pinned; the tool was withheld",
+        m.advertised, m.pinned
+    ))
+    .chain(m.summary)
+    .collect();
+    let mut rec = call.record(
+        None,
+        Phase::Decision,
+        crate::refusal::Decision::Deny,
+        reasons,
+        status,
+    );
+    rec.tool = m.tool;
+    rec.input_hash = m.advertised;
+    rec.input = call.snap.redactor.record_input(&serde_json::json!({
+        "advertised_definition": m.definition,
+        "pinned_sha256": m.pinned,
+    }));
+    rec
 }

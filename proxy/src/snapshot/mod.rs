@@ -60,6 +60,8 @@ pub struct Tool {
     pub provider: Option<config::LlmProvider>,
     /// Mutating (anything but GET/HEAD/OPTIONS) — computed per call, kept for MCP tools.
     pub mcp: bool,
+    /// The definition its MCP server must advertise (see [`crate::pins`]).
+    pub pin: Option<crate::pins::Pin>,
 }
 
 impl std::fmt::Debug for Tool {
@@ -416,6 +418,8 @@ fn compile_tool(
         .transpose()?;
     crate::canonical::validate_options(t)
         .map_err(|(f, m)| ConfigError::invalid(format!("{field}.request.{f}"), m))?;
+    let pin = crate::pins::compile(t)
+        .map_err(|(f, m)| ConfigError::invalid(format!("{field}.{f}"), m))?;
     let to = &t.timeouts;
     let provider = t.llm.as_ref().map(|l| l.provider);
     // LLM answers stream for minutes; other tools answer in seconds.
@@ -473,6 +477,7 @@ fn compile_tool(
             .collect(),
         provider,
         mcp: t.matcher.mcp_tool.is_some(),
+        pin,
     })
 }
 
