@@ -68,6 +68,10 @@ pub struct Metrics {
     /// failed (no Redis primary reachable, a reservation not replicated) and how
     /// `limits.onUnavailable` handled them (`deny` or `local`).
     pub limits_unavailable: IntCounterVec,
+    /// `tollgate_calls_aborted_total{reason,stage}`: calls stopped while in flight
+    /// (`reason="killed"`: a kill switch engaged; `stage`: `gates`, `approval`, `upstream`,
+    /// `response` or `stream`, where the call was).
+    pub calls_aborted: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -118,6 +122,7 @@ impl Metrics {
             redis_unavailable: reg(&r, IntGauge::new("tollgate_redis_unavailable", "1 while the Redis limits backend is unreachable.").unwrap()),
             fail_open: reg(&r, IntCounterVec::new(Opts::new("tollgate_fail_open_total", "Calls let through by an explicit fail-open setting."), &["reason"]).unwrap()),
             limits_unavailable: reg(&r, IntCounterVec::new(Opts::new("tollgate_limits_unavailable_total", "Limits-store operations that failed, by how limits.onUnavailable handled them."), &["on_unavailable"]).unwrap()),
+            calls_aborted: reg(&r, IntCounterVec::new(Opts::new("tollgate_calls_aborted_total", "Calls stopped while in flight, by reason and by the stage they were in."), &["reason", "stage"]).unwrap()),
             budget_overrun: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_budget_overrun_usd_total", "Actual cost above the reserved estimate."), &["tenant"]).unwrap()),
             guards_dropped: reg(&r, IntCounterVec::new(Opts::new("tollgate_guards_dropped_total", "Budget reservations and idempotency claims ended by Drop (client gone, panic): charged, released."), &["guard"]).unwrap()),
             approvals_evicted: reg(&r, IntCounterVec::new(Opts::new("tollgate_approvals_evicted_total", "Approval requests evicted from memory: expired, decided, over the per-agent cap."), &["reason"]).unwrap()),
