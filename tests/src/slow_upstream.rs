@@ -230,8 +230,15 @@ impl Client {
         let done = Arc::new(AtomicBool::new(false));
         let (g, d) = (got.clone(), done.clone());
         std::thread::spawn(move || {
-            let mut s = TcpStream::connect(proxy).unwrap();
-            s.write_all(req.as_bytes()).unwrap();
+            // A proxy not listening (yet) is a response that ended with nothing.
+            let sent = TcpStream::connect(proxy).and_then(|mut s| {
+                s.write_all(req.as_bytes())?;
+                Ok(s)
+            });
+            let Ok(mut s) = sent else {
+                d.store(true, Ordering::SeqCst);
+                return;
+            };
             let mut buf = [0u8; 4096];
             while let Ok(n) = s.read(&mut buf) {
                 if n == 0 {

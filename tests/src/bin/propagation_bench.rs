@@ -223,7 +223,9 @@ mod inflight {
             .stderr(Stdio::null())
             .spawn()
             .expect("tollgate-proxy next to this binary");
-        (Proc(child), format!("127.0.0.1:{pp}").parse().unwrap())
+        let child = Proc(child);
+        ready(format!("127.0.0.1:{ap}").parse().unwrap(), "sidecar");
+        (child, format!("127.0.0.1:{pp}").parse().unwrap())
     }
 
     fn kill_switch(api: &TestApiServer, engaged: bool, round: usize) {
