@@ -9,7 +9,8 @@
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use tollgate_tests::harness::{call, eventually, raw, TestProxy};
+use tollgate_operator::testapi::TestApiServer;
+use tollgate_tests::harness::{bin, call, eventually, free_port, get, raw, TestProxy};
 use tollgate_tests::slow_upstream::{Client, SlowUpstream};
 
 const TOKEN: &str = "alice-token-0123456789";
@@ -331,4 +332,240 @@ fn a_kill_switch_stops_streams_slow_calls_and_held_calls_in_its_scope_and_nothin
         (remaining - (100.0 - charged)).abs() < 1e-6,
         "remaining {remaining}, charged {charged}: {m}"
     );
+}
+
+const GV: &str = "tollgate.dev/v1alpha1";
+
+/// The operator binary on the in-process test API server (there is no Kubernetes API server
+/// here; `tollgate_operator::testapi` says what it models), killed on drop.
+struct Operator {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Operator {
+    fn start(api: &TestApiServer, dir: &std::path::Path) -> Self {
+        let port = free_port();
+        let kc = dir.join("kubeconfig");
+        std::fs::write(&kc, api.kubeconfig()).unwrap();
+        let log = std::fs::File::create(dir.join("operator.log")).unwrap();
+        let child = std::process::Command::new(bin("tollgate-operator"))
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--no-leader-elect",
+            ])
+            .env("KUBECONFIG", &kc)
+            .env("TOLLGATE_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        eventually("operator ready", || {
+            get(addr, "/readyz")
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        });
+        Self { child, port }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kubectl_tollgate(api: &TestApiServer, dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("kubectl-tollgate"))
+        .args(args)
+        .env("KUBECONFIG", dir.join("kubeconfig"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl tollgate {args:?}: {text}");
+    let _ = api;
+    text
+}
+
+/// In a cluster: `kubectl tollgate kill` on one tool cuts that tool's stream in a running
+/// sidecar and leaves a call held for another tool waiting; a second switch releases the held
+/// call with `killed`, and a grant a human gives later for a request that was voided is not
+/// honoured by the sidecar.
+#[test]
+fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
+    let api = TestApiServer::start();
+    let up = SlowUpstream::start();
+    let a = up.addr;
+    api.add_token(
+        "tok-billing",
+        "system:serviceaccount:agents:billing-agent",
+        &["tollgate"],
+    );
+    api.put("tenants", json!({"apiVersion": GV, "kind": "Tenant", "metadata": {"name": "acme"}, "spec": {"budgets": {"dayUsd": 100.0}}}));
+    api.put("tools", json!({"apiVersion": GV, "kind": "Tool", "metadata": {"name": "llm-chat", "namespace": "agents"},
+        "spec": {"match": {"host": a.to_string(), "methods": ["POST"], "path": "/v1/chat/completions"},
+                 "llm": {"provider": "openai"}, "timeouts": {"total": "120s", "idle": "30s"},
+                 "cost": {"llm": {"prices": {"gpt-4o": {"promptPerMtok": 2.5, "completionPerMtok": 10}}}}}}));
+    api.put("tools", json!({"apiVersion": GV, "kind": "Tool", "metadata": {"name": "pay-refund", "namespace": "agents"},
+        "spec": {"match": {"host": a.to_string(), "methods": ["POST"], "path": "/v1/refunds"}}}));
+    api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "refunds", "namespace": "agents"},
+        "spec": {"rego": "package tollgate\nimport rego.v1\nrequire_approval contains \"refunds need a human\" if input.request.body.amount > 500\n"}}));
+    api.put("agentidentities", json!({"apiVersion": GV, "kind": "AgentIdentity", "metadata": {"name": "billing", "namespace": "agents"},
+        "spec": {"serviceAccount": "billing-agent", "tenants": ["acme"], "tools": ["llm-chat", "pay-refund"], "policies": ["refunds"]}}));
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(&api, dir.path());
+    let s = sidecar(op.port);
+    let acme = [("X-Tollgate-Tenant", "acme")];
+    let refund_url = format!("http://{a}/v1/refunds");
+    let refund = |amount: u32| {
+        call(
+            s.proxy,
+            "POST",
+            &refund_url,
+            &[
+                ("X-Tollgate-Tenant", "acme"),
+                ("Content-Type", "application/json"),
+            ],
+            Some(&json!({"amount": amount}).to_string()),
+        )
+    };
+    // A refund waiting for a human (not held), one held, and a stream.
+    let asked = refund(700);
+    assert_eq!(asked.status, 403, "{}", asked.body_text());
+    let asked_id = asked.json()["approval"].as_str().unwrap().to_string();
+    let held = Client::post(
+        s.proxy,
+        &refund_url,
+        &[("X-Tollgate-Tenant", "acme"), ("Prefer", "wait=120")],
+        &json!({"amount": 900}),
+    );
+    let stream = Client::post(
+        s.proxy,
+        &format!("http://{a}/v1/chat/completions"),
+        &acme,
+        &json!({"model": "gpt-4o", "stream": true, "user": "tag-cluster", "messages": []}),
+    );
+    eventually(
+        "the stream delivering, both ApprovalRequests created",
+        || {
+            stream.text().contains("more words")
+                && api
+                    .list(GV, "approvalrequests")
+                    .iter()
+                    .filter(|r| r["metadata"]["namespace"] == "agents")
+                    .count()
+                    == 2
+        },
+    );
+
+    kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "-n",
+            "agents",
+            "kill",
+            "stop-chat",
+            "--tool",
+            "llm-chat",
+            "--reason",
+            "INC-9",
+        ],
+    );
+    let text = stream.wait_done();
+    assert!(text.contains("event: error"), "{text}");
+    assert!(
+        text.contains("stop-chat") && !text.contains("[DONE]"),
+        "{text}"
+    );
+    eventually("the upstream saw the stream dropped", || {
+        up.get("tag-cluster").is_some_and(|s| s.dropped)
+    });
+    assert!(
+        !held.done.load(Ordering::SeqCst),
+        "a held call for another tool is not in scope: {}",
+        held.text()
+    );
+
+    kubectl_tollgate(
+        &api,
+        dir.path(),
+        &[
+            "-n",
+            "agents",
+            "kill",
+            "stop-refunds",
+            "--tool",
+            "pay-refund",
+            "--reason",
+            "INC-9",
+        ],
+    );
+    let r = tollgate_tests::harness::parse_response(held.wait_done().as_bytes());
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert_eq!(r.json()["error"], "killed");
+    // A human approves the voided request in the API (the operator does not mark it voided
+    // there yet); the grant reaches the sidecar, the switch is lifted, and the identical
+    // retry is still not let through.
+    kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", &asked_id]);
+    kubectl_tollgate(&api, dir.path(), &["unkill", "stop-refunds"]);
+    eventually(
+        "the grant in the sidecar's snapshot, the switch lifted",
+        || {
+            let c = get(s.admin, "/config").unwrap().json();
+            c["approvalGrants"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|x| x == asked_id.as_str()))
+                && !c.to_string().contains("stop-refunds")
+        },
+    );
+    let retry = refund(700);
+    assert_eq!(retry.status, 403, "{}", retry.body_text());
+    assert_eq!(retry.json()["error"], "approval_rejected");
+    assert!(
+        retry.body_text().contains("voided"),
+        "{}",
+        retry.body_text()
+    );
+    assert!(up
+        .served
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s.path != "/v1/refunds"));
+    let recs = s.audit();
+    assert!(
+        recs.iter()
+            .any(|r| r["tool"] == "llm-chat" && r["decision"] == "killed" && r["cut"] == "killed"),
+        "{recs:#?}"
+    );
+    assert!(recs
+        .iter()
+        .any(|r| r["tool"] == "pay-refund" && r["decision"] == "killed"));
+}
+
+fn sidecar(op_port: u16) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "tok-billing").unwrap();
+    let (pp, ap) = (free_port(), free_port());
+    let local = format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\nagent: {{name: local, tenants: []}}\naudit: {{path: audit.jsonl}}\n");
+    let token_file = dir.path().join("token").display().to_string();
+    let url = format!("http://127.0.0.1:{op_port}");
+    TestProxy::start_custom(
+        dir,
+        &local,
+        format!("127.0.0.1:{pp}").parse().unwrap(),
+        format!("127.0.0.1:{ap}").parse().unwrap(),
+        &[],
+        &[
+            ("TOLLGATE_OPERATOR", url.as_str()),
+            ("TOLLGATE_AGENT", "agents/billing"),
+            ("TOLLGATE_TOKEN_FILE", token_file.as_str()),
+        ],
+    )
 }
