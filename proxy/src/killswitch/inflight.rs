@@ -6,7 +6,7 @@
 //! guard removes it. When a snapshot newly engages a switch, [`InFlight::kill`] fires the
 //! [`KillSignal`] of every registered call it covers: the pipeline's wait (rate limit,
 //! approval, upstream headers) is dropped and the call ends `killed`; a streaming body is cut
-//! with a visible error (see [`crate::stream`]).
+//! with a visible error (see [`crate::upstream::stream`]).
 //!
 //! The race with registration is closed by order: [`crate::state::ProxyState::install`]
 //! stores the new snapshot before it scans, and the gate registers before it reads the live

@@ -20,8 +20,8 @@ use super::respond;
 use crate::audit::{AuditRecord, Phase};
 use crate::idempotency::Stored;
 use crate::refusal::{self, Decision, Envelope, Refusal};
-use crate::stream::{BodyEnd, BodyTimeouts};
 use crate::target::Target;
+use crate::upstream::stream::{BodyEnd, BodyTimeouts};
 use crate::upstream::ResBody;
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
@@ -113,7 +113,7 @@ pub async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
             }
             call.count(d);
             observe_total(&call, 0);
-            crate::forward::json_response(
+            crate::upstream::forward::json_response(
                 StatusCode::OK,
                 &answer,
                 &call.run,
@@ -176,7 +176,7 @@ async fn killed(mut call: Call, k: crate::killswitch::inflight::Killed) -> Respo
     );
     let spend = match respond::llm_estimate(&call) {
         Some(est) => {
-            let t = crate::metering::charged_tokens(&est, &Default::default(), true);
+            let t = crate::meter::charged_tokens(&est, &Default::default(), true);
             for rec in &mut recs {
                 rec.cost.prompt_tokens = t.prompt;
                 rec.cost.completion_tokens = t.completion;
@@ -245,7 +245,7 @@ pub(super) fn render(call: &Call, r: &Refusal) -> Response<ResBody> {
 /// counted and noted in the outcome record, which is written now.
 pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: BodyEnd) {
     if let Some(est) = respond::llm_estimate(&call) {
-        let t = crate::metering::charged_tokens(&est, &end.scanned, end.cut.is_some());
+        let t = crate::meter::charged_tokens(&est, &end.scanned, end.cut.is_some());
         let spend = est.llm_spend(t);
         respond::charge(&mut call, spend).await;
         for rec in &mut recs {
@@ -255,11 +255,11 @@ pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: 
         }
     }
     if let Some(cut) = &end.cut {
-        crate::stream::count_cut(&call.state, cut);
+        crate::upstream::stream::count_cut(&call.state, cut);
         for rec in &mut recs {
             rec.cut = Some(cut.label().to_string());
             rec.reasons.push(cut.reason());
-            if let crate::stream::Cut::Killed(_) = cut {
+            if let crate::upstream::stream::Cut::Killed(_) = cut {
                 rec.decision = Decision::Killed.as_str().to_string();
                 rec.reasons.push(format!(
                     "{} bytes of the response were delivered before the cut",

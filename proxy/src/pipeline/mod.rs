@@ -14,7 +14,7 @@
 //! stages and the wait for the upstream's headers run under [`killable`], which drops them
 //! (and with them the upstream request, or the held approval wait) when the call's signal
 //! fires, and the call ends through `finish` as `killed`; a body already streaming is cut by
-//! [`crate::stream::ResponseStream`].
+//! [`crate::upstream::stream::ResponseStream`].
 
 mod call;
 mod finish;
@@ -28,7 +28,6 @@ pub use passthrough::{record_passthrough, refuse_tunnel};
 
 use crate::canonical::{CallOptions, CanonicalBody, CanonicalCall, RebuildOptions};
 use crate::config::Mode;
-use crate::forward;
 use crate::identify;
 use crate::intercept::Tunnel;
 use crate::refusal::{self, Refusal};
@@ -36,6 +35,7 @@ use crate::route::RouteMatch;
 use crate::stages;
 use crate::state::ProxyState;
 use crate::target::Target;
+use crate::upstream::forward;
 use crate::upstream::ResBody;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -228,11 +228,11 @@ async fn forward(call: &mut Call, parts: &http::request::Parts, target: Target) 
             .as_ref()
             .and_then(|c| c.llm.as_ref())
             .is_some_and(|l| l.inject_stream_usage)
-            && crate::metering::takes_stream_usage(t.provider, &target.path)
+            && crate::meter::takes_stream_usage(t.provider, &target.path)
     });
     if inject {
         if let CanonicalBody::Json(v) = &decided.body {
-            if let Some(v) = crate::metering::inject_stream_usage(v) {
+            if let Some(v) = crate::meter::inject_stream_usage(v) {
                 decided.body = CanonicalBody::Json(v);
             }
         }

@@ -15,7 +15,7 @@
 //! its own error type with Tollgate's reason.
 
 use crate::killswitch::inflight::{KillSignal, Killed};
-use crate::metering::{Scanned, UsageScanner};
+use crate::meter::{Scanned, UsageScanner};
 use crate::snapshot::Tool;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -182,7 +182,7 @@ impl<B: Body> ResponseStream<B> {
         let now = Instant::now();
         // A body known empty (HEAD, 204, 304) may be dropped unpolled: not a cut.
         let whole = inner.is_end_stream();
-        let sse = crate::metering::is_sse(headers);
+        let sse = crate::meter::is_sse(headers);
         let encoded = headers
             .get(http::header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
