@@ -132,6 +132,9 @@ impl ProxyState {
                     "kill switch engaged: in-flight calls in its scope stopped"
                 );
             }
+            if let (Some(ctl), false) = (self.control.get(), voided.is_empty()) {
+                crate::control::report_voided(ctl, &voided, &self.upstreams);
+            }
             if !voided.is_empty() {
                 m.approvals
                     .with_label_values(&["voided"])

@@ -380,6 +380,16 @@ impl Drop for Operator {
 }
 
 fn kubectl_tollgate(api: &TestApiServer, dir: &std::path::Path, args: &[&str]) -> String {
+    let (ok, text) = kubectl_tollgate_try(api, dir, args);
+    assert!(ok, "kubectl tollgate {args:?}: {text}");
+    text
+}
+
+fn kubectl_tollgate_try(
+    api: &TestApiServer,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (bool, String) {
     let out = std::process::Command::new(bin("kubectl-tollgate"))
         .args(args)
         .env("KUBECONFIG", dir.join("kubeconfig"))
@@ -387,9 +397,8 @@ fn kubectl_tollgate(api: &TestApiServer, dir: &std::path::Path, args: &[&str]) -
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "kubectl tollgate {args:?}: {text}");
     let _ = api;
-    text
+    (out.status.success(), text)
 }
 
 /// In a cluster: `kubectl tollgate kill` on one tool cuts that tool's stream in a running
@@ -509,10 +518,37 @@ fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
     let r = tollgate_tests::harness::parse_response(held.wait_done().as_bytes());
     assert_eq!(r.status, 503, "{}", r.body_text());
     assert_eq!(r.json()["error"], "killed");
-    // A human approves the voided request in the API (the operator does not mark it voided
-    // there yet); the grant reaches the sidecar, the switch is lifted, and the identical
-    // retry is still not let through.
-    kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", &asked_id]);
+    // Both requests are voided in the API: no human can approve them any more.
+    let ids: Vec<String> = api
+        .list(GV, "approvalrequests")
+        .iter()
+        .filter_map(|r| r["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 2);
+    eventually("the ApprovalRequests marked Voided", || {
+        ids.iter().all(|id| {
+            api.get(GV, "approvalrequests", "agents", id)
+                .is_some_and(|r| r["status"]["phase"] == "Voided")
+        })
+    });
+    let r = api
+        .get(GV, "approvalrequests", "agents", &asked_id)
+        .unwrap();
+    assert!(
+        r["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("stop-refunds"),
+        "{r}"
+    );
+    let (ok, out) = kubectl_tollgate_try(&api, dir.path(), &["-n", "agents", "approve", &asked_id]);
+    assert!(!ok && out.contains("already Voided"), "{out}");
+    // A decision that raced the void (written before the operator marked it) reaches the
+    // sidecar as a grant once the switch is lifted: the sidecar does not honour it.
+    let mut raced = r.clone();
+    raced["status"] =
+        json!({"phase": "Approved", "approver": "alice", "decidedAt": "2026-01-01T00:00:00Z"});
+    api.put("approvalrequests", raced);
     kubectl_tollgate(&api, dir.path(), &["unkill", "stop-refunds"]);
     eventually(
         "the grant in the sidecar's snapshot, the switch lifted",
