@@ -433,7 +433,7 @@ pub struct ApprovalRequestSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApprovalRequestStatus {
-    /// `Pending`, `Approved` or `Denied`.
+    /// `Pending`, `Approved`, `Denied`, or `Voided` (a kill switch engaged while it was pending).
     #[serde(default)]
     pub phase: Option<String>,
     /// Stamped from the Kubernetes user by the webhook.

@@ -266,6 +266,7 @@ pub async fn handle(
         "/v1/approvals/consume" if req.method() == http::Method::POST => {
             return consume(st, req).await
         }
+        "/v1/approvals/void" if req.method() == http::Method::POST => return void(st, req).await,
         "/v1/snapshot/report" if req.method() == http::Method::POST => {
             return snapshot_report(st, req).await
         }
@@ -605,6 +606,51 @@ async fn consume(
             )
         }
     }
+}
+
+/// `POST /v1/approvals/void`: a kill switch engaged in a sidecar voided these pending
+/// requests of its identity; each still `Pending` is marked `Voided` (a final phase: it can no
+/// longer be approved, and no grant for it is delivered). The write carries the
+/// `resourceVersion` read, so a decision that lands first wins and is left alone.
+async fn void(st: Arc<ServerState>, req: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {
+    let (v, served) = match sidecar_report(&st, req).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let agent = v["agent"].as_str().unwrap_or("");
+    let name = agent.rsplit('/').next().unwrap_or(agent);
+    let api: kube::Api<crate::crd::ApprovalRequest> =
+        kube::Api::namespaced(st.client.clone(), &served.namespace);
+    let mut voided = Vec::new();
+    for item in v["voided"].as_array().into_iter().flatten().take(100) {
+        let id = item["id"].as_str().unwrap_or("");
+        let Ok(Some(mut obj)) = api.get_opt(id).await else {
+            continue;
+        };
+        let mut status = obj.status.clone().unwrap_or_default();
+        let pending = status.phase.as_deref().is_none_or(|p| p == "Pending");
+        if obj.spec.agent != name || !pending {
+            continue;
+        }
+        status.phase = Some("Voided".into());
+        status.reason = item["reason"]
+            .as_str()
+            .map(|r| r.chars().take(256).collect());
+        status.decided_at = Some(
+            time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        );
+        obj.status = Some(status);
+        match api.replace_status(id, &PostParams::default(), &obj).await {
+            Ok(_) => voided.push(id.to_string()),
+            Err(e) => {
+                tracing::warn!(%agent, approval = id, error = %e, "cannot void the approval request")
+            }
+        }
+    }
+    tracing::info!(%agent, voided = ?voided, "approval requests voided by a kill switch");
+    json(200, serde_json::json!({"voided": voided}))
 }
 
 /// `POST /v1/snapshot/report`: a sidecar could not apply the snapshot with `hash` (`error`

@@ -6,6 +6,10 @@
 //! Decisions arrive two ways: in Kubernetes, as `approvals.granted` in the operator snapshot;
 //! standalone, through the admin API (`/approvals`, bearer token bound to an approver name).
 //! Both are checked here, and single-use grants are consumed here, once.
+//!
+//! A kill switch that engages voids the pending requests it covers ([`ApprovalStore::void`]):
+//! a voided request can no longer be decided through the admin API, and a grant the operator
+//! delivers for it later is refused until the request would have expired.
 
 use crate::config::ApprovalGrant;
 use crate::refusal::Refusal;
@@ -43,6 +47,8 @@ pub enum ApprovalState {
     Approved,
     /// Denied.
     Denied,
+    /// Voided by a kill switch while pending: it can no longer be decided.
+    Voided,
 }
 
 /// What a human sees about a held call.
@@ -87,6 +93,9 @@ pub struct ApprovalRequest {
     pub reason: Option<String>,
     /// A single-use grant was used.
     pub used: bool,
+    /// The kill switch that voided it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voided_by: Option<String>,
 }
 
 /// A grant that lets the call through.
@@ -118,6 +127,8 @@ pub enum DecideError {
 pub struct ApprovalStore {
     inner: Mutex<HashMap<String, ApprovalRequest>>,
     used_grants: Mutex<std::collections::HashSet<String>>,
+    /// Voided request id → (its expiry, the switch): operator grants for them are refused.
+    voided: Mutex<HashMap<String, (String, String)>>,
     changed: watch::Sender<u64>,
     evicted: Option<prometheus::IntCounterVec>,
     recorder: std::sync::OnceLock<UseRecorder>,
@@ -128,6 +139,7 @@ impl Default for ApprovalStore {
         Self {
             inner: Mutex::default(),
             used_grants: Mutex::default(),
+            voided: Mutex::default(),
             changed: watch::channel(0).0,
             evicted: None,
             recorder: std::sync::OnceLock::new(),
@@ -370,6 +382,44 @@ impl ApprovalStore {
         }
     }
 
+    /// Void every pending request one of `switches` covers (agent and namespace are the
+    /// snapshot's; tenant and tool the request's). Returns the requests voided.
+    pub fn void(
+        &self,
+        snap: &Snapshot,
+        switches: &[&crate::config::KillSwitchConfig],
+    ) -> Vec<ApprovalRequest> {
+        let (ns, agent) = (&snap.agent.namespace, &snap.agent.name);
+        let mut out = Vec::new();
+        let mut map = self.inner.lock().expect("approvals lock");
+        for r in map.values_mut() {
+            if r.state != ApprovalState::Pending {
+                continue;
+            }
+            let s = &r.summary;
+            let Some(k) = switches
+                .iter()
+                .find(|k| crate::killswitch::applies(k, ns, agent, &s.tenant, &s.tool))
+            else {
+                continue;
+            };
+            r.state = ApprovalState::Voided;
+            r.voided_by = Some(k.name.clone());
+            r.decided_at = Some(rfc(time::OffsetDateTime::now_utc()));
+            r.reason = Some(format!("kill switch {} engaged: {}", k.name, k.reason));
+            out.push(r.clone());
+        }
+        drop(map);
+        let mut voided = self.voided.lock().expect("voided lock");
+        let now = rfc(time::OffsetDateTime::now_utc());
+        voided.retain(|_, (exp, _)| exp.as_str() > now.as_str());
+        for r in &out {
+            let by = r.voided_by.clone().unwrap_or_default();
+            voided.insert(r.id.clone(), (r.expires_at.clone(), by));
+        }
+        out
+    }
+
     /// A new snapshot was installed (it may carry grants): wake held calls.
     pub fn snapshot_changed(&self) {
         self.changed.send_modify(|v| *v += 1);
@@ -385,6 +435,12 @@ impl ApprovalStore {
         // Operator-delivered decisions first.
         if let Some(g) = snap.approvals.granted.iter().find(|g| g.key == call.key) {
             check_grant(g, &now)?;
+            if let Some((_, switch)) = self.voided.lock().expect("voided lock").get(&g.id) {
+                return Err(Refusal::ApprovalRejected(format!(
+                    "approval {} was voided by kill switch {switch} while pending; a decision made on it is not honoured",
+                    g.id
+                )));
+            }
             if snap.approvals.single_use
                 && !self
                     .used_grants
@@ -416,6 +472,7 @@ impl ApprovalStore {
             decided_at: None,
             reason: None,
             used: false,
+            voided_by: None,
         };
         if !map.contains_key(call.key) {
             // Opening a request: first make room, and cap what one agent may keep pending, so
@@ -435,6 +492,12 @@ impl ApprovalStore {
             *opened = true;
             fresh()
         });
+        if entry.state == ApprovalState::Voided {
+            // The switch that voided it has been lifted (or the gate would have refused the
+            // call first): the retry asks again.
+            *entry = fresh();
+            *opened = true;
+        }
         if entry.expires_at <= now {
             if entry.state == ApprovalState::Pending || entry.used {
                 // An expired or spent request is replaced by a new one for the retry.
@@ -453,6 +516,11 @@ impl ApprovalStore {
                 approval: entry.id.clone(),
                 retry_after_s: 30,
             }),
+            ApprovalState::Voided => Err(Refusal::ApprovalRejected(format!(
+                "approval {} was voided by kill switch {}",
+                entry.id,
+                entry.voided_by.as_deref().unwrap_or("?")
+            ))),
             ApprovalState::Denied => Err(Refusal::ApprovalRejected(format!(
                 "approval {} was denied by {}{}",
                 entry.id,

@@ -362,6 +362,43 @@ pub fn report_approval(
     });
 }
 
+/// Tell the operator that a kill switch voided these pending approval requests: it marks
+/// each `ApprovalRequest` `Voided`, so it can no longer be approved (fire and forget: the
+/// sidecar refuses grants for them either way, see [`crate::approval::ApprovalStore::void`]).
+pub fn report_voided(
+    args: &ControlArgs,
+    voided: &[crate::approval::ApprovalRequest],
+    upstreams: &crate::upstream::Upstreams,
+) {
+    let (args, upstreams) = (args.clone(), upstreams.clone());
+    let items: Vec<_> = voided
+        .iter()
+        .map(|r| serde_json::json!({"id": r.id, "reason": r.reason}))
+        .collect();
+    let body = serde_json::json!({"agent": args.agent, "voided": items});
+    tokio::spawn(async move {
+        let request = match operator_post(&args, "/v1/approvals/void", &body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot report voided approval requests");
+                return;
+            }
+        };
+        match upstreams
+            .send(request, Duration::from_secs(2), Duration::from_secs(10))
+            .await
+        {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => {
+                tracing::error!(status = %r.status(), "operator refused to void approval requests")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "voided approval requests not reported to the operator")
+            }
+        }
+    });
+}
+
 /// The use recorder of operator mode: `POST /v1/approvals/consume` for each use of a
 /// single-use grant; the operator records it in the `ApprovalRequest` status with a
 /// conditional write, so of all sidecars of the identity, and across restarts, one use wins.

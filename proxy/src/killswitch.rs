@@ -1,5 +1,8 @@
 //! Kill switches: an engaged switch whose every set scope field matches the call refuses it
-//! with 503 `killed`. `all: true` matches everything.
+//! with 503 `killed`. `all: true` matches everything. A switch that engages while calls in
+//! its scope are in flight stops them too (see [`inflight`]).
+
+pub mod inflight;
 
 use crate::config::KillSwitchConfig;
 use crate::refusal::Refusal;

@@ -75,6 +75,10 @@ pub struct Metrics {
     /// advertised a pinned tool with another definition (the tool was withheld). `tool` is a
     /// catalog tool name, so the series are bounded by the catalog.
     pub tool_definition_mismatch: IntCounterVec,
+    /// `tollgate_calls_aborted_total{reason,stage}`: calls stopped while in flight
+    /// (`reason="killed"`: a kill switch engaged; `stage`: `gates`, `approval`, `upstream`,
+    /// `response` or `stream`, where the call was).
+    pub calls_aborted: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -125,6 +129,7 @@ impl Metrics {
             redis_unavailable: reg(&r, IntGauge::new("tollgate_redis_unavailable", "1 while the Redis limits backend is unreachable.").unwrap()),
             fail_open: reg(&r, IntCounterVec::new(Opts::new("tollgate_fail_open_total", "Calls let through by an explicit fail-open setting."), &["reason"]).unwrap()),
             limits_unavailable: reg(&r, IntCounterVec::new(Opts::new("tollgate_limits_unavailable_total", "Limits-store operations that failed, by how limits.onUnavailable handled them."), &["on_unavailable"]).unwrap()),
+            calls_aborted: reg(&r, IntCounterVec::new(Opts::new("tollgate_calls_aborted_total", "Calls stopped while in flight, by reason and by the stage they were in."), &["reason", "stage"]).unwrap()),
             budget_overrun: reg(&r, prometheus::CounterVec::new(Opts::new("tollgate_budget_overrun_usd_total", "Actual cost above the reserved estimate."), &["tenant"]).unwrap()),
             runs_forgotten: reg(&r, IntCounterVec::new(Opts::new("tollgate_runs_forgotten_total", "Least recently used runs dropped from the local run tables (budget counters, call counts) to keep memory bounded."), &["table"]).unwrap()),
             guards_dropped: reg(&r, IntCounterVec::new(Opts::new("tollgate_guards_dropped_total", "Budget reservations and idempotency claims ended by Drop (client gone, panic): charged, released."), &["guard"]).unwrap()),

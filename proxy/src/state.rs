@@ -67,6 +67,8 @@ pub struct ProxyState {
     pub limits: Arc<crate::limits::Limits>,
     /// The operator link, in operator mode.
     pub control: std::sync::OnceLock<crate::control::ControlArgs>,
+    /// Calls in flight by kill-switch scope: a newly engaged switch stops them.
+    pub inflight: Arc<crate::killswitch::inflight::InFlight>,
     /// Spend today (UTC day, USD per tenant), reported to the operator.
     pub spend_today: std::sync::Mutex<(String, std::collections::BTreeMap<String, f64>)>,
     /// MCP tool definitions seen advertised, compared with pins (see [`crate::pins`]).
@@ -96,6 +98,7 @@ impl ProxyState {
             approvals,
             limits,
             control: std::sync::OnceLock::new(),
+            inflight: Arc::default(),
             spend_today: std::sync::Mutex::default(),
             tool_definitions: Default::default(),
             audit_seen: AtomicU64::new(0),
@@ -107,7 +110,10 @@ impl ProxyState {
         s
     }
 
-    /// Atomically install a validated snapshot.
+    /// Atomically install a validated snapshot. Switches it newly engages stop the calls in
+    /// their scope that are already in flight and void the approval requests they cover
+    /// (except in shadow mode, which only records what a switch would have done). The
+    /// snapshot is stored before the in-flight scan: see [`crate::killswitch::inflight`].
     pub fn install(&self, snap: Arc<Snapshot>) {
         let m = &self.metrics;
         m.config_version.set(snap.version as i64);
@@ -121,7 +127,29 @@ impl ProxyState {
             m.tool_definition_mismatch
                 .with_label_values(&[snap.agent.name.as_str(), t.name()]);
         }
-        self.snapshot.store(Some(snap));
+        let old = self.snapshot.swap(Some(snap.clone()));
+        let was = old.as_deref().map_or(&[][..], |o| &o.kill_switches[..]);
+        let newly = crate::killswitch::inflight::newly_engaged(was, &snap.kill_switches);
+        if !newly.is_empty() && snap.agent.mode != crate::config::Mode::Shadow {
+            let fired = self.inflight.kill(&newly);
+            let voided = self.approvals.void(&snap, &newly);
+            if fired > 0 || !voided.is_empty() {
+                tracing::warn!(
+                    switches = %newly.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(","),
+                    calls = fired,
+                    approvals_voided = voided.len(),
+                    "kill switch engaged: in-flight calls in its scope stopped"
+                );
+            }
+            if let (Some(ctl), false) = (self.control.get(), voided.is_empty()) {
+                crate::control::report_voided(ctl, &voided, &self.upstreams);
+            }
+            if !voided.is_empty() {
+                m.approvals
+                    .with_label_values(&["voided"])
+                    .inc_by(voided.len() as u64);
+            }
+        }
         self.approvals.snapshot_changed();
         self.freshness.confirm();
     }

@@ -2,3 +2,4 @@
 //! loopback, and raw HTTP clients for crafted requests.
 
 pub mod harness;
+pub mod slow_upstream;

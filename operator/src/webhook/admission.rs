@@ -142,9 +142,9 @@ fn stamp_approval(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     if new_phase == "Pending" {
         return AdmissionResponse::from(req);
     }
-    if !matches!(new_phase, "Approved" | "Denied") {
+    if !matches!(new_phase, "Approved" | "Denied" | "Voided") {
         return AdmissionResponse::from(req).deny(format!(
-            "status.phase must be Approved or Denied, not {new_phase:?}"
+            "status.phase must be Approved, Denied or Voided, not {new_phase:?}"
         ));
     }
     let (username, groups) = user(req);

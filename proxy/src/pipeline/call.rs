@@ -90,6 +90,10 @@ pub struct Call {
     pub stage: &'static str,
     /// The upstream may have received the call.
     pub sent: bool,
+    /// Fired when a kill switch covering the call engages while it is in flight.
+    pub kill: crate::killswitch::inflight::KillSignal,
+    /// Keeps the call in the in-flight registry until it ends (its body included).
+    pub inflight: Option<crate::killswitch::inflight::InFlightGuard>,
     /// `finish` ran: nothing is left for `Drop`.
     pub(crate) finished: bool,
 }
@@ -121,6 +125,8 @@ impl Call {
             idem: None,
             stage: "intercept",
             sent: false,
+            kill: Default::default(),
+            inflight: None,
             finished: false,
         }
     }

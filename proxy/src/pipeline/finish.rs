@@ -6,6 +6,12 @@
 //! it is charged what was delivered and its outcome record is written. (A call that never
 //! reaches `finish` is ended by its `Drop`; see [`super::call`].)
 //!
+//! A call a kill switch stops in flight ends here too, once: before it was forwarded it is a
+//! refusal (`killed`, reservation released); once the upstream may have it, the upstream
+//! request is dropped and the call is charged what it was delivered — nothing of the
+//! answer, so an LLM call its prompt and a fixed-cost call its cost (the upstream may have
+//! acted) — with a `killed` outcome record. A killed stream ends in [`body_ended`].
+//!
 //! Refusals are rendered by refusal.rs, in the error envelope of the call's LLM provider when
 //! the tool declares one (so each provider's SDK surfaces the reason), in JSON-RPC for MCP.
 
@@ -33,6 +39,8 @@ pub enum Outcome {
     AuditFailed(Refusal),
     /// The upstream failed or timed out (upstream latency in µs).
     UpstreamFailed(Refusal, u64),
+    /// A kill switch covering the call engaged while it was in flight (before any answer).
+    Killed(crate::killswitch::inflight::Killed),
     /// The upstream answered.
     Answered {
         /// Its response (the body still streaming).
@@ -133,6 +141,7 @@ pub async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
             observe_total(&call, upstream_us);
             render(&call, &r)
         }
+        Outcome::Killed(k) => killed(call, k).await,
         Outcome::Answered {
             response,
             upstream_us,
@@ -148,9 +157,73 @@ pub async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
     }
 }
 
-/// Render a refusal through the one renderer in refusal.rs, in the call's envelope.
-pub(super) fn render(call: &Call, r: &Refusal) -> Response<ResBody> {
-    let envelope = match &call.mcp_id {
+/// A call stopped in flight by a kill switch, before any answer: see the module docs.
+async fn killed(mut call: Call, k: crate::killswitch::inflight::Killed) -> Response<ResBody> {
+    let r = k.refusal();
+    count_abort(&call, abort_stage(call.stage));
+    tracing::warn!(tenant = %call.tenant, tool = call.tool_name().unwrap_or(""), stage = call.stage, switch = %k.name, "call stopped in flight by a kill switch");
+    if !call.sent {
+        // Nothing left the pod: a refusal like the gate's.
+        return Box::pin(finish(call, Outcome::Refused(r))).await;
+    }
+    let span = tracing::Span::current();
+    span.record("decision", Decision::Killed.as_str());
+    let mut recs = call.records(
+        Phase::Outcome,
+        Decision::Killed,
+        &r.reasons(),
+        r.status().as_u16(),
+    );
+    let spend = match respond::llm_estimate(&call) {
+        Some(est) => {
+            let t = crate::meter::charged_tokens(&est, &Default::default(), true);
+            for rec in &mut recs {
+                rec.cost.prompt_tokens = t.prompt;
+                rec.cost.completion_tokens = t.completion;
+            }
+            est.llm_spend(t)
+        }
+        None => call.elements.iter().map(|e| e.estimate.spend).sum(),
+    };
+    respond::cost_per_element(&call, &mut recs, spend);
+    respond::charge(&mut call, spend).await;
+    if let Some(i) = call.idem.take() {
+        i.release().await;
+    }
+    for rec in &mut recs {
+        rec.cut = Some("killed".into());
+    }
+    call.count(Decision::Killed);
+    call.finished = true;
+    for rec in recs {
+        let _ = call.state.audit.append(rec).await;
+    }
+    observe_total(&call, 0);
+    render(&call, &r)
+}
+
+/// The bounded `stage` label of `tollgate_calls_aborted_total` for where a call was.
+fn abort_stage(stage: &str) -> &'static str {
+    match stage {
+        "approval" => "approval",
+        "upstream" | "decision_record" => "upstream",
+        "response" => "response",
+        _ => "gates",
+    }
+}
+
+/// Count a call stopped in flight by a kill switch.
+pub(super) fn count_abort(call: &Call, stage: &'static str) {
+    call.state
+        .metrics
+        .calls_aborted
+        .with_label_values(&["killed", stage])
+        .inc();
+}
+
+/// The call's error envelope: JSON-RPC for MCP, its LLM provider's, or Tollgate's.
+pub(super) fn envelope(call: &Call) -> Envelope<'_> {
+    match &call.mcp_id {
         Some(id) => Envelope::JsonRpc(id),
         None => {
             let tool = call.elements.first().map(|e| e.tool).or(call.routed);
@@ -159,8 +232,12 @@ pub(super) fn render(call: &Call, r: &Refusal) -> Response<ResBody> {
                 None => Envelope::Tollgate,
             }
         }
-    };
-    refusal::render_as(r, call.tool_name(), &call.run, envelope)
+    }
+}
+
+/// Render a refusal through the one renderer in refusal.rs, in the call's envelope.
+pub(super) fn render(call: &Call, r: &Refusal) -> Response<ResBody> {
+    refusal::render_as(r, call.tool_name(), &call.run, envelope(call))
 }
 
 /// The end of an answered call's body (its last byte, a cut, or a client that went away):
@@ -182,6 +259,13 @@ pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: 
         for rec in &mut recs {
             rec.cut = Some(cut.label().to_string());
             rec.reasons.push(cut.reason());
+            if let crate::upstream::stream::Cut::Killed(_) = cut {
+                rec.decision = Decision::Killed.as_str().to_string();
+                rec.reasons.push(format!(
+                    "{} bytes of the response were delivered before the cut",
+                    end.bytes
+                ));
+            }
         }
     }
     call.finished = true;

@@ -105,16 +105,35 @@ pub(super) fn elements(
 }
 
 /// Every engaged kill switch, against every element (or the agent, for a message no tool
-/// decides).
+/// decides). The call is registered in flight first, then checked against its snapshot and
+/// the live one: a switch that engages after this point fires the call's signal instead (see
+/// [`crate::killswitch::inflight`] for why this order leaves no gap).
 pub(super) fn kill_switches(call: &mut Call) -> Result<(), Refusal> {
     let snap = call.snap.clone();
-    let r = if call.elements.is_empty() {
-        crate::killswitch::check(&snap, &call.tenant, "")
+    let tools: Vec<&str> = if call.elements.is_empty() {
+        vec![""]
     } else {
-        call.elements.iter().try_for_each(|e| {
-            crate::killswitch::check(&snap, &call.tenant, snap.tools[e.tool].name())
-        })
+        call.elements
+            .iter()
+            .map(|e| snap.tools[e.tool].name())
+            .collect()
     };
+    let scope = crate::killswitch::inflight::Scope {
+        namespace: &snap.agent.namespace,
+        agent: &snap.agent.name,
+        tenant: &call.tenant,
+        tools: tools.clone(),
+    };
+    call.inflight = Some(call.state.inflight.register(scope, call.kill.clone()));
+    let live = call.state.snapshot.load_full();
+    let r = [Some(&snap), live.as_ref()]
+        .into_iter()
+        .flatten()
+        .try_for_each(|s| {
+            tools
+                .iter()
+                .try_for_each(|t| crate::killswitch::check(s, &call.tenant, t))
+        });
     gate(call, r)
 }
 

@@ -9,6 +9,12 @@
 //!
 //! Shadow mode is applied once, in [`gate`]: a gate refusal is noted and the call goes ahead.
 //! Malformed requests, unknown tenants and unknown tools are refused in every mode.
+//!
+//! A kill switch that engages while the call is in flight ends it wherever it waits: the
+//! stages and the wait for the upstream's headers run under [`killable`], which drops them
+//! (and with them the upstream request, or the held approval wait) when the call's signal
+//! fires, and the call ends through `finish` as `killed`; a body already streaming is cut by
+//! [`crate::upstream::stream::ResponseStream`].
 
 mod call;
 mod finish;
@@ -88,14 +94,32 @@ async fn handle_with(
     }
     span.record("trace_id", tracing::field::display(&call.trace_id));
     async move {
-        match run(&mut call, &parts, body, tunnel).await {
-            Ok(Admitted::Forward(target)) => forward_call(call, &parts, target).await,
-            Ok(Admitted::Replay(stored)) => finish::finish(call, Outcome::Replayed(stored)).await,
-            Err(r) => finish::finish(call, Outcome::Refused(r)).await,
-        }
+        let kill = call.kill.clone();
+        let outcome = killable(&kill, async {
+            match run(&mut call, &parts, body, tunnel).await {
+                Ok(Admitted::Forward(target)) => forward(&mut call, &parts, target).await,
+                Ok(Admitted::Replay(stored)) => Outcome::Replayed(stored),
+                Err(r) => Outcome::Refused(r),
+            }
+        })
+        .await;
+        finish::finish(call, outcome).await
     }
     .instrument(span)
     .await
+}
+
+/// Run `work` unless `kill` fires first; then `work` (which borrows the call) is dropped and
+/// the call ends as [`Outcome::Killed`].
+async fn killable(
+    kill: &crate::killswitch::inflight::KillSignal,
+    work: impl std::future::Future<Output = Outcome>,
+) -> Outcome {
+    tokio::select! {
+        biased;
+        killed = kill.fired() => Outcome::Killed(killed),
+        outcome = work => outcome,
+    }
 }
 
 /// The stage list.
@@ -189,16 +213,12 @@ fn gate<T: Default>(call: &mut Call, r: Result<T, Refusal>) -> Result<T, Refusal
 /// Forward an admitted call: the upstream request is rebuilt from the canonical call (see
 /// [`crate::canonical::rebuild`]), never copied from the agent's bytes; then dry-run answers,
 /// the durable decision record, the upstream.
-async fn forward_call(
-    mut call: Call,
-    parts: &http::request::Parts,
-    target: Target,
-) -> Response<ResBody> {
+async fn forward(call: &mut Call, parts: &http::request::Parts, target: Target) -> Outcome {
     let snap = call.snap.clone();
     let tool = call.elements.first().map(|e| &snap.tools[e.tool]);
     let Some(mut decided) = call.canonical.take() else {
         let r = Refusal::BadRequest("the call has no decided form".into());
-        return finish::finish(call, Outcome::Refused(r)).await;
+        return Outcome::Refused(r);
     };
     // Streamed LLM calls are asked to report usage, when the tool says so and its declared
     // provider's API at this path takes the option.
@@ -231,7 +251,7 @@ async fn forward_call(
         Ok(r) => r,
         Err(e) => {
             let r = stages::body::ambiguous(e, snap.max_body);
-            return finish::finish(call, Outcome::Refused(r)).await;
+            return Outcome::Refused(r);
         }
     };
     if snap.agent.mode == Mode::DryRun && forward::is_mutating(&target.method) {
@@ -244,12 +264,12 @@ async fn forward_call(
             call.passed().as_str(),
             &reasons,
         );
-        return finish::finish(call, Outcome::DryRun(answer)).await;
+        return Outcome::DryRun(answer);
     }
     // The decision record must be durable before anything leaves the pod.
     call.stage = "decision_record";
-    if let Err(r) = finish::durable_decision(&call).await {
-        return finish::finish(call, Outcome::AuditFailed(r)).await;
+    if let Err(r) = finish::durable_decision(call).await {
+        return Outcome::AuditFailed(r);
     }
     let req = rebuilt.map(http_body_util::Full::new);
     let t = tool.map(|t| (t.connect_timeout, t.header_timeout, t.total_timeout));
@@ -273,14 +293,13 @@ async fn forward_call(
         .duration
         .with_label_values(&["upstream"])
         .observe(started.elapsed().as_secs_f64());
-    let outcome = match result {
-        Err(e) => Outcome::UpstreamFailed(gates::upstream_refusal(&call, &target, e), upstream_us),
+    match result {
+        Err(e) => Outcome::UpstreamFailed(gates::upstream_refusal(call, &target, e), upstream_us),
         Ok(res) => Outcome::Answered {
             response: res,
             upstream_us,
             timeouts,
             target,
         },
-    };
-    finish::finish(call, outcome).await
+    }
 }

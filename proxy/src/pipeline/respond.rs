@@ -67,6 +67,8 @@ pub(super) async fn answered(
     }
     // MCP streams carry only JSON-RPC: a cut one is aborted rather than told in an SSE event.
     let in_band = !crate::mcp::is_mcp(&call.snap, &target);
+    let kill = call.kill.clone();
+    let kill_event = kill_event(&call);
     let done: OnEnd = Box::new(move |end| {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
@@ -75,8 +77,25 @@ pub(super) async fn answered(
     });
     let body = ResponseStream::new(body, &parts.headers, timeouts, llm, done)
         .in_band_errors(in_band)
+        .killed_by(kill, kill_event)
         .boxed();
     Response::from_parts(parts, body)
+}
+
+/// The data of the SSE error event a killed stream of this call ends with: the `killed`
+/// refusal in the call's provider envelope (the shape its SDK raises from); `None` where no
+/// provider is declared, for Tollgate's cut shape.
+fn kill_event(call: &Call) -> Option<crate::upstream::stream::KillEvent> {
+    let crate::refusal::Envelope::Provider(p) = super::finish::envelope(call) else {
+        return None;
+    };
+    let (tool, run) = (call.tool_name().map(str::to_owned), call.run.clone());
+    Some(Box::new(move |k| {
+        let (_, body) =
+            k.refusal()
+                .in_envelope(tool.as_deref(), &run, crate::refusal::Envelope::Provider(p));
+        body
+    }))
 }
 
 /// The estimate of a metered LLM call (one element with an LLM cost model), if this is one.
@@ -89,7 +108,7 @@ pub(super) fn llm_estimate(call: &Call) -> Option<Estimate> {
 
 /// Each element's cost in its record: the whole spend for a single call, each element's
 /// estimate in a batch.
-fn cost_per_element(call: &Call, recs: &mut [AuditRecord], spend: i64) {
+pub(super) fn cost_per_element(call: &Call, recs: &mut [AuditRecord], spend: i64) {
     if call.elements.len() == 1 {
         recs[0].cost.usd = crate::limits::to_usd(spend);
         return;
@@ -115,11 +134,15 @@ async fn stored_for_replay(
     total: Duration,
     idem: IdemGuard,
 ) -> Response<ResBody> {
-    let collected = tokio::time::timeout(
-        total,
-        Limited::new(body, crate::idempotency::MAX_STORED_BODY).collect(),
-    )
-    .await;
+    let kill = call.kill.clone();
+    let collected = tokio::select! {
+        biased;
+        k = kill.fired() => return killed_buffering(call, recs, idem, k).await,
+        c = tokio::time::timeout(
+            total,
+            Limited::new(body, crate::idempotency::MAX_STORED_BODY).collect(),
+        ) => c,
+    };
     let bytes = match collected {
         Ok(Ok(b)) => b.to_bytes(),
         _ => {
@@ -175,6 +198,32 @@ async fn stored_for_replay(
     parts.headers.remove(http::header::CONTENT_LENGTH);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     Response::from_parts(parts, full(bytes))
+}
+
+/// A kill switch stopped an idempotent call while its answer was being buffered: nothing of
+/// it reached the agent, the upstream acted, so the reserved estimate is charged (as for a
+/// body that could not be read) and the claim is released for a retry.
+async fn killed_buffering(
+    mut call: Call,
+    mut recs: Vec<AuditRecord>,
+    idem: IdemGuard,
+    k: crate::killswitch::inflight::Killed,
+) -> Response<ResBody> {
+    idem.release().await;
+    let spend: i64 = call.elements.iter().map(|e| e.estimate.spend).sum();
+    cost_per_element(&call, &mut recs, spend);
+    charge(&mut call, spend).await;
+    let r = k.refusal();
+    super::finish::count_abort(&call, "response");
+    for rec in &mut recs {
+        rec.decision = crate::refusal::Decision::Killed.as_str().to_string();
+        rec.status = r.status().as_u16();
+        rec.cut = Some("killed".into());
+        rec.reasons.extend(r.reasons());
+    }
+    call.finished = true;
+    write(&call, recs).await;
+    super::finish::render(&call, &r)
 }
 
 /// Settle the call at `spend` and account it: spend and overrun metrics, budget gauges.

@@ -8,7 +8,13 @@
 //! aborted, so the client's HTTP library sees an incomplete body rather than a complete one.
 //! Either way the end is reported once, with what was delivered, to the pipeline's exit
 //! (`pipeline::finish::body_ended`), for the outcome record and the budget settlement.
+//!
+//! A kill switch that engages while the body streams cuts it the same way ([`Cut::Killed`]);
+//! the error event then carries the 503 `killed` refusal in the call's provider envelope
+//! when the pipeline gave one ([`ResponseStream::killed_by`]), so the provider's SDK raises
+//! its own error type with Tollgate's reason.
 
+use crate::killswitch::inflight::{KillSignal, Killed};
 use crate::meter::{Scanned, UsageScanner};
 use crate::snapshot::Tool;
 use bytes::Bytes;
@@ -30,6 +36,8 @@ pub enum Cut {
     Upstream(String),
     /// The agent went away before the end.
     ClientGone,
+    /// A kill switch covering the call engaged.
+    Killed(Killed),
 }
 
 impl Cut {
@@ -40,6 +48,7 @@ impl Cut {
             Cut::Idle(_) => "idle_timeout",
             Cut::Upstream(_) => "upstream_error",
             Cut::ClientGone => "client_gone",
+            Cut::Killed(_) => "killed",
         }
     }
 
@@ -58,6 +67,10 @@ impl Cut {
                 format!("the upstream failed mid-response ({e}); the answer is incomplete")
             }
             Cut::ClientGone => "the client closed the response before its end".into(),
+            Cut::Killed(k) => format!(
+                "the response was cut: kill switch {} engaged ({}); the answer is incomplete",
+                k.name, k.reason
+            ),
         }
     }
 }
@@ -106,6 +119,10 @@ impl BodyTimeouts {
 #[error("response aborted by Tollgate: {0}")]
 pub struct Aborted(String);
 
+/// Renders the `data` of the error event a killed SSE stream ends with (the refusal in the
+/// call's provider envelope).
+pub type KillEvent = Box<dyn Fn(&Killed) -> serde_json::Value + Send + Sync>;
+
 /// Error type of bodies the proxy serves.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -118,6 +135,10 @@ pin_project_lite::pin_project! {
         deadline: Sleep,
         #[pin]
         idle: Sleep,
+        #[pin]
+        kill: Option<tokio_util::sync::WaitForCancellationFutureOwned>,
+        signal: Option<KillSignal>,
+        kill_event: Option<KillEvent>,
         timeouts: BodyTimeouts,
         scanner: Option<UsageScanner>,
         // SSE not content-encoded: a cut can be told in band.
@@ -169,6 +190,9 @@ impl<B: Body> ResponseStream<B> {
             inner,
             deadline: tokio::time::sleep_until(now + timeouts.total),
             idle: tokio::time::sleep_until(now + timeouts.idle),
+            kill: None,
+            signal: None,
+            kill_event: None,
             timeouts,
             scanner: scan.then(|| UsageScanner::for_response(headers)),
             sse_error: sse && !encoded,
@@ -188,6 +212,15 @@ impl<B> ResponseStream<B> {
         self.sse_error &= yes;
         self
     }
+
+    /// Cut the body when `signal` fires (a kill switch engaged). `event` renders the error
+    /// event's data for an SSE body; without it the event has Tollgate's cut shape.
+    pub fn killed_by(mut self, signal: KillSignal, event: Option<KillEvent>) -> Self {
+        self.kill = Some(signal.fired_owned());
+        self.signal = Some(signal);
+        self.kill_event = event;
+        self
+    }
 }
 
 /// Count a cut in `tollgate_upstream_errors_total{kind="stream_*"}` (a client going away is
@@ -198,6 +231,14 @@ pub fn count_cut(state: &crate::state::ProxyState, cut: &Cut) {
         Cut::Idle(_) => "stream_idle_timeout",
         Cut::Upstream(_) => "stream_upstream_error",
         Cut::ClientGone => return,
+        Cut::Killed(_) => {
+            state
+                .metrics
+                .calls_aborted
+                .with_label_values(&["killed", "stream"])
+                .inc();
+            return;
+        }
     };
     state
         .metrics
@@ -207,16 +248,18 @@ pub fn count_cut(state: &crate::state::ProxyState, cut: &Cut) {
 }
 
 /// The SSE event a cut stream ends with: `error.message` for the SDKs, Tollgate's fields
-/// beside it.
-fn error_event(cut: &Cut, tail: [u8; 2]) -> Bytes {
-    let data = serde_json::json!({
-        "type": "error",
-        "error": {
-            "type": "tollgate_stream_cut",
-            "code": cut.label(),
-            "message": format!("Tollgate: {}", cut.reason()),
-            "tollgate": {"error": "stream_cut", "cut": cut.label(), "reason": cut.reason()},
-        }
+/// beside it (or `data` as given: a killed call's refusal in its provider envelope).
+fn error_event(cut: &Cut, tail: [u8; 2], data: Option<serde_json::Value>) -> Bytes {
+    let data = data.unwrap_or_else(|| {
+        serde_json::json!({
+            "type": "error",
+            "error": {
+                "type": "tollgate_stream_cut",
+                "code": cut.label(),
+                "message": format!("Tollgate: {}", cut.reason()),
+                "tollgate": {"error": "stream_cut", "cut": cut.label(), "reason": cut.reason()},
+            }
+        })
     });
     let lead = match tail {
         [_, b'\n'] if tail[0] == b'\n' => "",
@@ -249,7 +292,11 @@ where
         let cut = cut?;
         tracing::warn!(cut = cut.label(), reason = %cut.reason(), "response stream cut");
         if *this.sse_error {
-            Some(Ok(Frame::data(error_event(&cut, *this.tail))))
+            let data = match (&cut, this.kill_event.as_ref()) {
+                (Cut::Killed(k), Some(render)) => Some(render(k)),
+                _ => None,
+            };
+            Some(Ok(Frame::data(error_event(&cut, *this.tail, data))))
         } else {
             let e: BoxError = Box::new(Aborted(cut.reason()));
             Some(Err(e))
@@ -273,6 +320,20 @@ where
             return Poll::Ready(None);
         }
         let mut this = self.as_mut().project();
+        // The kill switch first: a fast stream must not outrun it.
+        if let Some(kill) = this.kill.as_mut().as_pin_mut() {
+            if kill.poll(cx).is_ready() {
+                let why = this
+                    .signal
+                    .as_ref()
+                    .and_then(|s| s.killed().cloned())
+                    .unwrap_or_else(|| Killed {
+                        name: String::new(),
+                        reason: String::new(),
+                    });
+                return Poll::Ready(self.end(Some(Cut::Killed(why))));
+            }
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let idle = this.timeouts.idle;

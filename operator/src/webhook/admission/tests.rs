@@ -322,3 +322,36 @@ fn pods_are_patched_with_the_sidecar() {
         resp.result.message
     );
 }
+
+#[test]
+fn a_pending_request_can_be_voided_and_a_voided_one_not_decided() {
+    let pending = approval("Pending", json!({}));
+    let voided = approval("Voided", json!({"reason": "kill switch stop engaged"}));
+    let void = review(
+        "ApprovalRequest",
+        "approvalrequests",
+        Some("status"),
+        "UPDATE",
+        "system:serviceaccount:tollgate-system:tollgate-operator",
+        voided.clone(),
+        pending,
+    );
+    let resp = stamp(&void);
+    assert!(resp.allowed, "{:?}", resp.result);
+    let approve = review(
+        "ApprovalRequest",
+        "approvalrequests",
+        Some("status"),
+        "UPDATE",
+        "alice@example.com",
+        approval("Approved", json!({})),
+        voided,
+    );
+    let resp = stamp(&approve);
+    assert!(!resp.allowed);
+    assert!(
+        resp.result.message.contains("already Voided"),
+        "{}",
+        resp.result.message
+    );
+}

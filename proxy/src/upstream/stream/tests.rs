@@ -147,3 +147,75 @@ async fn a_dropped_body_is_reported_as_client_gone() {
         Some(Cut::ClientGone)
     );
 }
+
+const LONG: BodyTimeouts = BodyTimeouts {
+    total: Duration::from_secs(600),
+    idle: Duration::from_secs(600),
+};
+
+fn stop() -> Killed {
+    Killed {
+        name: "stop-acme".into(),
+        reason: "INC-7".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_kill_cuts_an_sse_stream_with_the_envelope_given_and_reports_what_it_delivered() {
+    let (tx, body) = channel_body();
+    let (slot, done) = recorder();
+    let signal = KillSignal::default();
+    let event: KillEvent =
+        Box::new(|k| serde_json::json!({"error": {"code": "killed", "message": k.name}}));
+    let mut s = std::pin::pin!(ResponseStream::new(
+        body,
+        &headers("text/event-stream", None),
+        LONG,
+        true,
+        done
+    )
+    .killed_by(signal.clone(), Some(event)));
+    tx.send(Ok(Frame::data(Bytes::from_static(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+    ))))
+    .await
+    .unwrap();
+    s.frame().await.unwrap().unwrap();
+    signal.fire(stop());
+    // Data still waiting upstream does not outrun the kill.
+    tx.send(Ok(Frame::data(Bytes::from_static(b"data: {}\n\n"))))
+        .await
+        .unwrap();
+    let last = s.frame().await.unwrap().unwrap().into_data().unwrap();
+    let text = String::from_utf8(last.to_vec()).unwrap();
+    assert_eq!(
+        text,
+        "event: error\ndata: {\"error\":{\"code\":\"killed\",\"message\":\"stop-acme\"}}\n\n"
+    );
+    assert!(s.frame().await.is_none());
+    let end = slot.lock().unwrap().clone().unwrap();
+    assert_eq!(end.cut, Some(Cut::Killed(stop())));
+    assert_eq!(end.scanned.delivered_chars, 5);
+}
+
+#[tokio::test]
+async fn a_killed_json_body_is_aborted() {
+    let (_tx, body) = channel_body();
+    let (slot, done) = recorder();
+    let signal = KillSignal::default();
+    let mut s = std::pin::pin!(ResponseStream::new(
+        body,
+        &headers("application/json", None),
+        LONG,
+        false,
+        done
+    )
+    .killed_by(signal.clone(), None));
+    signal.fire(stop());
+    let err = s.frame().await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("kill switch stop-acme"), "{err}");
+    assert_eq!(
+        slot.lock().unwrap().clone().unwrap().cut.unwrap().label(),
+        "killed"
+    );
+}
