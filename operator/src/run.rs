@@ -207,7 +207,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let inject_names = match &args.inject_config {
         Some(p) => std::fs::read_to_string(p)
             .ok()
-            .and_then(|t| serde_yaml::from_str::<crate::webhook::inject::InjectConfig>(&t).ok())
+            .and_then(|t| yaml_serde::from_str::<crate::webhook::inject::InjectConfig>(&t).ok())
             .map(|c| (c.ca_secret, c.ca_config_map)),
         None => None,
     }
@@ -295,7 +295,7 @@ async fn start_webhooks(
         .ok_or("--webhook-listen needs --inject-config")?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let inject: InjectConfig =
-        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        yaml_serde::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     // One serving certificate for every replica, kept in a Secret, so the caBundle matches
     // whichever replica the API server reaches; the rotation keeps it (and the caBundle)
     // current.

@@ -445,7 +445,7 @@ async fn serve(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&body)
-        .or_else(|_| serde_yaml::from_slice(&body))
+        .or_else(|_| yaml_serde::from_slice(&body))
         .unwrap_or(Value::Null);
     if path == "/version" {
         return reply(

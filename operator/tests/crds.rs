@@ -109,7 +109,7 @@ fn every_cel_rule_of_every_crd_compiles_against_its_schema() {
             let path = root.join(dir).join(&file);
             let text =
                 std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{dir}/{file}: {e}"));
-            let v: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+            let v: serde_json::Value = yaml_serde::from_str(&text).unwrap();
             let problems = tollgate_operator::crd_check::crd_violations(&v);
             assert!(
                 problems.is_empty(),

@@ -19,7 +19,7 @@ fn the_kubernetes_example_builds() {
     files.sort();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
+        for doc in yaml_serde::Deserializer::from_str(&text) {
             let v = serde_json::Value::deserialize(doc).unwrap();
             let kind = v["kind"].as_str().unwrap().to_string();
             let ctx = format!("{}: {kind}", f.display());

@@ -414,7 +414,7 @@ pub fn replay(
         None => serde_json::json!({}),
         Some(p) => match std::fs::read_to_string(p)
             .map_err(|e| e.to_string())
-            .and_then(|t| serde_yaml::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
+            .and_then(|t| yaml_serde::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
         {
             Ok(v) => v,
             Err(e) => {
@@ -474,7 +474,7 @@ pub fn policy_test(dir: &Path) -> u8 {
 
 /// `ca init --out DIR`: create the interception CA and say how to trust it.
 pub fn ca_init(out: &Path, days: i64, force: bool) -> u8 {
-    match crate::tls::init(out, days, force) {
+    match crate::intercept::tls::init(out, days, force) {
         Ok(files) => {
             let ca = files.cert.display();
             println!("interception CA written:\n  certificate {ca}\n  private key {} (mode 0600; only the sidecar reads it)", files.key.display());
@@ -499,7 +499,7 @@ pub fn ca_init(out: &Path, days: i64, force: bool) -> u8 {
 }
 
 /// `iptables [--apply]`: print or install the transparent-mode redirect rules.
-pub fn iptables(rules: &crate::transparent::RedirectRules, apply: bool) -> u8 {
+pub fn iptables(rules: &crate::intercept::transparent::RedirectRules, apply: bool) -> u8 {
     if !apply {
         print!("{}", rules.script());
         return 0;

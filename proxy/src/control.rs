@@ -170,7 +170,7 @@ fn install(
         delivered.get(INTERCEPT_CA_CERT),
         delivered.get(INTERCEPT_CA_KEY),
     ) {
-        let ca = crate::tls::InterceptCa::from_pem(cert, key)
+        let ca = crate::intercept::tls::InterceptCa::from_pem(cert, key)
             .map_err(|e| format!("the delivered interception CA: {e}"))?;
         snap.intercept = Some(Arc::new(ca));
     }

@@ -274,7 +274,7 @@ pub fn replay_response(stored: Stored, run: &str) -> http::Response<crate::upstr
         "x-tollgate-idempotent-replay",
         HeaderValue::from_static("true"),
     );
-    crate::forward::response_headers(h, run);
+    crate::upstream::forward::response_headers(h, run);
     res
 }
 

@@ -327,7 +327,7 @@ fn main() -> ExitCode {
                 admin_port,
                 no_ipv6,
             } => {
-                let rules = tollgate_proxy::transparent::RedirectRules {
+                let rules = tollgate_proxy::intercept::transparent::RedirectRules {
                     proxy_uid,
                     ports,
                     to_port,

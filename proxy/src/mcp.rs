@@ -21,8 +21,8 @@ use crate::canonical::CanonicalBody;
 use crate::input::{mcp_call, McpCall};
 use crate::refusal::Refusal;
 use crate::snapshot::Snapshot;
-use crate::stream::BodyTimeouts;
 use crate::target::Target;
+use crate::upstream::stream::BodyTimeouts;
 use serde_json::Value;
 
 /// Most messages in one JSON-RPC batch.

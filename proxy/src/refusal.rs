@@ -455,7 +455,7 @@ pub fn render_as(
         .map(|s| ("retry-after", s))
         .into_iter()
         .collect();
-    crate::forward::json_response(status, &body, run, &extra)
+    crate::upstream::forward::json_response(status, &body, run, &extra)
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! snapshot, serve until asked to stop, then drain in-flight calls.
 
 use crate::audit::AuditLog;
+use crate::intercept::server::{serve_proxy, ConnLimits};
 use crate::metrics::Metrics;
-use crate::server::{serve_proxy, ConnLimits};
 use crate::snapshot::{resolve, Snapshot};
 use crate::state::ProxyState;
 use crate::upstream::Upstreams;
@@ -252,7 +252,7 @@ pub async fn start_with_state(
     if let Some(addr) = &listen.transparent {
         let transparent = bind(addr).await?;
         tracing::info!(addr = %addr, "transparent listener (iptables REDIRECT target)");
-        tokio::spawn(crate::transparent::serve_transparent(
+        tokio::spawn(crate::intercept::transparent::serve_transparent(
             transparent,
             state.clone(),
             shutdown.clone(),

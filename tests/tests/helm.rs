@@ -70,7 +70,7 @@ fn template(extra: &[&str]) -> (bool, String, String) {
 }
 
 fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
+    yaml_serde::Deserializer::from_str(yaml)
         .filter_map(|d| Value::deserialize(d).ok())
         .filter(|v| !v.is_null())
         .collect()
@@ -134,7 +134,7 @@ fn rendered_manifests_validate_against_the_kubernetes_schemas() {
             }
             if d["kind"] == "PrometheusRule" {
                 let rules = dir.path().join("rule.yaml");
-                std::fs::write(&rules, serde_yaml::to_string(&d["spec"]).unwrap()).unwrap();
+                std::fs::write(&rules, yaml_serde::to_string(&d["spec"]).unwrap()).unwrap();
                 let out = tool("promtool")
                     .args(["check", "rules"])
                     .arg(&rules)
@@ -152,7 +152,7 @@ fn rendered_manifests_validate_against_the_kubernetes_schemas() {
 
 fn validate_against_crd(obj: &Value) {
     let kind = obj["kind"].as_str().unwrap().to_lowercase();
-    let crd: Value = serde_yaml::from_str(
+    let crd: Value = yaml_serde::from_str(
         &std::fs::read_to_string(root().join(format!("crds/{kind}.yaml"))).unwrap(),
     )
     .unwrap();
@@ -339,7 +339,7 @@ fn injected_pods_validate_against_the_kubernetes_schema() {
             );
         }
         let file = dir.path().join(format!("pod-{i}.yaml"));
-        std::fs::write(&file, serde_yaml::to_string(&v).unwrap()).unwrap();
+        std::fs::write(&file, yaml_serde::to_string(&v).unwrap()).unwrap();
         let out = tool("kubernetes-validate")
             .args(["--strict", "--quiet", "-k", "1.33.0"])
             .arg(&file)
@@ -383,7 +383,7 @@ fn prometheus_operator_kinds_need_their_crds_and_the_minimum_version_is_enforced
         );
     }
     let chart_yaml: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
+        yaml_serde::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
             .unwrap();
     assert_eq!(
         chart_yaml["kubeVersion"],

@@ -43,14 +43,14 @@ impl ConfigError {
 /// Parse config text. Errors carry the field path and line, e.g.
 /// `tools[0].match: unknown field "hots" at line 7 column 5`.
 pub fn parse_str(text: &str) -> Result<Config, ConfigError> {
-    let de = serde_yaml::Deserializer::from_str(text);
+    let de = yaml_serde::Deserializer::from_str(text);
     serde_path_to_error_lite(de).map_err(ConfigError::Parse)
 }
 
-fn serde_path_to_error_lite(de: serde_yaml::Deserializer<'_>) -> Result<Config, String> {
+fn serde_path_to_error_lite(de: yaml_serde::Deserializer<'_>) -> Result<Config, String> {
     use serde::Deserialize;
     Config::deserialize(de).map_err(|e| {
-        // serde_yaml already reports the dotted path of the failing field
+        // yaml_serde already reports the dotted path of the failing field
         // ("tools[0].match: unknown field ...") plus line and column.
         e.to_string()
     })

@@ -9,7 +9,7 @@
 
 use crate::audit::{AuditApproval, AuditLatency, AuditRecord, Phase};
 use crate::limits::{BudgetGuard, IdemGuard};
-use crate::metering::Estimate;
+use crate::meter::Estimate;
 use crate::refusal::Decision;
 use crate::snapshot::Snapshot;
 use crate::state::ProxyState;

@@ -14,8 +14,8 @@ use super::respond;
 use crate::audit::{AuditRecord, Phase};
 use crate::idempotency::Stored;
 use crate::refusal::{self, Decision, Envelope, Refusal};
-use crate::stream::{BodyEnd, BodyTimeouts};
 use crate::target::Target;
+use crate::upstream::stream::{BodyEnd, BodyTimeouts};
 use crate::upstream::ResBody;
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
@@ -105,7 +105,7 @@ pub async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
             }
             call.count(d);
             observe_total(&call, 0);
-            crate::forward::json_response(
+            crate::upstream::forward::json_response(
                 StatusCode::OK,
                 &answer,
                 &call.run,
@@ -168,7 +168,7 @@ pub(super) fn render(call: &Call, r: &Refusal) -> Response<ResBody> {
 /// counted and noted in the outcome record, which is written now.
 pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: BodyEnd) {
     if let Some(est) = respond::llm_estimate(&call) {
-        let t = crate::metering::charged_tokens(&est, &end.scanned, end.cut.is_some());
+        let t = crate::meter::charged_tokens(&est, &end.scanned, end.cut.is_some());
         let spend = est.llm_spend(t);
         respond::charge(&mut call, spend).await;
         for rec in &mut recs {
@@ -178,7 +178,7 @@ pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: 
         }
     }
     if let Some(cut) = &end.cut {
-        crate::stream::count_cut(&call.state, cut);
+        crate::upstream::stream::count_cut(&call.state, cut);
         for rec in &mut recs {
             rec.cut = Some(cut.label().to_string());
             rec.reasons.push(cut.reason());

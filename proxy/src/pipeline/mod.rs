@@ -22,7 +22,6 @@ pub use passthrough::{record_passthrough, refuse_tunnel};
 
 use crate::canonical::{CallOptions, CanonicalBody, CanonicalCall, RebuildOptions};
 use crate::config::Mode;
-use crate::forward;
 use crate::identify;
 use crate::intercept::Tunnel;
 use crate::refusal::{self, Refusal};
@@ -30,6 +29,7 @@ use crate::route::RouteMatch;
 use crate::stages;
 use crate::state::ProxyState;
 use crate::target::Target;
+use crate::upstream::forward;
 use crate::upstream::ResBody;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -208,11 +208,11 @@ async fn forward_call(
             .as_ref()
             .and_then(|c| c.llm.as_ref())
             .is_some_and(|l| l.inject_stream_usage)
-            && crate::metering::takes_stream_usage(t.provider, &target.path)
+            && crate::meter::takes_stream_usage(t.provider, &target.path)
     });
     if inject {
         if let CanonicalBody::Json(v) = &decided.body {
-            if let Some(v) = crate::metering::inject_stream_usage(v) {
+            if let Some(v) = crate::meter::inject_stream_usage(v) {
                 decided.body = CanonicalBody::Json(v);
             }
         }

@@ -1,6 +1,6 @@
 //! The answered exit: the upstream's response goes back to the agent, the reservation is
 //! settled at the metered cost, and the outcome record is written. A streamed body (any body
-//! not buffered below) passes through [`crate::stream::ResponseStream`], bounded by the tool's
+//! not buffered below) passes through [`crate::upstream::stream::ResponseStream`], bounded by the tool's
 //! total and idle timeouts and read for LLM usage on the side; its end (complete, cut, or
 //! dropped by a client that went away) is the pipeline's exit `finish::body_ended`. Buffered:
 //! idempotent calls (whose response is stored, headers and coding included, for replays) and
@@ -9,10 +9,10 @@
 use super::call::Call;
 use crate::audit::{AuditRecord, Phase};
 use crate::limits::IdemGuard;
-use crate::metering::Estimate;
+use crate::meter::Estimate;
 use crate::refusal::Refusal;
-use crate::stream::{BodyTimeouts, OnEnd, ResponseStream};
 use crate::target::Target;
+use crate::upstream::stream::{BodyTimeouts, OnEnd, ResponseStream};
 use crate::upstream::{full, ResBody};
 use http::Response;
 use http_body_util::{BodyExt, Limited};
@@ -28,7 +28,7 @@ pub(super) async fn answered(
     target: Target,
 ) -> Response<ResBody> {
     let (mut parts, body) = res.into_parts();
-    crate::forward::response_headers(&mut parts.headers, &call.run);
+    crate::upstream::forward::response_headers(&mut parts.headers, &call.run);
     let mut recs = call.records(
         Phase::Outcome,
         call.passed(),
@@ -144,7 +144,7 @@ async fn stored_for_replay(
     let spend = match est.llm {
         Some(_) => {
             // A coded body is read through its decoder; it is stored as sent.
-            let mut scan = crate::metering::UsageScanner::for_response(&parts.headers);
+            let mut scan = crate::meter::UsageScanner::for_response(&parts.headers);
             scan.feed(&bytes);
             let t = scan.finish().reported.unwrap_or(est.tokens);
             for rec in &mut recs {
@@ -259,7 +259,7 @@ async fn filtered_tools_list(
     body: Incoming,
     total: Duration,
 ) -> Response<ResBody> {
-    let sse = crate::metering::is_sse(&parts.headers);
+    let sse = crate::meter::is_sse(&parts.headers);
     let limited = Limited::new(body, crate::mcp::MAX_LIST_BYTES).collect();
     let bytes = match tokio::time::timeout(total, limited).await {
         Ok(Ok(b)) => crate::mcp::decoded_body(&mut parts.headers, &b.to_bytes()),

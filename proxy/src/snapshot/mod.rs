@@ -153,7 +153,7 @@ pub struct Snapshot {
     /// Admin approval API tokens: (token, approver name).
     pub admin_tokens: Vec<(String, String)>,
     /// Interception CA (`tls.intercept`), for CONNECT and transparent mode.
-    pub intercept: Option<Arc<crate::tls::InterceptCa>>,
+    pub intercept: Option<Arc<crate::intercept::tls::InterceptCa>>,
     /// Tenants and their limits.
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Approval settings.
@@ -244,7 +244,7 @@ impl Snapshot {
         let intercept = match &raw.tls.intercept {
             None => None,
             Some(ic) => Some(Arc::new(
-                crate::tls::InterceptCa::load(
+                crate::intercept::tls::InterceptCa::load(
                     &resolve(base_dir, &ic.ca_cert),
                     &resolve(base_dir, &ic.ca_key),
                 )

@@ -3,7 +3,7 @@
 //! so a batch that would exceed a cap as a whole is refused as a whole.
 
 use crate::limits::{Cap, CapKind, Exceeded, Usage};
-use crate::metering::Estimate;
+use crate::meter::Estimate;
 use crate::policy_input::BudgetFacts;
 use crate::refusal::Refusal;
 use crate::snapshot::Tool;
@@ -17,7 +17,7 @@ pub fn estimate(
     path: &str,
 ) -> Result<Estimate, Refusal> {
     match &tool.config.cost {
-        Some(cost) => crate::metering::estimate_call(cost, input, body_len, Some(path))
+        Some(cost) => crate::meter::estimate_call(cost, input, body_len, Some(path))
             .map_err(|m| Refusal::InvalidInput(vec![m])),
         None => Ok(Estimate::default()),
     }

@@ -1,7 +1,7 @@
 //! Policy: build the `input` document for one element and evaluate the bundle on it. "Not
 //! allowed" is an explicit `deny` or `require_approval`; an evaluation error fails closed.
 
-use crate::metering::Estimate;
+use crate::meter::Estimate;
 use crate::policy::PolicyDecision;
 use crate::policy_input::{self, CallFacts};
 use crate::refusal::Refusal;

@@ -66,7 +66,7 @@ pub fn run(
     modules: &[(String, String)],
     out: &mut Vec<CaseResult>,
 ) -> anyhow::Result<()> {
-    let cases: Vec<Case> = serde_yaml::from_str(&std::fs::read_to_string(file)?)
+    let cases: Vec<Case> = yaml_serde::from_str(&std::fs::read_to_string(file)?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let short = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
     for c in cases {

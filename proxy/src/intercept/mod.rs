@@ -2,6 +2,14 @@
 //! into the one [`Target`] shape. CONNECT and transparent mode produce the same shape from
 //! their own listeners.
 
+pub mod conn_deadline;
+pub mod connect;
+pub mod passthrough;
+pub mod server;
+pub mod tls;
+pub mod transparent;
+pub mod tunnel;
+
 use crate::refusal::Refusal;
 use crate::snapshot::Snapshot;
 use crate::target::{check_query, normalise_path, parse_authority, Scheme, Target, Via};

@@ -2,19 +2,19 @@
 //!
 //! A CONNECT to a port outside `server.connectPorts` or to a host no tool serves is refused
 //! with 403 before any TLS. Otherwise the tunnel is accepted and its TLS intercepted (see
-//! [`crate::tunnel`]): the SNI must agree with the CONNECT host, and every decrypted request
+//! [`crate::intercept::tunnel`]): the SNI must agree with the CONNECT host, and every decrypted request
 //! runs the ordinary pipeline. Without `tls.intercept` the CONNECT is refused, since an opaque
 //! tunnel would carry calls no policy saw. A host whose tools are all `passthrough` gets an
 //! opaque tunnel after host-level checks (tenant, kill switch), recorded as passthrough.
 
+use crate::intercept::server::ConnLimits;
+use crate::intercept::tunnel::{self, Expect};
 use crate::intercept::Tunnel;
 use crate::pipeline;
 use crate::refusal::render as refusal_response;
 use crate::refusal::Refusal;
-use crate::server::ConnLimits;
 use crate::state::ProxyState;
 use crate::target::{parse_authority, Scheme, Via};
-use crate::tunnel::{self, Expect};
 use crate::upstream::ResBody;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -85,11 +85,15 @@ pub async fn handle_connect(
     }
     let limits = ConnLimits::from_config(&snap.server.connection);
     if let Some(tool) = tunnel::passthrough_tool(&snap, &host, port) {
-        let tenant = match crate::passthrough::host_gate(&snap, tenant, &host, port) {
+        let tenant = match crate::intercept::passthrough::host_gate(&snap, tenant, &host, port) {
             Ok(t) => t,
             Err(r) => return refuse(r).await,
         };
-        let mut up = match crate::passthrough::connect_tool_host(&snap, tool, &host, port).await {
+        let mut up = match crate::intercept::passthrough::connect_tool_host(
+            &snap, tool, &host, port,
+        )
+        .await
+        {
             Ok(s) => s,
             Err(r) => return refuse(r).await,
         };

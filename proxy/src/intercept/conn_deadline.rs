@@ -39,8 +39,8 @@ pub struct Deadlines {
     pub idle: Duration,
 }
 
-impl From<crate::server::ConnLimits> for Deadlines {
-    fn from(l: crate::server::ConnLimits) -> Self {
+impl From<crate::intercept::server::ConnLimits> for Deadlines {
+    fn from(l: crate::intercept::server::ConnLimits) -> Self {
         Self {
             first_request: l.header_read_timeout,
             idle: l.idle_timeout,
@@ -101,7 +101,7 @@ struct Tracked {
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = crate::stream::BoxError;
+    type Error = crate::upstream::stream::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -1,5 +1,5 @@
 //! TLS passthrough: the host-level gate and the upstream connection that CONNECT passthrough
-//! ([`crate::connect`]) and transparent passthrough ([`crate::tunnel`]) share.
+//! ([`crate::intercept::connect`]) and transparent passthrough ([`crate::intercept::tunnel`]) share.
 //!
 //! A passthrough tunnel is never decrypted, so only what is known before any byte of it is
 //! forwarded can be decided: the tenant, the kill switches of every tool the host serves, and

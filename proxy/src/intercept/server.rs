@@ -1,7 +1,7 @@
 //! Listeners: the proxy listener (forward proxy + base URL; CONNECT is handed to
-//! [`crate::connect`]) and the connection limits every agent connection is served under —
+//! [`crate::intercept::connect`]) and the connection limits every agent connection is served under —
 //! header read timeout against slowloris, header count and size caps, HTTP/2 reset-flood
-//! limits, and the connection deadlines of [`crate::conn_deadline`] (a first request within the
+//! limits, and the connection deadlines of [`crate::intercept::conn_deadline`] (a first request within the
 //! header read timeout *of accept*, and idle connections of either HTTP version reaped).
 
 use crate::state::ProxyState;
@@ -93,11 +93,11 @@ pub async fn serve_proxy(
         tracker.spawn(async move {
             let closed = state.metrics.connections_closed.clone();
             let serve = move |req: hyper::Request<Incoming>| dispatch(state.clone(), req);
-            let r = crate::conn_deadline::serve(
+            let r = crate::intercept::conn_deadline::serve(
                 &builder,
                 TokioIo::new(stream),
                 serve,
-                crate::conn_deadline::Deadlines::from(limits),
+                crate::intercept::conn_deadline::Deadlines::from(limits),
                 closed,
                 Some(shutdown),
                 true,
@@ -125,8 +125,10 @@ pub async fn serve_connection<IO, F, Fut>(
     Fut: std::future::Future<Output = hyper::Response<ResBody>> + Send + 'static,
 {
     let builder = builder(limits);
-    let deadlines = crate::conn_deadline::Deadlines::from(limits);
-    let r = crate::conn_deadline::serve(&builder, io, serve, deadlines, closed, None, false).await;
+    let deadlines = crate::intercept::conn_deadline::Deadlines::from(limits);
+    let r =
+        crate::intercept::conn_deadline::serve(&builder, io, serve, deadlines, closed, None, false)
+            .await;
     if let Err(e) = r {
         tracing::debug!(error = %e, "tunnel connection ended with an error");
     }
@@ -137,7 +139,7 @@ async fn dispatch(
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<ResBody> {
     if req.method() == http::Method::CONNECT {
-        return crate::connect::handle_connect(state, req).await;
+        return crate::intercept::connect::handle_connect(state, req).await;
     }
     crate::pipeline::handle(state, req).await
 }

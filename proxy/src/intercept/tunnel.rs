@@ -9,10 +9,10 @@
 //! without passing the pipeline, except a configured passthrough host, which is recorded as
 //! such.
 
+use crate::intercept::server::ConnLimits;
 use crate::intercept::Tunnel;
 use crate::pipeline;
 use crate::refusal::Refusal;
-use crate::server::ConnLimits;
 use crate::snapshot::Snapshot;
 use crate::state::ProxyState;
 use crate::target::{normalise_host, Scheme};
@@ -243,9 +243,10 @@ pub async fn serve_tls<IO>(
             // The same host-level gate as a CONNECT passthrough, and the upstream is the tool
             // host the SNI named, dialled by name: never the original destination, which the
             // agent chose.
-            let gate = crate::passthrough::transparent_tenant(&snap);
+            let gate = crate::intercept::passthrough::transparent_tenant(&snap);
             let label = gate.clone().unwrap_or_default();
-            let gated = crate::passthrough::host_gate(&snap, gate, &tunnel.host, tunnel.port);
+            let gated =
+                crate::intercept::passthrough::host_gate(&snap, gate, &tunnel.host, tunnel.port);
             let tenant = match gated {
                 Ok(t) => t,
                 Err(r) => {
@@ -253,8 +254,13 @@ pub async fn serve_tls<IO>(
                     return;
                 }
             };
-            let up =
-                crate::passthrough::connect_tool_host(&snap, tool, &tunnel.host, tunnel.port).await;
+            let up = crate::intercept::passthrough::connect_tool_host(
+                &snap,
+                tool,
+                &tunnel.host,
+                tunnel.port,
+            )
+            .await;
             let up = match up {
                 Ok(s) => s,
                 Err(r) => {
@@ -330,7 +336,7 @@ pub async fn serve_http<IO>(
         let tunnel = tunnel.clone();
         async move { serve_request(state, req, &tunnel).await }
     };
-    crate::server::serve_connection(io, serve, limits, closed).await;
+    crate::intercept::server::serve_connection(io, serve, limits, closed).await;
 }
 
 /// One request inside a tunnel (decrypted TLS or plain transparent). A request-line `CONNECT`

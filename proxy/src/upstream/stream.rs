@@ -9,7 +9,7 @@
 //! Either way the end is reported once, with what was delivered, to the pipeline's exit
 //! (`pipeline::finish::body_ended`), for the outcome record and the budget settlement.
 
-use crate::metering::{Scanned, UsageScanner};
+use crate::meter::{Scanned, UsageScanner};
 use crate::snapshot::Tool;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -161,7 +161,7 @@ impl<B: Body> ResponseStream<B> {
         let now = Instant::now();
         // A body known empty (HEAD, 204, 304) may be dropped unpolled: not a cut.
         let whole = inner.is_end_stream();
-        let sse = crate::metering::is_sse(headers);
+        let sse = crate::meter::is_sse(headers);
         let encoded = headers
             .get(http::header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));

@@ -124,7 +124,7 @@ async fn a_cut_json_or_encoded_body_is_aborted_and_a_full_one_ends_cleanly() {
     assert_eq!(end.cut, None);
     assert_eq!(
         end.scanned.reported,
-        Some(crate::metering::Tokens {
+        Some(crate::meter::Tokens {
             prompt: 3,
             completion: 4
         })

@@ -1,6 +1,9 @@
 //! Forwarding: one pooled hyper client per connect timeout, TLS originated with rustls against
 //! the webpki roots plus `tls.extraCaFile`, with connect and header timeouts (the body's total
-//! and idle timeouts are stream.rs's).
+//! and idle timeouts are [`stream`]'s).
+
+pub mod forward;
+pub mod stream;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -11,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Response body type used across the proxy. Its error is boxed: a forwarded body can be
-/// aborted by the proxy itself (see stream.rs), not only by hyper.
-pub type ResBody = BoxBody<Bytes, crate::stream::BoxError>;
+/// aborted by the proxy itself (see [`stream`]), not only by hyper.
+pub type ResBody = BoxBody<Bytes, crate::upstream::stream::BoxError>;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
