@@ -763,7 +763,7 @@ async fn the_examples_reconcile_to_ready() {
     let mut docs = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        for d in serde_yaml::Deserializer::from_str(&text) {
+        for d in yaml_serde::Deserializer::from_str(&text) {
             let v = Value::deserialize(d).unwrap();
             if !v.is_null() {
                 docs.push(v);

@@ -10,6 +10,10 @@
 //! counted in `tollgate_config_reload_errors_total`, reported to the operator (the identity
 //! goes `Ready=False`), and the last good one stays — but it is not fresh: heartbeats for a
 //! rejected snapshot do not confirm it, so past `maxStaleness` calls fail closed.
+//!
+//! The sidecar also reports on that channel: approval requests and their use, apply results,
+//! spend, and the audit writer's signed checkpoints ([`publish_checkpoints`]), which the
+//! operator keeps append-only where the pod cannot change them.
 
 use crate::config::Config;
 use crate::snapshot::Snapshot;
