@@ -457,6 +457,74 @@ pub struct ApprovalRequestStatus {
     pub consumed_by: Option<String>,
 }
 
+/// One sidecar's audit checkpoint chain, kept by the operator where the pod cannot change it
+/// (issue 17): the pod's ServiceAccount has no access to this kind, only the operator writes
+/// it. Named `<identity>.<pod>` in the identity's namespace. The spec registers the pod's
+/// signing key on first use and is immutable (a CEL rule), so no one — the pod included —
+/// can replace the key; the status holds the latest signed checkpoint lines, append-only
+/// (each must extend the last) and bounded ([`MAX_STORED_CHECKPOINTS`] lines,
+/// [`MAX_STORED_CHECKPOINT_BYTES`] bytes). `kubectl tollgate audit checkpoints` exports them
+/// for `tollgate-proxy audit verify --checkpoints`.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "tollgate.dev",
+    version = "v1alpha1",
+    kind = "AuditCheckpoint",
+    namespaced,
+    shortname = "auditcp",
+    status = "AuditCheckpointStatus",
+    printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".spec.agent"}"#,
+    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".spec.pod"}"#,
+    printcolumn = r#"{"name":"Key","type":"string","jsonPath":".spec.keyId"}"#,
+    printcolumn = r#"{"name":"Seq","type":"integer","jsonPath":".status.seq"}"#,
+    printcolumn = r#"{"name":"Last","type":"string","jsonPath":".status.lastCheckpointTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditCheckpointSpec {
+    /// AgentIdentity name.
+    pub agent: String,
+    /// Pod whose sidecar signs the chain.
+    pub pod: String,
+    /// The sidecar's Ed25519 public key (base64), registered on first use.
+    pub public_key: String,
+    /// Its id (first 16 hex digits of its sha256).
+    pub key_id: String,
+}
+
+/// At most this many checkpoint lines are kept per chain (the oldest go first).
+pub const MAX_STORED_CHECKPOINTS: usize = 32;
+
+/// At most this many bytes of checkpoint lines are kept per chain.
+pub const MAX_STORED_CHECKPOINT_BYTES: usize = 256 * 1024;
+
+/// The stored checkpoints of one chain.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditCheckpointStatus {
+    /// Conditions (`Intact`: `False` while the latest checkpoint published for the chain was
+    /// refused, with why — a truncated or rewritten audit file, or another key).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Signed checkpoint lines, oldest first, exactly as the sidecar signed them.
+    #[serde(default)]
+    pub checkpoints: Vec<String>,
+    /// Head seq of the latest checkpoint.
+    #[serde(default)]
+    pub seq: u64,
+    /// Head hash of the latest checkpoint.
+    #[serde(default)]
+    pub head: String,
+    /// Time of the latest checkpoint (as signed).
+    #[serde(default)]
+    pub last_checkpoint_time: String,
+    /// Checkpoints accepted in all (stored or aged out).
+    #[serde(default)]
+    pub accepted: u64,
+    /// Older checkpoints dropped to keep the object bounded (the latest vouches for them).
+    #[serde(default)]
+    pub pruned: u64,
+}
+
 /// Make a generated schema structural: drop `additionalProperties: false` (not allowed next
 /// to `properties`), turn `oneOf`/`anyOf` lists of string constants into `enum`, and drop
 /// `nullable` inside `additionalProperties`.
@@ -557,6 +625,12 @@ pub fn crds() -> Vec<(String, Value)> {
                 "self == oldSelf",
                 "an ApprovalRequest's spec is immutable",
             ),
+            "AuditCheckpoint" => cel(
+                &mut v,
+                &["spec"],
+                "self == oldSelf",
+                "an AuditCheckpoint's registered key is immutable",
+            ),
             _ => {}
         }
         out.push((format!("{}.yaml", kind.to_lowercase()), v));
@@ -567,6 +641,7 @@ pub fn crds() -> Vec<(String, Value)> {
     add("Tenant", Tenant::crd());
     add("KillSwitch", KillSwitch::crd());
     add("ApprovalRequest", ApprovalRequest::crd());
+    add("AuditCheckpoint", AuditCheckpoint::crd());
     out
 }
 

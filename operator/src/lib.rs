@@ -2,10 +2,12 @@
 //! ([`crd_check`]), the pure build from CRDs to per-agent proxy snapshots ([`build`]), the
 //! snapshot server sidecars long-poll ([`hub`], [`server`]), the kube-runtime controllers that
 //! keep them current and write status ([`controller`]), run by [`run`], with their metrics
-//! ([`metrics`]) and certificates ([`pki`]), and the admission webhooks ([`webhook`]). An
+//! ([`metrics`]) and certificates ([`pki`]), and the admission webhooks ([`webhook`]); sidecars' audit checkpoints are kept by
+//! [`audit_checkpoints`]. An
 //! in-process test API server ([`testapi`]) is behind the `test-api` feature.
 #![forbid(unsafe_code)]
 
+pub mod audit_checkpoints;
 pub mod build;
 pub mod controller;
 pub mod crd;

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub snapshots_rejected: IntCounter,
     /// `tollgate_operator_token_reviews_reused_total`.
     pub token_reviews_reused: IntCounter,
+    /// `tollgate_operator_audit_checkpoints_total{result}`: sidecar audit checkpoints stored
+    /// (`stored`, `duplicate`) and refused (`invalid`, `unauthorized`, `key_mismatch`,
+    /// `not_extending`, `api_error`).
+    pub audit_checkpoints: IntCounterVec,
     /// `tollgate_approvals_pending`.
     pub approvals_pending: IntGauge,
     /// `tollgate_operator_leader`.
@@ -140,6 +144,17 @@ impl Default for Metrics {
                 IntCounter::new(
                     "tollgate_operator_token_reviews_reused_total",
                     "Sidecar tokens accepted from an earlier TokenReview because the API server failed.",
+                )
+                .expect("valid metric"),
+            ),
+            audit_checkpoints: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_operator_audit_checkpoints_total",
+                        "Sidecar audit checkpoints by result: stored, duplicate, or refused (invalid, unauthorized, key_mismatch, not_extending, api_error).",
+                    ),
+                    &["result"],
                 )
                 .expect("valid metric"),
             ),

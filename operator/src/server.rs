@@ -9,6 +9,10 @@
 //! keeps working through an API-server outage until it expires); it gets only the snapshot of
 //! the identity bound to that ServiceAccount, anything else is 403.
 //!
+//! Sidecars report on the same authenticated channel: approval requests and their use, apply
+//! results, spend, and signed audit checkpoints (`POST /v1/audit/checkpoints`, stored by
+//! [`crate::audit_checkpoints`]).
+//!
 //! (One file, about 700 lines: the long-poll, the report endpoints and health share one
 //! authenticated request reader; splitting it would scatter the wire contract.)
 
@@ -37,6 +41,8 @@ const NO_EXP_BOUND: Duration = Duration::from_secs(600);
 
 struct Reviewed {
     user: Option<String>,
+    /// The pod the token is bound to (TokenReview's `authentication.kubernetes.io/pod-name`).
+    pod: Option<String>,
     at: Instant,
     /// Until when a successful review may stand in for a new one (the token's `exp`).
     valid_until: Instant,
@@ -85,12 +91,21 @@ impl Authenticator {
 
     /// The authenticated username, or `None`.
     pub async fn review(&self, token: &str) -> Result<Option<String>, String> {
+        Ok(self.review_bound(token).await?.map(|(user, _)| user))
+    }
+
+    /// The authenticated username and, for a pod-bound token, the pod's name; `None` when
+    /// the token is refused.
+    pub async fn review_bound(
+        &self,
+        token: &str,
+    ) -> Result<Option<(String, Option<String>)>, String> {
         use sha2::Digest;
         let k = hex::encode(sha2::Sha256::digest(token.as_bytes()));
         let now = Instant::now();
         if let Some(r) = self.cache.lock().expect("auth cache").get(&k) {
             if r.at.elapsed() < self.refresh && now < r.valid_until {
-                return Ok(r.user.clone());
+                return Ok(r.user.clone().map(|u| (u, r.pod.clone())));
             }
         }
         let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
@@ -113,15 +128,21 @@ impl Authenticator {
                     self.served_stale
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(error = %e, "TokenReview failed; using the earlier review of this token until it expires");
-                    return Ok(r.user.clone());
+                    return Ok(r.user.clone().map(|u| (u, r.pod.clone())));
                 }
                 return Err(format!("TokenReview failed: {e}"));
             }
         };
         let status = out.status.unwrap_or_default();
-        let user = (status.authenticated == Some(true))
-            .then(|| status.user.and_then(|u| u.username))
-            .flatten();
+        let (user, pod) = match status.user.filter(|_| status.authenticated == Some(true)) {
+            Some(u) => (
+                u.username,
+                u.extra
+                    .and_then(|mut x| x.remove("authentication.kubernetes.io/pod-name"))
+                    .and_then(|v| v.into_iter().next()),
+            ),
+            None => (None, None),
+        };
         let valid_until = match (&user, token_expiry(token)) {
             (None, _) => now + REVIEW_FRESH,
             (Some(_), Some(exp)) => {
@@ -142,11 +163,12 @@ impl Authenticator {
             k,
             Reviewed {
                 user: user.clone(),
+                pod: pod.clone(),
                 at: now,
                 valid_until,
             },
         );
-        Ok(user)
+        Ok(user.map(|u| (u, pod)))
     }
 }
 
@@ -220,7 +242,7 @@ impl ServerState {
     }
 }
 
-fn json(status: u16, v: serde_json::Value) -> hyper::Response<Full<Bytes>> {
+pub(crate) fn json(status: u16, v: serde_json::Value) -> hyper::Response<Full<Bytes>> {
     let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() =
         hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
@@ -273,6 +295,9 @@ pub async fn handle(
         "/v1/usage" if req.method() == http::Method::POST => return usage(st, req).await,
         "/v1/tools/observed" if req.method() == http::Method::POST => {
             return tools_observed(st, req).await
+        }
+        "/v1/audit/checkpoints" if req.method() == http::Method::POST => {
+            return crate::audit_checkpoints::handle(st, req).await
         }
         _ => return json(404, serde_json::json!({"error": "not_found"})),
     }
@@ -368,6 +393,15 @@ async fn authorize(
     headers: &http::HeaderMap,
     agent: &str,
 ) -> Result<crate::hub::Served, hyper::Response<Full<Bytes>>> {
+    authorize_bound(st, headers, agent).await.map(|(s, _)| s)
+}
+
+/// [`authorize`], also answering the pod the token is bound to (when it is).
+pub(crate) async fn authorize_bound(
+    st: &ServerState,
+    headers: &http::HeaderMap,
+    agent: &str,
+) -> Result<(crate::hub::Served, Option<String>), hyper::Response<Full<Bytes>>> {
     let refuse = |reason: String| {
         st.metrics.refused.inc();
         tracing::warn!(%agent, %reason, "sidecar request refused");
@@ -383,7 +417,7 @@ async fn authorize(
     else {
         return Err(refuse("no bearer token".into()));
     };
-    let user = match st.auth.review(token).await {
+    let (user, pod) = match st.auth.review_bound(token).await {
         Ok(Some(u)) => u,
         Ok(None) => {
             return Err(refuse(
@@ -405,7 +439,7 @@ async fn authorize(
                     s.namespace, s.service_account
                 ) =>
         {
-            Ok(s)
+            Ok((s, pod))
         }
         _ => Err(refuse(format!("{user} may not act for {agent}"))),
     }

@@ -5,8 +5,9 @@
 //! `timeoutSeconds`), create, replace with optimistic concurrency (409 on a stale
 //! `resourceVersion`), merge and apply patches (an apply naming a `resourceVersion` is
 //! conditional on it), the `/status` subresource (status-only writes;
-//! spec writes bump `generation`, status writes do not), delete, and `TokenReview` against
-//! registered tokens and audiences. Leases are ordinary objects, so leader election works.
+//! spec writes bump `generation`, status writes do not), delete, `TokenRequest` (tokens for
+//! a ServiceAccount, optionally bound to a pod) and `TokenReview` against registered tokens
+//! and audiences (a pod-bound token reports its pod in `extra`). Leases are ordinary objects, so leader election works.
 //!
 //! Like a real server it serves a custom resource only once its `CustomResourceDefinition` is
 //! installed (404 before), and it refuses a CRD a real server refuses: a non-structural schema
@@ -52,6 +53,8 @@ struct Store {
     objects: BTreeMap<Key, Value>,
     history: Vec<(u64, Event)>,
     tokens: HashMap<String, (String, Vec<String>)>,
+    /// Tokens bound to a pod: token → pod name (reported as TokenReview `extra`).
+    bound: HashMap<String, String>,
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
@@ -214,6 +217,18 @@ impl TestApiServer {
                 audiences.iter().map(|a| a.to_string()).collect(),
             ),
         );
+    }
+
+    /// Like [`Self::add_token`], for a token bound to `pod` (a projected token): TokenReview
+    /// reports the pod in `extra["authentication.kubernetes.io/pod-name"]`, as a real server
+    /// does.
+    pub fn add_pod_token(&self, token: &str, username: &str, audiences: &[&str], pod: &str) {
+        self.add_token(token, username, audiences);
+        self.store
+            .lock()
+            .expect("store")
+            .bound
+            .insert(token.into(), pod.into());
     }
 
     /// Create or replace an object (its `apiVersion`, `kind` and metadata say where); `plural`
@@ -451,7 +466,11 @@ async fn serve(
         let st = store.lock().expect("store");
         let status = match st.tokens.get(token) {
             Some((user, auds)) if wanted.iter().all(|w| auds.contains(w)) => {
-                json!({"authenticated": true, "user": {"username": user}, "audiences": wanted})
+                let mut user = json!({"username": user});
+                if let Some(pod) = st.bound.get(token) {
+                    user["extra"] = json!({"authentication.kubernetes.io/pod-name": [pod]});
+                }
+                json!({"authenticated": true, "user": user, "audiences": wanted})
             }
             _ => json!({"authenticated": false, "error": "invalid token or audience"}),
         };
@@ -459,6 +478,54 @@ async fn serve(
             201,
             json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": body["spec"], "status": status}),
         );
+    }
+    // TokenRequest (`serviceaccounts/NAME/token`): a fresh token for the ServiceAccount, for
+    // the audiences asked, bound to the pod in `boundObjectRef` if any.
+    if let ["api", "v1", "namespaces", ns, "serviceaccounts", sa, "token"] = path
+        .trim_matches('/')
+        .split('/')
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        if method == hyper::Method::POST {
+            let mut st = store.lock().expect("store");
+            let key = (
+                "v1".to_string(),
+                "serviceaccounts".to_string(),
+                ns.to_string(),
+                sa.to_string(),
+            );
+            if !st.objects.contains_key(&key) {
+                let (c, v) = status(404, "NotFound", &format!("serviceaccounts {sa} not found"));
+                return reply(c, v);
+            }
+            let token = format!("tok-{:032x}", rand::random::<u128>());
+            let audiences: Vec<String> = body["spec"]["audiences"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            st.tokens.insert(
+                token.clone(),
+                (format!("system:serviceaccount:{ns}:{sa}"), audiences),
+            );
+            if body["spec"]["boundObjectRef"]["kind"] == "Pod" {
+                if let Some(pod) = body["spec"]["boundObjectRef"]["name"].as_str() {
+                    st.bound.insert(token.clone(), pod.to_string());
+                }
+            }
+            let exp = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+            let exp = exp
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            return reply(
+                201,
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": body["spec"], "status": {"token": token, "expirationTimestamp": exp}}),
+            );
+        }
     }
     let Some(p) = parse_path(&path) else {
         let (c, v) = status(404, "NotFound", &format!("no route {path}"));

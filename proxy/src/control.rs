@@ -10,6 +10,10 @@
 //! counted in `tollgate_config_reload_errors_total`, reported to the operator (the identity
 //! goes `Ready=False`), and the last good one stays — but it is not fresh: heartbeats for a
 //! rejected snapshot do not confirm it, so past `maxStaleness` calls fail closed.
+//!
+//! The sidecar also reports on that channel: approval requests and their use, apply results,
+//! spend, and the audit writer's signed checkpoints ([`publish_checkpoints`]), which the
+//! operator keeps append-only where the pod cannot change them.
 
 use crate::config::Config;
 use crate::snapshot::Snapshot;
@@ -464,5 +468,141 @@ pub async fn report_usage(state: Arc<ProxyState>, args: ControlArgs, every: Dura
         {
             tracing::debug!(error = %e, "usage report not delivered");
         }
+    }
+}
+
+/// The pod this sidecar runs in, which names its checkpoint chain at the operator:
+/// `POD_NAME` (the injector sets it from the downward API), else `HOSTNAME` (a pod's
+/// hostname is its name unless the spec overrides it). When the operator's TokenReview
+/// reports the pod a token is bound to, the claim must match it.
+pub fn pod_name() -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Checkpoints waiting for the operator; past this the oldest is dropped (counted): a later
+/// checkpoint vouches for everything an earlier one did.
+const CHECKPOINT_QUEUE: usize = 64;
+
+/// Publish the audit writer's signed checkpoints to the operator (`POST
+/// /v1/audit/checkpoints`), in order, retrying while it is unreachable. The operator stores
+/// them append-only where the pod cannot change them; a checkpoint it refuses (one that does
+/// not extend the chain it holds, another key) is counted and not retried. Ends when the
+/// writer has stopped (after its final checkpoint) and the queue is sent, or — at shutdown —
+/// after a few more attempts.
+pub async fn publish_checkpoints(
+    state: Arc<ProxyState>,
+    args: ControlArgs,
+    pod: String,
+    mut lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let failures = &state.metrics.audit_checkpoint_failures;
+    let mut queue: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut writer_done = false;
+    let mut attempts_after_done = 0;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if queue.is_empty() {
+            if writer_done {
+                return;
+            }
+            match lines.recv().await {
+                Some(l) => queue.push_back(l),
+                None => return,
+            }
+        }
+        while let Ok(l) = lines.try_recv() {
+            queue.push_back(l);
+        }
+        while queue.len() > CHECKPOINT_QUEUE {
+            queue.pop_front();
+            failures.with_label_values(&["dropped"]).inc();
+        }
+        let Some(line) = queue.front().cloned() else {
+            continue;
+        };
+        let body = serde_json::json!({"agent": args.agent, "pod": pod, "checkpoint": line});
+        match post_checkpoint(&state, &args, &body).await {
+            Ok(()) => {
+                queue.pop_front();
+                state.metrics.audit_checkpoints_published.inc();
+                backoff = Duration::from_millis(200);
+                continue;
+            }
+            Err(CheckpointRefused::Permanent(reason)) => {
+                queue.pop_front();
+                failures.with_label_values(&["refused"]).inc();
+                tracing::error!(%reason, "the operator refused an audit checkpoint");
+                continue;
+            }
+            Err(CheckpointRefused::Retry(reason)) => {
+                failures.with_label_values(&["unreachable"]).inc();
+                tracing::warn!(%reason, "audit checkpoint not delivered to the operator; retrying");
+            }
+        }
+        if writer_done {
+            attempts_after_done += 1;
+            if attempts_after_done >= 3 {
+                tracing::error!(
+                    pending = queue.len(),
+                    "shutting down with audit checkpoints the operator did not receive"
+                );
+                return;
+            }
+        }
+        // Wait before retrying, taking new checkpoints (or the writer's end) meanwhile.
+        let pause = tokio::time::sleep(backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                l = lines.recv(), if !writer_done => match l {
+                    Some(l) => queue.push_back(l),
+                    None => writer_done = true,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Why a checkpoint was not stored.
+enum CheckpointRefused {
+    /// The operator was unreachable, not ready or refused the token (retried).
+    Retry(String),
+    /// The operator rejected the checkpoint itself (not retried).
+    Permanent(String),
+}
+
+async fn post_checkpoint(
+    state: &ProxyState,
+    args: &ControlArgs,
+    body: &serde_json::Value,
+) -> Result<(), CheckpointRefused> {
+    let request =
+        operator_post(args, "/v1/audit/checkpoints", body).map_err(CheckpointRefused::Retry)?;
+    let res = state
+        .upstreams
+        .send(request, Duration::from_secs(2), Duration::from_secs(10))
+        .await
+        .map_err(|e| CheckpointRefused::Retry(format!("operator unreachable: {e}")))?;
+    let status = res.status().as_u16();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let reason = format!(
+        "operator answered {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    match status {
+        200..=299 => Ok(()),
+        // 403: the identity may not be known to this replica yet; 429/5xx: transient.
+        403 | 429 | 500..=599 => Err(CheckpointRefused::Retry(reason)),
+        _ => Err(CheckpointRefused::Permanent(reason)),
     }
 }

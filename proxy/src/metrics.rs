@@ -48,6 +48,11 @@ pub struct Metrics {
     pub audit_records: IntCounter,
     /// `tollgate_audit_errors_total`.
     pub audit_errors: IntCounter,
+    /// `tollgate_audit_checkpoints_published_total`: checkpoints the operator stored.
+    pub audit_checkpoints_published: IntCounter,
+    /// `tollgate_audit_checkpoint_failures_total{reason}`: checkpoint publications to the
+    /// operator that failed (`unreachable`, `refused`, `dropped`).
+    pub audit_checkpoint_failures: IntCounterVec,
     /// `tollgate_redis_unavailable`.
     pub redis_unavailable: IntGauge,
     /// `tollgate_fail_open_total{reason}`: every call let through by a fail-open setting.
@@ -126,6 +131,8 @@ impl Metrics {
             reload_errors: reg(&r, IntCounter::new("tollgate_config_reload_errors_total", "Config updates rejected (the old config stayed).").unwrap()),
             audit_records: reg(&r, IntCounter::new("tollgate_audit_records_total", "Audit records made durable.").unwrap()),
             audit_errors: reg(&r, IntCounter::new("tollgate_audit_errors_total", "Audit records that could not be written.").unwrap()),
+            audit_checkpoints_published: reg(&r, IntCounter::new("tollgate_audit_checkpoints_published_total", "Signed audit checkpoints the operator stored.").unwrap()),
+            audit_checkpoint_failures: reg(&r, IntCounterVec::new(Opts::new("tollgate_audit_checkpoint_failures_total", "Audit checkpoint publications to the operator that failed: unreachable (retried), refused (the operator rejected it), dropped (queue full)."), &["reason"]).unwrap()),
             redis_unavailable: reg(&r, IntGauge::new("tollgate_redis_unavailable", "1 while the Redis limits backend is unreachable.").unwrap()),
             fail_open: reg(&r, IntCounterVec::new(Opts::new("tollgate_fail_open_total", "Calls let through by an explicit fail-open setting."), &["reason"]).unwrap()),
             limits_unavailable: reg(&r, IntCounterVec::new(Opts::new("tollgate_limits_unavailable_total", "Limits-store operations that failed, by how limits.onUnavailable handled them."), &["on_unavailable"]).unwrap()),

@@ -26,6 +26,9 @@ pub struct Running {
     pub shutdown: CancellationToken,
     proxy_task: tokio::task::JoinHandle<()>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Operator mode: the checkpoint uploader, which ends once the final checkpoint (written
+    /// when the audit writer closes) is published or given up on.
+    checkpoint_upload: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -35,12 +38,18 @@ impl Running {
         self.shutdown.cancel();
         let _ = self.proxy_task.await;
         self.state.audit.close().await;
+        if let Some(upload) = self.checkpoint_upload {
+            let _ = upload.await;
+        }
     }
 
     /// Wait until the proxy listener ends (after a shutdown), then close the audit writer.
     pub async fn wait(self) {
         let _ = self.proxy_task.await;
         self.state.audit.close().await;
+        if let Some(upload) = self.checkpoint_upload {
+            let _ = upload.await;
+        }
     }
 }
 
@@ -87,13 +96,32 @@ pub async fn start_operator(
 ) -> Result<Running, StartError> {
     let audit_path = resolve(base_dir, &base.audit.path);
     let au = &base.audit;
+    // In a cluster the chain is always checkpointed to the operator (issue 17): with the
+    // local `audit.checkpoints` settings when given, otherwise every 60 s with the key beside
+    // the audit file.
+    let checkpoints = au.checkpoints.clone().unwrap_or_else(|| {
+        let key = audit_path.with_file_name("audit-checkpoint.key");
+        crate::config::AuditCheckpointConfig {
+            path: None,
+            stdout: false,
+            interval: None,
+            key_file: Some(key.display().to_string()),
+        }
+    });
+    let (publish, published) = tokio::sync::mpsc::unbounded_channel();
     let audit = crate::audit::WriterOptions::from_config(
         au.stdout,
         au.max_file_bytes,
-        au.checkpoints.as_ref(),
+        Some(&checkpoints),
         &au.retention,
         base_dir,
     )
+    .map(|mut o| {
+        if let Some(sink) = &mut o.checkpoints {
+            sink.publish = Some(publish);
+        }
+        o
+    })
     .and_then(|o| AuditLog::open_with(&audit_path, o))
     .map_err(|e| StartError::Setup(format!("audit log: {e}")))?;
     let extra_ca = base
@@ -131,7 +159,14 @@ pub async fn start_operator(
         args.clone(),
         std::time::Duration::from_secs(60),
     ));
-    let running = start_with_state(state.clone(), &base.listen, &base.server, None, None).await?;
+    let mut running =
+        start_with_state(state.clone(), &base.listen, &base.server, None, None).await?;
+    running.checkpoint_upload = Some(tokio::spawn(crate::control::publish_checkpoints(
+        state.clone(),
+        args.clone(),
+        crate::control::pod_name(),
+        published,
+    )));
     tokio::spawn(crate::control::poll(
         state,
         base,
@@ -236,5 +271,6 @@ pub async fn start_with_state(
         shutdown,
         proxy_task,
         _watcher: None,
+        checkpoint_upload: None,
     })
 }

@@ -207,7 +207,7 @@ fn the_deployment_is_hardened_and_sized() {
         .iter()
         .filter(|d| d["kind"] == "CustomResourceDefinition")
         .collect();
-    assert_eq!(crds.len(), 6);
+    assert_eq!(crds.len(), 7);
     assert!(crds
         .iter()
         .all(|c| c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"));

@@ -11,6 +11,9 @@
 //! kubectl tollgate status [-n NS | -A]               identities, readiness, snapshot versions, kill switches
 //! kubectl tollgate tools diff TOOL [-n NS]           pinned vs last-observed MCP tool definition
 //! kubectl tollgate tools pin TOOL --sha256 H [-n NS] pin the observed definition (after review)
+//! kubectl tollgate audit checkpoints IDENTITY [--pod P] [-o json]
+//!   the signed audit checkpoints the operator holds for the identity's pods; `-o json`
+//!   prints one pod's as the JSON lines `tollgate-proxy audit verify --checkpoints` reads
 //! ```
 #![forbid(unsafe_code)]
 
@@ -19,7 +22,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use std::process::ExitCode;
 use tollgate_operator::crd::{
-    AgentIdentity, ApprovalRequest, KillSwitch, KillSwitchScope, KillSwitchSpec, Tool,
+    AgentIdentity, ApprovalRequest, AuditCheckpoint, KillSwitch, KillSwitchScope, KillSwitchSpec,
+    Tool,
 };
 
 #[derive(Parser)]
@@ -94,6 +98,11 @@ enum Cmd {
         #[command(subcommand)]
         command: ToolsCmd,
     },
+    /// Audit trail anchors held by the operator.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +121,21 @@ enum ToolsCmd {
         /// The observed hash you reviewed.
         #[arg(long)]
         sha256: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// The signed checkpoints stored for an identity's pods (one chain per pod).
+    Checkpoints {
+        /// AgentIdentity name.
+        identity: String,
+        /// Only this pod's chain (required with `-o json` when the identity has several).
+        #[arg(long)]
+        pod: Option<String>,
+        /// `json`: the checkpoint lines, for `tollgate-proxy audit verify FILE --checkpoints -`.
+        #[arg(short, long)]
+        output: Option<String>,
     },
 }
 
@@ -239,6 +263,22 @@ async fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             println!("killswitch/{name} lifted");
             Ok(())
+        }
+        Cmd::Audit {
+            command:
+                AuditCmd::Checkpoints {
+                    identity,
+                    pod,
+                    output,
+                },
+        } => {
+            audit_checkpoints(
+                &Api::namespaced(client, &ns),
+                &identity,
+                pod.as_deref(),
+                output.as_deref(),
+            )
+            .await
         }
         Cmd::Status => {
             let ids: Api<AgentIdentity> = if cli.all_namespaces {
@@ -442,4 +482,65 @@ async fn decide(
     .map_err(|e| e.to_string())?;
     println!("approvalrequest/{name} {}", phase.to_lowercase());
     Ok(())
+}
+
+/// `audit checkpoints IDENTITY [--pod P] [-o json]`: a table of the identity's checkpoint
+/// chains, or (`-o json`) one chain's signed lines exactly as stored, which
+/// `tollgate-proxy audit verify FILE --checkpoints SOURCE` checks the pod's audit file against.
+async fn audit_checkpoints(
+    api: &Api<AuditCheckpoint>,
+    identity: &str,
+    pod: Option<&str>,
+    output: Option<&str>,
+) -> Result<(), String> {
+    let chains: Vec<AuditCheckpoint> = api
+        .list(&ListParams::default().labels(&format!("tollgate.dev/agent={identity}")))
+        .await
+        .map_err(|e| e.to_string())?
+        .items
+        .into_iter()
+        .filter(|c| c.spec.agent == identity && pod.is_none_or(|p| c.spec.pod == p))
+        .collect();
+    if chains.is_empty() {
+        return Err(format!(
+            "no audit checkpoints stored for {identity}{}",
+            pod.map(|p| format!(" pod {p}")).unwrap_or_default()
+        ));
+    }
+    match output {
+        Some("json") => {
+            let [chain] = chains.as_slice() else {
+                let pods: Vec<&str> = chains.iter().map(|c| c.spec.pod.as_str()).collect();
+                return Err(format!(
+                    "{identity} has {} checkpoint chains (pods {}); choose one with --pod",
+                    chains.len(),
+                    pods.join(", ")
+                ));
+            };
+            for line in chain.status.iter().flat_map(|s| &s.checkpoints) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        None => {
+            println!(
+                "{:<40} {:<18} {:>8} {:>6} {:>6} LAST",
+                "POD", "KEY", "SEQ", "KEPT", "PRUNED"
+            );
+            for c in &chains {
+                let st = c.status.clone().unwrap_or_default();
+                println!(
+                    "{:<40} {:<18} {:>8} {:>6} {:>6} {}",
+                    c.spec.pod,
+                    c.spec.key_id,
+                    st.seq,
+                    st.checkpoints.len(),
+                    st.pruned,
+                    st.last_checkpoint_time
+                );
+            }
+            Ok(())
+        }
+        Some(other) => Err(format!("-o {other}: only json is supported")),
+    }
 }

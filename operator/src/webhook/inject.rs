@@ -340,6 +340,18 @@ pub fn inject(mut pod: Pod, cfg: &InjectConfig, facts: &IdentityFacts) -> Result
                 }),
                 ..Default::default()
             },
+            // Names the pod's audit checkpoint chain at the operator (issue 17).
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("tollgate-admin".into()),

@@ -369,6 +369,90 @@ pub fn load(source: &str, pinned: Option<&[u8]>) -> Result<Trusted, CheckpointEr
     read_trusted(source, &text, pinned)
 }
 
+/// One signed checkpoint line checked on its own: the checkpoint and the base64 public key
+/// that signed it (what a collector such as the operator registers on first use).
+pub fn verify_line(line: &str) -> Result<(Checkpoint, String), CheckpointError> {
+    let trusted = read_trusted("checkpoint", line, None)?;
+    if trusted.checkpoints.len() != 1 || line.trim().lines().count() != 1 {
+        return Err(CheckpointError::Malformed {
+            source_name: "checkpoint".into(),
+            line: 1,
+            message: "exactly one checkpoint line is expected".into(),
+        });
+    }
+    let signed: SignedLine =
+        serde_json::from_str(line.trim()).map_err(|e| CheckpointError::Malformed {
+            source_name: "checkpoint".into(),
+            line: 1,
+            message: e.to_string(),
+        })?;
+    let public = signed.public_key.unwrap_or_default();
+    let cp = trusted
+        .checkpoints
+        .into_iter()
+        .next()
+        .expect("one checkpoint");
+    Ok((cp, public))
+}
+
+/// Does `next` extend `prev` (both signed by the same key, `next` taken later)? A collector
+/// that keeps a chain's checkpoints append-only refuses one that does not: the chain never
+/// goes back (seq), a seq once signed keeps its head hash, a rotated file never changes, the
+/// live file only grows, and files only disappear from the front (pruned by retention).
+/// Checkpoints carry no records, so this cannot prove the records between two checkpoints;
+/// `audit verify --checkpoints` does that against the files, with every stored checkpoint.
+pub fn extends(prev: &Checkpoint, next: &Checkpoint) -> Result<(), String> {
+    if next.key_id != prev.key_id {
+        return Err(format!(
+            "signed by key {} where the chain's key is {}",
+            next.key_id, prev.key_id
+        ));
+    }
+    if next.seq < prev.seq {
+        return Err(format!(
+            "the chain goes back from seq {} to seq {}: records were cut off",
+            prev.seq, next.seq
+        ));
+    }
+    if next.seq == prev.seq && next.head != prev.head {
+        return Err(format!(
+            "seq {} was signed with head {} and now with {}: the chain was rewritten",
+            prev.seq, prev.head, next.head
+        ));
+    }
+    let front = next.files.first().map_or(next.seq + 1, |f| f.first_seq);
+    for e in &prev.files {
+        let Some(n) = next.files.iter().find(|n| n.first_seq == e.first_seq) else {
+            if e.last_seq < front {
+                continue; // pruned from the front
+            }
+            return Err(format!(
+                "{} (seq {}..{}) is no longer listed although newer records are: the file set was rewritten",
+                e.name, e.first_seq, e.last_seq
+            ));
+        };
+        if e.closed() {
+            let same = (n.last_seq, n.lines, &n.last_hash, n.bytes, &n.sha256)
+                == (e.last_seq, e.lines, &e.last_hash, e.bytes, &e.sha256);
+            if !same {
+                return Err(format!(
+                    "the rotated file {} (seq {}..{}) changed after it was checkpointed",
+                    e.name, e.first_seq, e.last_seq
+                ));
+            }
+        } else if n.lines < e.lines
+            || n.last_seq < e.last_seq
+            || (n.last_seq == e.last_seq && n.last_hash != e.last_hash)
+        {
+            return Err(format!(
+                "{} (from seq {}) was checkpointed with {} lines up to seq {} and now has {} lines up to seq {}: it was truncated or rewritten",
+                e.name, e.first_seq, e.lines, e.last_seq, n.lines, n.last_seq
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,5 +516,48 @@ mod tests {
             read_trusted("s", "nothing here\n", None),
             Err(CheckpointError::Empty(_))
         ));
+    }
+
+    /// A later checkpoint of a growing chain extends the earlier one; a shorter chain, a new
+    /// head for a signed seq, a changed rotated file and another key do not.
+    #[test]
+    fn extension_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CheckpointKey::load_or_create(&dir.path().join("k")).unwrap();
+        let a = checkpoint(&key, 3);
+        let mut b = checkpoint(&key, 5);
+        b.head = "cd".repeat(32);
+        b.files[0].last_hash = b.head.clone();
+        assert_eq!(extends(&a, &b), Ok(()));
+        assert_eq!(extends(&a, &a), Ok(()), "the same state again extends");
+        assert!(extends(&b, &a).unwrap_err().contains("goes back"));
+        let mut rewritten = a.clone();
+        rewritten.head = "ee".repeat(32);
+        assert!(extends(&a, &rewritten).unwrap_err().contains("rewritten"));
+        let mut fewer = b.clone();
+        fewer.files[0].lines = 2;
+        assert!(extends(&a, &fewer).unwrap_err().contains("truncated"));
+        // Rotated: the closed file never changes; pruned from the front is fine.
+        let mut closed = a.clone();
+        closed.files[0].bytes = Some(100);
+        closed.files[0].sha256 = Some("11".repeat(32));
+        let mut later = b.clone();
+        later.files = vec![closed.files[0].clone(), b.files[0].clone()];
+        later.files[1].first_seq = 4;
+        assert_eq!(extends(&closed, &later), Ok(()));
+        let mut changed = later.clone();
+        changed.files[0].sha256 = Some("22".repeat(32));
+        assert!(extends(&closed, &changed).unwrap_err().contains("changed"));
+        let mut pruned = later.clone();
+        pruned.files.remove(0);
+        assert_eq!(extends(&closed, &pruned), Ok(()));
+        let other = CheckpointKey::load_or_create(&dir.path().join("o")).unwrap();
+        assert!(extends(&a, &checkpoint(&other, 5))
+            .unwrap_err()
+            .contains("key"));
+        // One line verifies on its own and yields its key.
+        let (cp, public) = verify_line(&key.sign_line(&b)).unwrap();
+        assert_eq!((cp, public.as_str()), (b, key.public_key()));
+        assert!(verify_line("{}").is_err());
     }
 }

@@ -78,6 +78,10 @@ pub struct CheckpointSink {
     pub stdout: bool,
     /// Time between periodic checkpoints.
     pub interval: Duration,
+    /// Also hand each signed line to this channel (operator mode: the sidecar's uploader
+    /// publishes them to the operator, see `crate::control::publish_checkpoints`). The sender
+    /// is dropped when the writer stops, after the final checkpoint, which ends the uploader.
+    pub publish: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// How a writer writes beyond the chain itself.
@@ -149,6 +153,7 @@ impl WriterOptions {
                         .interval
                         .map_or(DEFAULT_CHECKPOINT_INTERVAL, |d| d.get())
                         .max(Duration::from_millis(10)),
+                    publish: None,
                 })
             }
         };
@@ -475,6 +480,10 @@ impl ChainState {
         if sink.stdout {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(line.as_bytes()).and_then(|_| out.flush());
+        }
+        if let Some(tx) = &sink.publish {
+            // The uploader only ends after the writer, so a send cannot fail while it runs.
+            let _ = tx.send(line.trim_end().to_string());
         }
         self.last_checkpoint = Some(state);
     }
