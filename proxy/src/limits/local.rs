@@ -179,11 +179,14 @@ impl LocalStore {
     }
 }
 
+type RunTable = HashMap<String, (u64, Instant)>;
+
 /// Calls per run, for `input.run.calls`. Bounded like the budget counters: runs idle for a
 /// week are forgotten, and past [`MAX_ENTRIES`] the least recently seen, in amortised sweeps.
 #[derive(Default)]
 pub struct RunCalls {
-    runs: Mutex<(HashMap<String, (u64, Instant)>, usize)>,
+    /// Run → (calls, last seen), and the size that triggers the next sweep.
+    runs: Mutex<(RunTable, usize)>,
     forgotten: AtomicU64,
 }
 
