@@ -64,7 +64,7 @@ pub fn validate_policy(p: &AgentPolicy) -> Result<(), String> {
             .as_bytes(),
     ));
     cached(hash, || {
-        tollgate_proxy::policy::compile_check(&modules).map_err(|e| e.to_string())
+        tollgate_policy::compile_check(&modules).map_err(|e| e.to_string())
     })
 }
 
@@ -286,7 +286,7 @@ pub fn check_bundle(p: &tollgate_proxy::config::PoliciesConfig) -> Result<(), St
             .timeout
             .map(|d| d.get())
             .unwrap_or(tollgate_proxy::snapshot::DEFAULT_POLICY_TIMEOUT);
-        tollgate_proxy::policy::PolicyBundle::compile(&modules, &p.data, timeout)
+        tollgate_policy::PolicyBundle::compile(&modules, &p.data, timeout)
             .map(|_| ())
             .map_err(|e| format!("policies: {e}"))
     })

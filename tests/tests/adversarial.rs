@@ -530,13 +530,16 @@ fn a_kill_switch_raced_with_in_flight_calls_stops_all_later_calls() {
     assert!(total > 0);
     // Judged by what was decided on which snapshot, not by arrival times (a call that passed
     // the gate just before the switch may still reach the upstream after a refusal was seen):
-    // no call decided on the snapshot carrying the switch, or a later one, was allowed.
+    // no call decided on the snapshot carrying the switch, or a later one, was allowed. Calls
+    // in flight when it engaged are stopped too, and recorded `killed` under the snapshot they
+    // were decided on (the one before the switch); the switch's own snapshot is the newest one
+    // any killed record names (there is a single reload).
     let records = p.audit();
     let killed_from = records
         .iter()
         .filter(|r| r["decision"] == "killed")
         .filter_map(|r| r["snapshot_version"].as_u64())
-        .min()
+        .max()
         .expect("some calls were killed");
     let allowed_after: Vec<_> = records
         .iter()

@@ -263,7 +263,7 @@ pub fn validate(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
                 return AdmissionResponse::from(req)
                     .deny("AgentPolicy has no Rego (spec.rego or spec.modules[].rego)");
             }
-            match tollgate_proxy::policy::compile_check(&modules) {
+            match tollgate_policy::compile_check(&modules) {
                 Ok(()) => AdmissionResponse::from(req),
                 Err(e) => AdmissionResponse::from(req).deny(format!("Rego does not compile: {e}")),
             }
