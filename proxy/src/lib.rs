@@ -6,38 +6,38 @@
 //! operator snapshot) and is lowered once into a validated [`snapshot::Snapshot`].
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod approval;
+pub(crate) mod admin;
+pub(crate) mod approval;
 pub mod audit;
 pub mod canonical;
 pub mod cli;
-pub mod codec;
+pub(crate) mod codec;
 pub mod config;
 pub mod control;
 pub mod demo;
-pub mod idempotency;
+pub(crate) mod idempotency;
 pub mod identify;
 pub mod input;
 pub mod intercept;
-pub mod killswitch;
+pub(crate) mod killswitch;
 pub mod limits;
-pub mod mcp;
-pub mod meter;
-pub mod metrics;
+pub(crate) mod mcp;
+pub(crate) mod meter;
+pub(crate) mod metrics;
 pub mod pins;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod policy_input;
 pub mod redact;
-pub mod refusal;
-pub mod reload;
+pub(crate) mod refusal;
+pub(crate) mod reload;
 pub mod route;
-pub mod runtime;
+pub(crate) mod runtime;
 pub mod snapshot;
-pub mod stages;
-pub mod state;
+pub(crate) mod stages;
+pub(crate) mod state;
 pub mod target;
 pub mod telemetry;
-pub mod upstream;
+pub(crate) mod upstream;
 
 /// The policy engine wrapper and decision types (the `tollgate-policy` crate).
 pub use tollgate_policy as policy;

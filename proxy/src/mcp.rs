@@ -259,7 +259,8 @@ pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMess
 
 /// Filter `result.tools` of every JSON-RPC response in a `tools/list` answer (a JSON body or an
 /// SSE stream of them) to the `allowed` names. Returns the new body and how many were removed.
-pub fn filter_tools_list(body: &[u8], sse: bool, allowed: &[&str]) -> (Vec<u8>, usize) {
+#[cfg(test)]
+fn filter_tools_list(body: &[u8], sse: bool, allowed: &[&str]) -> (Vec<u8>, usize) {
     filter_tools_list_by(body, sse, |t| {
         t.get("name")
             .and_then(Value::as_str)
@@ -267,7 +268,7 @@ pub fn filter_tools_list(body: &[u8], sse: bool, allowed: &[&str]) -> (Vec<u8>, 
     })
 }
 
-/// [`filter_tools_list`] with any rule: `keep` sees each advertised tool (as sent) and says
+/// Filter a `tools/list` answer with any rule: `keep` sees each advertised tool (as sent) and says
 /// whether it stays in the list (pins withhold a tool whose definition changed).
 pub fn filter_tools_list_by(
     body: &[u8],

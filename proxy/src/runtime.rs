@@ -42,15 +42,6 @@ impl Running {
             let _ = upload.await;
         }
     }
-
-    /// Wait until the proxy listener ends (after a shutdown), then close the audit writer.
-    pub async fn wait(self) {
-        let _ = self.proxy_task.await;
-        self.state.audit.close().await;
-        if let Some(upload) = self.checkpoint_upload {
-            let _ = upload.await;
-        }
-    }
 }
 
 /// Why the sidecar could not start.

@@ -11,9 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Default `maxStaleness`.
-pub use crate::snapshot::DEFAULT_MAX_STALENESS;
-
 /// Freshness of the active snapshot. In standalone mode the file is the source of truth and
 /// never goes stale; under an operator, heartbeats keep it fresh.
 pub struct Freshness {

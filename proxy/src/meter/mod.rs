@@ -60,7 +60,8 @@ fn number(v: &Value) -> Option<f64> {
 
 /// Estimate a call from its tool's cost model and input. An LLM call to a model without a
 /// configured price is an error (its cost could not be bounded).
-pub fn estimate(cost: &CostModel, input: &Value, body_len: usize) -> Result<Estimate, String> {
+#[cfg(test)]
+fn estimate(cost: &CostModel, input: &Value, body_len: usize) -> Result<Estimate, String> {
     estimate_call(cost, input, body_len, None)
 }
 

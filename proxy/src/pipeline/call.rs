@@ -52,8 +52,6 @@ pub struct Call {
     pub id: String,
     /// Run id.
     pub run: String,
-    /// Budget key of the run (the verified run id, or the agent's shared pool).
-    pub run_key: String,
     /// Tenant (once known).
     pub tenant: String,
     /// Target (once known).
@@ -105,7 +103,6 @@ impl Call {
             state,
             snap,
             id: format!("call_{:016x}", rand::random::<u64>()),
-            run_key: String::new(),
             run,
             tenant: String::new(),
             target: None,

@@ -22,7 +22,7 @@ mod gates;
 mod passthrough;
 mod respond;
 
-pub use call::{Call, Element};
+pub use call::Call;
 pub use finish::Outcome;
 pub use passthrough::{record_passthrough, refuse_tunnel};
 
