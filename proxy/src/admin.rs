@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serve the admin listener until shutdown.
-pub async fn serve_admin(
+pub(crate) async fn serve_admin(
     listener: TcpListener,
     state: Arc<ProxyState>,
     shutdown: CancellationToken,

@@ -22,7 +22,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// The approval key of a call.
-pub fn approval_key(agent: &str, tenant: &str, tool: &str, canonical_input: &[u8]) -> String {
+pub(crate) fn approval_key(
+    agent: &str,
+    tenant: &str,
+    tool: &str,
+    canonical_input: &[u8],
+) -> String {
     let mut h = Sha256::new();
     for part in [agent.as_bytes(), tenant.as_bytes(), tool.as_bytes()] {
         h.update((part.len() as u64).to_be_bytes());
@@ -33,7 +38,7 @@ pub fn approval_key(agent: &str, tenant: &str, tool: &str, canonical_input: &[u8
 }
 
 /// The approval request id for a key.
-pub fn approval_id(key: &str) -> String {
+pub(crate) fn approval_id(key: &str) -> String {
     format!("apr-{}", &key[..12])
 }
 
@@ -148,7 +153,7 @@ impl Default for ApprovalStore {
 }
 
 /// Most pending approval requests one sidecar (one agent) holds by default.
-pub const DEFAULT_MAX_PENDING: usize = 100;
+pub(crate) const DEFAULT_MAX_PENDING: usize = 100;
 
 impl ApprovalStore {
     /// A store that counts evictions in `tollgate_approvals_evicted_total{reason}`.
@@ -201,7 +206,7 @@ pub enum UseRefused {
 /// Records the use of an operator-delivered single-use grant (by its id) where every sidecar
 /// of the identity sees it; only `Ok` lets the call through. Set in operator mode
 /// ([`crate::control::use_recorder`]).
-pub type UseRecorder = std::sync::Arc<
+pub(crate) type UseRecorder = std::sync::Arc<
     dyn Fn(String) -> futures::future::BoxFuture<'static, Result<(), UseRefused>> + Send + Sync,
 >;
 
@@ -574,7 +579,7 @@ fn check_grant(g: &ApprovalGrant, now: &str) -> Result<(), Refusal> {
 }
 
 /// Parse `Prefer: wait=N` (RFC 7240), capped at `max`.
-pub fn prefer_wait(headers: &http::HeaderMap, max: Duration) -> Option<Duration> {
+pub(crate) fn prefer_wait(headers: &http::HeaderMap, max: Duration) -> Option<Duration> {
     headers
         .get_all("prefer")
         .iter()
@@ -587,7 +592,7 @@ pub fn prefer_wait(headers: &http::HeaderMap, max: Duration) -> Option<Duration>
 }
 
 /// Post a Slack-compatible notification for a new request (best effort, in the background).
-pub fn notify(url: &str, req: &ApprovalRequest, upstreams: &crate::upstream::Upstreams) {
+pub(crate) fn notify(url: &str, req: &ApprovalRequest, upstreams: &crate::upstream::Upstreams) {
     let text = format!(
         "Tollgate approval needed: {} for tenant {} wants {} ({}). Reasons: {}. Approve: `kubectl tollgate approve {}` or `tollgate-proxy approvals approve {}`",
         req.summary.agent,

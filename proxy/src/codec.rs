@@ -15,7 +15,7 @@
 //! decoder serves request bodies (before parsing) and buffered response bodies (MCP
 //! `tools/list` answers); [`stream`] decodes a response that streams past, for metering.
 
-pub mod stream;
+pub(crate) mod stream;
 
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;
@@ -26,7 +26,7 @@ const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// One content coding (RFC 9110 §8.4.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Coding {
+pub(crate) enum Coding {
     /// `gzip` (or its alias `x-gzip`); several concatenated members are one body.
     Gzip,
     /// `deflate`: the zlib format (RFC 1950), as RFC 9110 defines it.
@@ -39,7 +39,7 @@ pub enum Coding {
 
 impl Coding {
     /// The coding's name in `Content-Encoding`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Coding::Gzip => "gzip",
             Coding::Deflate => "deflate",
@@ -49,7 +49,7 @@ impl Coding {
     }
 
     /// Parse one coding name (case-insensitive). `identity` is `Ok(None)`.
-    pub fn parse(name: &str) -> Result<Option<Coding>, CodecError> {
+    pub(crate) fn parse(name: &str) -> Result<Option<Coding>, CodecError> {
         match name.trim().to_ascii_lowercase().as_str() {
             "gzip" | "x-gzip" => Ok(Some(Coding::Gzip)),
             "deflate" => Ok(Some(Coding::Deflate)),
@@ -143,7 +143,7 @@ impl CodecError {
 
 /// The codings a header map declares, in the order they were applied (all `Content-Encoding`
 /// field lines, comma lists flattened; `identity` dropped).
-pub fn codings(headers: &HeaderMap) -> Result<Vec<Coding>, CodecError> {
+pub(crate) fn codings(headers: &HeaderMap) -> Result<Vec<Coding>, CodecError> {
     let mut out = Vec::new();
     for v in headers.get_all(CONTENT_ENCODING) {
         let v = v
@@ -163,7 +163,7 @@ pub fn codings(headers: &HeaderMap) -> Result<Vec<Coding>, CodecError> {
 
 /// Decode `body`, coded with `codings` in the order they were applied (so the last is undone
 /// first), under `limits`.
-pub fn decode(
+pub(crate) fn decode(
     body: &[u8],
     codings: &[Coding],
     limits: &DecodeLimits,
@@ -180,7 +180,7 @@ pub fn decode(
 
 /// Decode a body by the `Content-Encoding` of `headers`. Returns `None` when the body is not
 /// coded (no header, or only `identity`), so callers can keep the original bytes.
-pub fn decode_by_headers(
+pub(crate) fn decode_by_headers(
     headers: &HeaderMap,
     body: &[u8],
     limits: &DecodeLimits,

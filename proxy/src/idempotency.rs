@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Most response bytes stored for a replay.
-pub const MAX_STORED_BODY: usize = 1024 * 1024;
+pub(crate) const MAX_STORED_BODY: usize = 1024 * 1024;
 
 /// A stored response: status, the end-to-end headers that describe the body and the result
 /// (`Content-Type`, `Content-Encoding`, `Location`, ...), and the body exactly as the upstream
@@ -54,10 +54,10 @@ fn replayed(name: &str) -> bool {
 mod b64 {
     use base64::Engine;
     use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
         base64::engine::general_purpose::STANDARD
             .decode(s)
@@ -97,7 +97,7 @@ impl std::fmt::Debug for Idempotency {
 }
 
 /// The store key of a call.
-pub fn key(agent: &str, tenant: &str, tool: &str, header: &str) -> String {
+pub(crate) fn key(agent: &str, tenant: &str, tool: &str, header: &str) -> String {
     use sha2::Digest;
     let h = sha2::Sha256::digest(format!("{agent}\0{tenant}\0{tool}\0{header}").as_bytes());
     format!("tollgate:{{tg}}:idem:{}", hex::encode(h))
@@ -228,7 +228,7 @@ impl Idempotency {
 }
 
 /// A response stored for replay.
-pub fn stored(status: u16, headers: &http::HeaderMap, body: &Bytes) -> Stored {
+pub(crate) fn stored(status: u16, headers: &http::HeaderMap, body: &Bytes) -> Stored {
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -248,7 +248,10 @@ pub fn stored(status: u16, headers: &http::HeaderMap, body: &Bytes) -> Stored {
 
 /// The answer to a retry of a completed call: the stored response, marked
 /// `x-tollgate-idempotent-replay: true`.
-pub fn replay_response(stored: Stored, run: &str) -> http::Response<crate::upstream::ResBody> {
+pub(crate) fn replay_response(
+    stored: Stored,
+    run: &str,
+) -> http::Response<crate::upstream::ResBody> {
     use http::{HeaderName, HeaderValue};
     let mut res = http::Response::new(crate::upstream::full(Bytes::from(stored.body)));
     *res.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);

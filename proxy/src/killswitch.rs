@@ -2,14 +2,14 @@
 //! with 503 `killed`. `all: true` matches everything. A switch that engages while calls in
 //! its scope are in flight stops them too (see [`inflight`]).
 
-pub mod inflight;
+pub(crate) mod inflight;
 
 use crate::config::KillSwitchConfig;
 use crate::refusal::Refusal;
 use crate::snapshot::Snapshot;
 
 /// Check the call against every engaged switch.
-pub fn check(snap: &Snapshot, tenant: &str, tool: &str) -> Result<(), Refusal> {
+pub(crate) fn check(snap: &Snapshot, tenant: &str, tool: &str) -> Result<(), Refusal> {
     match snap
         .kill_switches
         .iter()
@@ -24,7 +24,7 @@ pub fn check(snap: &Snapshot, tenant: &str, tool: &str) -> Result<(), Refusal> {
 }
 
 /// Does this switch cover the call?
-pub fn applies(
+pub(crate) fn applies(
     k: &KillSwitchConfig,
     namespace: &str,
     agent: &str,

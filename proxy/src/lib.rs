@@ -5,6 +5,7 @@
 //! approval → forward → meter and record. Config arrives as a raw [`config::Config`] (file or
 //! operator snapshot) and is lowered once into a validated [`snapshot::Snapshot`].
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub(crate) mod admin;
 pub(crate) mod approval;

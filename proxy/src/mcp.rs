@@ -26,11 +26,11 @@ use crate::upstream::stream::BodyTimeouts;
 use serde_json::Value;
 
 /// Most messages in one JSON-RPC batch.
-pub const MAX_BATCH: usize = 32;
+pub(crate) const MAX_BATCH: usize = 32;
 
 /// What a posted MCP message asks for.
 #[derive(Debug, Default, PartialEq)]
-pub struct McpMessage {
+pub(crate) struct McpMessage {
     /// `(tool index, arguments)` of each `tools/call`, in order.
     pub tool_calls: Vec<(usize, Value)>,
     /// The message includes `tools/list`.
@@ -46,13 +46,13 @@ fn session_method(m: &str) -> bool {
 }
 
 /// Header carrying the session id (every revision that has sessions).
-pub const SESSION_HEADER: &str = "mcp-session-id";
+pub(crate) const SESSION_HEADER: &str = "mcp-session-id";
 
 /// Check an MCP request before its message is classified: a bodiless request is a session
 /// `GET` (the server's stream) or a `DELETE` that ends a session (with its `Mcp-Session-Id`),
 /// and the current revision's routing headers agree with the body. A bodiless request that
 /// passes is classified as the message `null` (see [`classify`]).
-pub fn check_request(
+pub(crate) fn check_request(
     method: &http::Method,
     headers: &http::HeaderMap,
     body: &CanonicalBody,
@@ -136,13 +136,13 @@ fn is_reply(m: &Value) -> bool {
 }
 
 /// Does `target` go to an MCP host (a host whose tools are decided by the JSON-RPC body)?
-pub fn is_mcp(snap: &Snapshot, target: &Target) -> bool {
+pub(crate) fn is_mcp(snap: &Snapshot, target: &Target) -> bool {
     snap.catalog.match_target(target) == crate::route::RouteMatch::Mcp
 }
 
 /// Timeouts of a response body: the tool's, or for MCP session traffic no tool decides (the
 /// server's `GET` stream, `subscriptions/listen`) ones that let a quiet session stream live.
-pub fn body_timeouts(tool: Option<&crate::snapshot::Tool>, target: &Target) -> BodyTimeouts {
+pub(crate) fn body_timeouts(tool: Option<&crate::snapshot::Tool>, target: &Target) -> BodyTimeouts {
     let session_stream =
         tool.is_none() && matches!(target.method, http::Method::GET | http::Method::POST);
     match tool {
@@ -156,11 +156,11 @@ pub fn body_timeouts(tool: Option<&crate::snapshot::Tool>, target: &Target) -> B
 }
 
 /// Most bytes of a `tools/list` answer read (coded and decoded).
-pub const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 
 /// A buffered MCP answer decoded for reading, under codec.rs's bounds; on success the headers
 /// no longer claim an encoding, since the decoded body is what is served.
-pub fn decoded_body(headers: &mut http::HeaderMap, body: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn decoded_body(headers: &mut http::HeaderMap, body: &[u8]) -> Result<Vec<u8>, String> {
     let limits = crate::codec::DecodeLimits::for_body(MAX_LIST_BYTES);
     let decoded = crate::codec::decode_by_headers(headers, body, &limits)
         .map_err(|e| format!("the upstream's tools/list answer cannot be decoded: {e}"))?;
@@ -175,7 +175,7 @@ pub fn decoded_body(headers: &mut http::HeaderMap, body: &[u8]) -> Result<Vec<u8
 /// The id(s) a refusal of this message answers, read before anything is checked so even a
 /// malformed or refused message gets a JSON-RPC error: the message's id, or an array of ids for
 /// a batch. `None` when the body is not JSON-RPC at all.
-pub fn reply_id(msg: &Value) -> Option<Value> {
+pub(crate) fn reply_id(msg: &Value) -> Option<Value> {
     let id_of = |m: &Value| {
         m.as_object()
             .filter(|o| o.get("jsonrpc").and_then(Value::as_str) == Some("2.0"))
@@ -193,7 +193,11 @@ pub fn reply_id(msg: &Value) -> Option<Value> {
 }
 
 /// Classify a posted JSON-RPC message (or batch) against the agent's MCP tools on `target`.
-pub fn classify(msg: &Value, snap: &Snapshot, target: &Target) -> Result<McpMessage, Refusal> {
+pub(crate) fn classify(
+    msg: &Value,
+    snap: &Snapshot,
+    target: &Target,
+) -> Result<McpMessage, Refusal> {
     let (items, batch): (Vec<&Value>, bool) = match msg {
         // A bodiless session GET or DELETE (see `check_request`).
         Value::Null => return Ok(McpMessage::default()),
@@ -270,7 +274,7 @@ fn filter_tools_list(body: &[u8], sse: bool, allowed: &[&str]) -> (Vec<u8>, usiz
 
 /// Filter a `tools/list` answer with any rule: `keep` sees each advertised tool (as sent) and says
 /// whether it stays in the list (pins withhold a tool whose definition changed).
-pub fn filter_tools_list_by(
+pub(crate) fn filter_tools_list_by(
     body: &[u8],
     sse: bool,
     mut keep: impl FnMut(&Value) -> bool,

@@ -433,7 +433,7 @@ fn grpc_status(s: StatusCode) -> &'static str {
 
 /// The provider whose envelope a refusal uses: the matched tool's, else that of an LLM tool
 /// on the same host (a call to an endpoint no tool covers still comes from that SDK).
-pub fn provider_for(
+pub(crate) fn provider_for(
     snap: &Snapshot,
     tool: Option<usize>,
     target: Option<&Target>,
@@ -451,7 +451,7 @@ pub fn provider_for(
 /// The one rendering of a refusal: the JSON error body with its status, or for MCP calls a
 /// JSON-RPC error (one per element of a batch) with the same reason and the body as `data`.
 /// `run` is echoed in `X-Tollgate-Run`.
-pub fn render(
+pub(crate) fn render(
     r: &Refusal,
     tool: Option<&str>,
     run: &str,
@@ -466,7 +466,7 @@ pub fn render(
 
 /// [`render`] in any envelope (an LLM provider's, for calls to a declared `llm` tool):
 /// status, JSON body, `Retry-After`, and the run id.
-pub fn render_as(
+pub(crate) fn render_as(
     r: &Refusal,
     tool: Option<&str>,
     run: &str,

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Load and validate a config file into a snapshot.
-pub fn load_snapshot(path: &Path, version: u64) -> Result<Snapshot, crate::config::ConfigError> {
+pub(crate) fn load_snapshot(
+    path: &Path,
+    version: u64,
+) -> Result<Snapshot, crate::config::ConfigError> {
     let raw = crate::config::load_file(path)?;
     let base = path
         .parent()
@@ -21,7 +24,7 @@ pub fn load_snapshot(path: &Path, version: u64) -> Result<Snapshot, crate::confi
 
 /// Watch `path` (through its directory, so editors that replace the file are seen) and
 /// reload on change. Also polls the file's mtime every second as a fallback.
-pub fn watch(
+pub(crate) fn watch(
     path: PathBuf,
     state: Arc<ProxyState>,
     version: Arc<AtomicU64>,

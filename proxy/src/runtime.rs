@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A running sidecar.
-pub struct Running {
+pub(crate) struct Running {
     /// Proxy listener address.
     pub proxy_addr: SocketAddr,
     /// Admin listener address.
@@ -34,7 +34,7 @@ pub struct Running {
 impl Running {
     /// Stop accepting, finish in-flight calls, return once drained and the audit writer has
     /// written its final checkpoint.
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.proxy_task.await;
         self.state.audit.close().await;
@@ -46,7 +46,7 @@ impl Running {
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// Invalid config (exit 64).
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
@@ -56,7 +56,7 @@ pub enum StartError {
 }
 
 /// Start from a config file, watching it for changes.
-pub async fn start_from_file(
+pub(crate) async fn start_from_file(
     path: &Path,
     proxy: Option<TcpListener>,
     admin: Option<TcpListener>,
@@ -80,7 +80,7 @@ pub async fn start_from_file(
 /// Start in operator mode: local settings from `base` (listeners, audit, limits, TLS), the
 /// identity's snapshot from the operator (see [`crate::control`]). Calls are refused with 503
 /// until the first snapshot arrives.
-pub async fn start_operator(
+pub(crate) async fn start_operator(
     base: crate::config::Config,
     base_dir: &Path,
     args: crate::control::ControlArgs,
@@ -168,7 +168,7 @@ pub async fn start_operator(
 }
 
 /// Start with a first snapshot. `tracked` enables staleness (operator mode).
-pub async fn start(
+pub(crate) async fn start(
     snap: Snapshot,
     base: &Path,
     proxy: Option<TcpListener>,
@@ -208,7 +208,7 @@ pub async fn start(
 }
 
 /// Start serving an existing state (used by operator mode, which may have no snapshot yet).
-pub async fn start_with_state(
+pub(crate) async fn start_with_state(
     state: Arc<ProxyState>,
     listen: &crate::config::ListenConfig,
     server: &crate::config::ServerConfig,

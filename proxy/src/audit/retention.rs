@@ -28,7 +28,7 @@ pub(super) struct RotatedFiles {
 }
 
 impl RotatedFiles {
-    pub fn new(files: Vec<(PathBuf, FileEntry)>, retention: Retention) -> Self {
+    pub(super) fn new(files: Vec<(PathBuf, FileEntry)>, retention: Retention) -> Self {
         Self {
             files,
             retention,
@@ -37,12 +37,12 @@ impl RotatedFiles {
     }
 
     /// Shipping or pruning is configured.
-    pub fn active(&self) -> bool {
+    pub(super) fn active(&self) -> bool {
         self.retention.max_age.is_some() || !self.retention.ship_command.is_empty()
     }
 
     /// A file just rotated: keep it and ship it.
-    pub fn push(&mut self, path: PathBuf, entry: FileEntry) {
+    pub(super) fn push(&mut self, path: PathBuf, entry: FileEntry) {
         self.files.push((path.clone(), entry));
         self.ship(path);
     }
@@ -93,7 +93,7 @@ impl RotatedFiles {
     }
 
     /// (Re)start the ship hook for every rotated file not shipped yet and not being shipped.
-    pub fn ship_pending(&self) {
+    pub(super) fn ship_pending(&self) {
         if self.retention.ship_command.is_empty() {
             return;
         }
@@ -113,7 +113,7 @@ impl RotatedFiles {
 
     /// Delete rotated files older than the retention age (shipped ones only, when a ship
     /// hook is configured). The next checkpoint no longer lists them.
-    pub fn prune(&mut self) {
+    pub(super) fn prune(&mut self) {
         let Some(max_age) = self.retention.max_age else {
             return;
         };

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// How long written-but-unsynced outcome records may wait for an fsync when nothing else comes.
-pub const LAZY_SYNC: Duration = Duration::from_millis(20);
+pub(super) const LAZY_SYNC: Duration = Duration::from_millis(20);
 
 /// `prev` of the first record of a new chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -170,7 +170,7 @@ impl WriterOptions {
 }
 
 /// Time between periodic checkpoints when `audit.checkpoints.interval` is not set.
-pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+pub(super) const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Handle to the audit writer.
 #[derive(Clone)]

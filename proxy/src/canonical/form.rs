@@ -78,7 +78,7 @@ fn decode_component(raw: &[u8]) -> Result<String, String> {
 }
 
 /// Build the structured view of decoded pairs.
-pub fn structure(
+pub(super) fn structure(
     pairs: &[(String, String)],
     repeats: Repeats,
 ) -> Result<Map<String, Value>, String> {
@@ -187,7 +187,7 @@ fn insert_path(
 }
 
 /// Refuse names of one object that differ only in case, at every level.
-pub fn check_case(m: &Map<String, Value>) -> Result<(), String> {
+pub(super) fn check_case(m: &Map<String, Value>) -> Result<(), String> {
     let mut seen: HashMap<String, &str> = HashMap::new();
     for (k, v) in m {
         if let Some(prev) = seen.insert(fold_key(k), k) {
@@ -241,7 +241,7 @@ pub fn serialize_form(m: &Map<String, Value>) -> Result<String, String> {
 }
 
 /// Re-encode decided query pairs.
-pub fn serialize_pairs(pairs: &[(String, String)]) -> String {
+pub(super) fn serialize_pairs(pairs: &[(String, String)]) -> String {
     let mut s = form_urlencoded::Serializer::new(String::new());
     for (k, v) in pairs {
         s.append_pair(k, v);

@@ -39,7 +39,7 @@ const CONNECTION_TOKENS: &[&str] = &[
 /// Whether `Connection` may name `token` (lower-case): a hop-by-hop name, or a header neither
 /// read by the decision nor forwarded (`forwarded` lists the tool's own forwarded and
 /// meaning-carrying headers).
-pub fn may_drop(token: &str, forwarded: &[HeaderName]) -> bool {
+pub(super) fn may_drop(token: &str, forwarded: &[HeaderName]) -> bool {
     use super::rebuild::{DEFAULT_FORWARD_HEADERS, NEVER_FORWARD_HEADERS};
     CONNECTION_TOKENS.contains(&token)
         || !(NEVER_FORWARD_HEADERS.contains(&token)
@@ -49,7 +49,7 @@ pub fn may_drop(token: &str, forwarded: &[HeaderName]) -> bool {
 }
 
 /// The names the `Connection` header lists, lower-case.
-pub fn connection_tokens(h: &HeaderMap) -> Result<Vec<String>, CanonicalError> {
+pub(super) fn connection_tokens(h: &HeaderMap) -> Result<Vec<String>, CanonicalError> {
     let mut out = Vec::new();
     for v in h.get_all(header::CONNECTION) {
         let v = v
@@ -66,7 +66,7 @@ pub fn connection_tokens(h: &HeaderMap) -> Result<Vec<String>, CanonicalError> {
 
 /// Refuse ambiguous headers (see the constants above). `meaning` are the tool's
 /// meaning-carrying headers, which `Connection` may not name either.
-pub fn check(h: &HeaderMap, meaning: &[HeaderName]) -> Result<(), CanonicalError> {
+pub(super) fn check(h: &HeaderMap, meaning: &[HeaderName]) -> Result<(), CanonicalError> {
     for name in SINGLETON_HEADERS {
         if h.get_all(name).iter().count() > 1 {
             return Err(CanonicalError::RepeatedHeader(name.as_str().to_string()));
@@ -157,7 +157,10 @@ pub fn media_type(h: &HeaderMap) -> Result<MediaType, CanonicalError> {
 }
 
 /// The single value of header `name`, as visible ASCII; `None` when absent.
-pub fn single_value(h: &HeaderMap, name: &HeaderName) -> Result<Option<String>, CanonicalError> {
+pub(super) fn single_value(
+    h: &HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<String>, CanonicalError> {
     let mut values = h.get_all(name).iter();
     let Some(v) = values.next() else {
         return Ok(None);

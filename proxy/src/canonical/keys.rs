@@ -13,6 +13,6 @@ pub fn fold_key(k: &str) -> String {
 }
 
 /// Does `k` name one of the reserved method-override fields (`_method`, in any case)?
-pub fn is_method_override_field(k: &str) -> bool {
+pub(super) fn is_method_override_field(k: &str) -> bool {
     fold_key(k) == "_method"
 }

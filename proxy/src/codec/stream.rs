@@ -12,13 +12,13 @@ use super::{codings, CodecError, Coding};
 use std::io::Write;
 
 /// Most decoded bytes produced for one body.
-pub const MAX_DECODED: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_DECODED: usize = 64 * 1024 * 1024;
 /// Most decoded bytes per encoded byte, past [`RATIO_FLOOR`].
-pub const MAX_RATIO: u64 = 200;
+pub(crate) const MAX_RATIO: u64 = 200;
 /// Decoded size below which the ratio is not checked.
-pub const RATIO_FLOOR: u64 = 64 * 1024;
+pub(crate) const RATIO_FLOOR: u64 = 64 * 1024;
 /// Most stacked codings decoded.
-pub const MAX_LAYERS: usize = 3;
+pub(crate) const MAX_LAYERS: usize = 3;
 
 enum Layer {
     Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),
@@ -92,7 +92,7 @@ fn corrupt(c: Coding, e: std::io::Error) -> CodecError {
 }
 
 /// A push decoder for one body's content codings, undone in reverse of the order applied.
-pub struct StreamDecoder {
+pub(crate) struct StreamDecoder {
     layers: Vec<Layer>,
     encoded: u64,
     decoded: u64,
@@ -109,7 +109,7 @@ impl std::fmt::Debug for StreamDecoder {
 
 impl StreamDecoder {
     /// A decoder for a response's headers; `Ok(None)` when the body is not coded.
-    pub fn for_headers(h: &http::HeaderMap) -> Result<Option<Self>, CodecError> {
+    pub(crate) fn for_headers(h: &http::HeaderMap) -> Result<Option<Self>, CodecError> {
         let list = codings(h)?;
         if list.is_empty() {
             return Ok(None);
@@ -130,7 +130,7 @@ impl StreamDecoder {
     }
 
     /// Push a chunk of the coded body; returns the bytes it decoded to.
-    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>, CodecError> {
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>, CodecError> {
         self.encoded += chunk.len() as u64;
         let mut data = chunk.to_vec();
         for l in &mut self.layers {

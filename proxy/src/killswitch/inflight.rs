@@ -188,7 +188,7 @@ impl InFlight {
 }
 
 /// The switches engaged in `new` that were not engaged, with the same scope, in `old`.
-pub fn newly_engaged<'a>(
+pub(crate) fn newly_engaged<'a>(
     old: &[KillSwitchConfig],
     new: &'a [KillSwitchConfig],
 ) -> Vec<&'a KillSwitchConfig> {

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 /// Token counts read from a response.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tokens {
+pub(crate) struct Tokens {
     /// Prompt (input) tokens.
     pub prompt: u64,
     /// Completion (output) tokens.
@@ -23,7 +23,7 @@ pub struct Tokens {
 
 /// What a call is expected to cost.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Estimate {
+pub(crate) struct Estimate {
     /// Spend, micro-dollars.
     pub spend: i64,
     /// Financial exposure, micro-dollars.
@@ -36,7 +36,7 @@ pub struct Estimate {
 
 impl Estimate {
     /// Spend of an LLM call that used `t` tokens.
-    pub fn llm_spend(&self, t: Tokens) -> i64 {
+    pub(crate) fn llm_spend(&self, t: Tokens) -> i64 {
         match self.llm {
             Some((p, c)) => to_micros((t.prompt as f64 * p + t.completion as f64 * c) / 1e6),
             None => self.spend,
@@ -67,7 +67,7 @@ fn estimate(cost: &CostModel, input: &Value, body_len: usize) -> Result<Estimate
 
 /// The model a call names: the body's `model`, or for Gemini the path's
 /// `/models/{model}:generateContent`.
-pub fn model_of<'a>(input: &'a Value, path: &'a str) -> &'a str {
+pub(crate) fn model_of<'a>(input: &'a Value, path: &'a str) -> &'a str {
     if let Some(m) = input.get("model").and_then(Value::as_str) {
         return m;
     }
@@ -77,7 +77,7 @@ pub fn model_of<'a>(input: &'a Value, path: &'a str) -> &'a str {
 }
 
 /// [`estimate`] for a call whose path may name the model (Gemini).
-pub fn estimate_call(
+pub(crate) fn estimate_call(
     cost: &CostModel,
     input: &Value,
     body_len: usize,
@@ -149,7 +149,7 @@ fn llm_price(llm: &LlmCost, input: &Value, path: &str) -> Result<(f64, f64, u64)
 /// Does this provider's API at `path` take `stream_options.include_usage`? Only OpenAI-style
 /// chat/completions and completions do (the responses API always reports usage and rejects
 /// the field; Anthropic and Gemini report usage in their events already).
-pub fn takes_stream_usage(provider: Option<LlmProvider>, path: &str) -> bool {
+pub(crate) fn takes_stream_usage(provider: Option<LlmProvider>, path: &str) -> bool {
     matches!(
         provider,
         Some(LlmProvider::Openai | LlmProvider::OpenaiCompatible)
@@ -159,7 +159,7 @@ pub fn takes_stream_usage(provider: Option<LlmProvider>, path: &str) -> bool {
 /// Add `stream_options.include_usage` to a streamed OpenAI-style request that lacks it.
 /// Returns the new body, or `None` when nothing needs changing. The caller checks
 /// [`takes_stream_usage`] first: which API this is comes from the tool's declared provider.
-pub fn inject_stream_usage(input: &Value) -> Option<Value> {
+pub(crate) fn inject_stream_usage(input: &Value) -> Option<Value> {
     if input.get("stream") != Some(&Value::Bool(true)) {
         return None;
     }
@@ -181,7 +181,7 @@ pub fn inject_stream_usage(input: &Value) -> Option<Value> {
 /// (`usage.input_tokens`/`output_tokens`; Anthropic's cache writes and reads are input too,
 /// and its stream deltas are cumulative, hence `max`), Gemini (`usageMetadata` with
 /// `promptTokenCount`, `candidatesTokenCount` and `thoughtsTokenCount`, cumulative per chunk).
-pub fn fold_usage(v: &Value, t: &mut Tokens) -> bool {
+pub(crate) fn fold_usage(v: &Value, t: &mut Tokens) -> bool {
     let mut seen = false;
     match v {
         Value::Object(o) => {
@@ -225,7 +225,7 @@ pub fn fold_usage(v: &Value, t: &mut Tokens) -> bool {
 
 /// Characters of generated text (and tool-call arguments) one streamed event delivers, in
 /// any of the shapes above: what a stream cut short is charged for.
-pub fn delivered_chars(v: &Value) -> u64 {
+pub(crate) fn delivered_chars(v: &Value) -> u64 {
     let len = |x: Option<&Value>| {
         x.and_then(Value::as_str)
             .map_or(0, |s| s.chars().count() as u64)
@@ -289,7 +289,7 @@ const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
 
 /// What a scanned body reported and delivered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Scanned {
+pub(crate) struct Scanned {
     /// Usage the body reported, if any.
     pub reported: Option<Tokens>,
     /// Characters of generated text delivered (streams).
@@ -302,7 +302,7 @@ pub struct Scanned {
 /// Reads token usage out of a response body as it passes. An encoded body is decoded on the
 /// side (see codec/stream.rs); the bytes passed on are never changed.
 #[derive(Debug, Default)]
-pub struct UsageScanner {
+pub(crate) struct UsageScanner {
     sse: bool,
     buf: Vec<u8>,
     overflow: bool,
@@ -315,7 +315,7 @@ pub struct UsageScanner {
 
 impl UsageScanner {
     /// A scanner for an SSE (`text/event-stream`) or JSON body.
-    pub fn new(sse: bool) -> Self {
+    pub(crate) fn new(sse: bool) -> Self {
         Self {
             sse,
             ..Default::default()
@@ -324,7 +324,7 @@ impl UsageScanner {
 
     /// A scanner for a response with these headers (content type and encoding). An encoding
     /// it cannot decode leaves it blind: the call is charged its estimate.
-    pub fn for_response(h: &http::HeaderMap) -> Self {
+    pub(crate) fn for_response(h: &http::HeaderMap) -> Self {
         let mut s = Self::new(is_sse(h));
         match StreamDecoder::for_headers(h) {
             Ok(d) => s.decoder = d,
@@ -337,7 +337,7 @@ impl UsageScanner {
     }
 
     /// Feed a chunk of the body as it travels (still encoded, if it is).
-    pub fn feed(&mut self, chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
         if self.overflow {
             return;
         }
@@ -384,7 +384,7 @@ impl UsageScanner {
     }
 
     /// What the body reported and delivered.
-    pub fn finish(mut self) -> Scanned {
+    pub(crate) fn finish(mut self) -> Scanned {
         if self.sse {
             let rest = std::mem::take(&mut self.buf);
             self.line(&rest);
@@ -402,7 +402,7 @@ impl UsageScanner {
 }
 
 /// Is this response an SSE stream?
-pub fn is_sse(h: &http::HeaderMap) -> bool {
+pub(crate) fn is_sse(h: &http::HeaderMap) -> bool {
     h.get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
@@ -417,7 +417,7 @@ pub fn is_sse(h: &http::HeaderMap) -> bool {
 /// client gone) is charged what was delivered: the reported prompt (or the estimated one,
 /// the prompt was sent) and the larger of the reported completion and the delivered text at
 /// four characters a token.
-pub fn charged_tokens(est: &Estimate, scanned: &Scanned, cut: bool) -> Tokens {
+pub(crate) fn charged_tokens(est: &Estimate, scanned: &Scanned, cut: bool) -> Tokens {
     match (scanned.reported, cut) {
         (Some(t), false) => t,
         (None, false) => est.tokens,

@@ -21,7 +21,7 @@ use std::time::Instant;
 /// One decided tool call: the whole input of an HTTP call, or one `tools/call` of an MCP
 /// message.
 #[derive(Debug, Default)]
-pub struct Element {
+pub(crate) struct Element {
     /// Tool index in the snapshot.
     pub tool: usize,
     /// Tool input (the canonical call's body, or the MCP arguments).
@@ -45,7 +45,7 @@ pub struct Element {
 }
 
 /// Everything known about a call so far.
-pub struct Call {
+pub(crate) struct Call {
     pub(crate) state: Arc<ProxyState>,
     pub(crate) snap: Arc<Snapshot>,
     /// Unique id of this call.
@@ -98,7 +98,7 @@ pub struct Call {
 
 impl Call {
     /// A new call on `snap`.
-    pub fn new(state: Arc<ProxyState>, snap: Arc<Snapshot>, run: String) -> Self {
+    pub(crate) fn new(state: Arc<ProxyState>, snap: Arc<Snapshot>, run: String) -> Self {
         Self {
             state,
             snap,
@@ -130,7 +130,7 @@ impl Call {
 
     /// The decision of a call that passed every gate: `shadow_deny` when shadow mode noted a
     /// refusal.
-    pub fn passed(&self) -> Decision {
+    pub(crate) fn passed(&self) -> Decision {
         if self.shadow_reasons.is_empty() {
             Decision::Allow
         } else {
@@ -139,7 +139,7 @@ impl Call {
     }
 
     /// Tool name for responses and logs: the first decided element, else the routed tool.
-    pub fn tool_name(&self) -> Option<&str> {
+    pub(crate) fn tool_name(&self) -> Option<&str> {
         self.elements
             .first()
             .map(|e| e.tool)
@@ -148,7 +148,7 @@ impl Call {
     }
 
     /// One record per decided element (one with no tool when none was decided).
-    pub fn records(
+    pub(crate) fn records(
         &self,
         phase: Phase,
         d: Decision,
@@ -165,7 +165,7 @@ impl Call {
     }
 
     /// The record of one element (or of the call, before any element).
-    pub fn record(
+    pub(crate) fn record(
         &self,
         e: Option<&Element>,
         phase: Phase,
@@ -221,7 +221,7 @@ impl Call {
     }
 
     /// Count the call once per element in `tollgate_requests_total`.
-    pub fn count(&self, d: Decision) {
+    pub(crate) fn count(&self, d: Decision) {
         let snap = &self.snap;
         let tenant = if snap.agent.tenants.contains(&self.tenant) {
             self.tenant.as_str()

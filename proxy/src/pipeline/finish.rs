@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 /// How a call ended.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// A stage refused it; nothing was forwarded.
     Refused(Refusal),
     /// An identical idempotent call already completed: its stored response.
@@ -55,7 +55,7 @@ pub enum Outcome {
 }
 
 /// End the call.
-pub async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
+pub(super) async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody> {
     let span = tracing::Span::current();
     if let Some(t) = call.tool_name() {
         span.record("tool", t);

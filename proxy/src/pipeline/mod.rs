@@ -22,9 +22,9 @@ mod gates;
 mod passthrough;
 mod respond;
 
-pub use call::Call;
-pub use finish::Outcome;
-pub use passthrough::{record_passthrough, refuse_tunnel};
+pub(crate) use call::Call;
+pub(crate) use finish::Outcome;
+pub(crate) use passthrough::{record_passthrough, refuse_tunnel};
 
 use crate::canonical::{CallOptions, CanonicalBody, CanonicalCall, RebuildOptions};
 use crate::config::Mode;
@@ -43,13 +43,13 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 /// Handle one request on the proxy listener (forward-proxy or base-URL form).
-pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ResBody> {
+pub(crate) async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ResBody> {
     handle_with(state, req, None).await
 }
 
 /// Handle one request that arrived inside a tunnel (decrypted CONNECT, transparent): the same
 /// pipeline, with the target pinned to the tunnel's host.
-pub async fn handle_in_tunnel(
+pub(crate) async fn handle_in_tunnel(
     state: Arc<ProxyState>,
     req: Request<Incoming>,
     tunnel: &Tunnel,

@@ -45,7 +45,7 @@ fn tunnel_call(
 /// Refuse a tunnel before any request inside it (a CONNECT or transparent connection to a
 /// host no tool serves, a bad ClientHello): recorded and counted like any refused call, and
 /// counted in `tollgate_tunnels_refused_total{via,reason}`.
-pub async fn refuse_tunnel(
+pub(crate) async fn refuse_tunnel(
     state: &Arc<ProxyState>,
     snap: &Arc<Snapshot>,
     tunnel: &Tunnel,
@@ -66,7 +66,7 @@ pub async fn refuse_tunnel(
 /// The host-level stages of a TLS passthrough tunnel (tenant, kill switch), then its record
 /// before it opens, marked as passthrough. A refusal is returned for the caller to answer
 /// with [`refuse_tunnel`].
-pub async fn record_passthrough(
+pub(crate) async fn record_passthrough(
     state: &Arc<ProxyState>,
     snap: &Arc<Snapshot>,
     tunnel: &Tunnel,

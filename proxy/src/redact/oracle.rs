@@ -24,7 +24,7 @@ static BEARER: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// Mask PII in one string.
-pub fn redact_str(s: &str, cfg: &RedactionConfig, extra: &[Regex]) -> String {
+pub(crate) fn redact_str(s: &str, cfg: &RedactionConfig, extra: &[Regex]) -> String {
     let mut out = s.to_string();
     if cfg.pii {
         out = BEARER.replace_all(&out, "[REDACTED:token]").into_owned();
@@ -69,7 +69,7 @@ fn luhn(digits: &str) -> bool {
 
 /// Redact a JSON value: configured field names are masked wherever they appear, and every
 /// string is scanned for PII.
-pub fn redact_value(v: &Value, cfg: &RedactionConfig, extra: &[Regex]) -> Value {
+pub(crate) fn redact_value(v: &Value, cfg: &RedactionConfig, extra: &[Regex]) -> Value {
     match v {
         Value::String(s) => Value::String(redact_str(s, cfg, extra)),
         Value::Array(a) => Value::Array(a.iter().map(|x| redact_value(x, cfg, extra)).collect()),
@@ -89,7 +89,7 @@ pub fn redact_value(v: &Value, cfg: &RedactionConfig, extra: &[Regex]) -> Value 
 }
 
 /// Redact a policy input document for the audit record: drop configured headers, mask PII.
-pub fn redact_input(input: &Value, cfg: &RedactionConfig) -> Value {
+pub(crate) fn redact_input(input: &Value, cfg: &RedactionConfig) -> Value {
     if input.is_null() {
         return Value::Null;
     }

@@ -28,7 +28,7 @@ pub const DEFAULT_TIMEOUTS: (Duration, Duration, Duration) = (
 
 /// Agent-level gates beyond the identity.
 #[derive(Clone, Debug)]
-pub struct AgentGates {
+pub(super) struct AgentGates {
     /// Keep serving on a stale snapshot (counted).
     pub fail_open: bool,
     /// What an over-budget call becomes.
@@ -95,7 +95,7 @@ pub struct Server {
 }
 
 /// Everything `Snapshot::build` lowers besides tools, routes and policy.
-pub struct Settings {
+pub(super) struct Settings {
     /// Agent-level gates.
     pub agent: AgentGates,
     /// Tenants and their limits.
@@ -113,7 +113,7 @@ pub struct Settings {
 }
 
 /// Lower the settings of `raw`.
-pub fn lower(raw: &Config, base_dir: &Path) -> Result<Settings, ConfigError> {
+pub(super) fn lower(raw: &Config, base_dir: &Path) -> Result<Settings, ConfigError> {
     let a = &raw.agent;
     let key = match &a.runs.key_from {
         None => None,

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Limited};
 use std::time::Duration;
 
 /// Refuse request framings that different HTTP parsers read differently.
-pub fn framing(h: &HeaderMap) -> Result<(), Refusal> {
+pub(crate) fn framing(h: &HeaderMap) -> Result<(), Refusal> {
     if h.contains_key(http::header::TRANSFER_ENCODING)
         && h.contains_key(http::header::CONTENT_LENGTH)
     {
@@ -34,7 +34,7 @@ pub fn framing(h: &HeaderMap) -> Result<(), Refusal> {
 }
 
 /// Buffer the body, up to `max` bytes and within `timeout`.
-pub async fn read<B>(
+pub(crate) async fn read<B>(
     body: B,
     headers: &HeaderMap,
     max: usize,
@@ -74,7 +74,7 @@ where
 }
 
 /// The refusal of a request with no single reading (see [`crate::canonical`]).
-pub fn ambiguous(e: crate::canonical::CanonicalError, max: usize) -> Refusal {
+pub(crate) fn ambiguous(e: crate::canonical::CanonicalError, max: usize) -> Refusal {
     if e.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
         return Refusal::PayloadTooLarge(max);
     }

@@ -10,7 +10,7 @@ use crate::snapshot::Tool;
 use serde_json::Value;
 
 /// The estimated cost of one tool call (`path` names the model of a Gemini call).
-pub fn estimate(
+pub(crate) fn estimate(
     tool: &Tool,
     input: &Value,
     body_len: usize,
@@ -25,7 +25,7 @@ pub fn estimate(
 
 /// The caps a call adds to, with its total amount for each: the sum over its elements of the
 /// spend (spend caps) or exposure (exposure caps). Caps it adds nothing to are left out.
-pub fn amounts<'e>(
+pub(crate) fn amounts<'e>(
     caps: Vec<Cap>,
     estimates: impl Iterator<Item = &'e Estimate> + Clone,
 ) -> (Vec<Cap>, Vec<i64>) {
@@ -44,7 +44,7 @@ pub fn amounts<'e>(
 }
 
 /// What shadow mode notes instead of reserving: every cap the call would exceed.
-pub fn would_exceed(caps: &[Cap], amounts: &[i64], usage: &[Usage]) -> Vec<String> {
+pub(crate) fn would_exceed(caps: &[Cap], amounts: &[i64], usage: &[Usage]) -> Vec<String> {
     caps.iter()
         .zip(amounts)
         .zip(usage)
@@ -61,7 +61,7 @@ pub fn would_exceed(caps: &[Cap], amounts: &[i64], usage: &[Usage]) -> Vec<Strin
 }
 
 /// Budget facts for the policy input from the caps that apply and their usage.
-pub fn facts(caps: &[Cap], usage: &[Usage], run_calls: u64) -> BudgetFacts {
+pub(crate) fn facts(caps: &[Cap], usage: &[Usage], run_calls: u64) -> BudgetFacts {
     let mut f = BudgetFacts {
         run_calls,
         ..Default::default()

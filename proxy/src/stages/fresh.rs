@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// What the freshness gate decided.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Freshness {
+pub(crate) enum Freshness {
     /// Fresh, or staleness is not tracked.
     Fresh,
     /// Stale, but `failOpen` lets the call through (counted by the caller).
@@ -14,7 +14,7 @@ pub enum Freshness {
 }
 
 /// Check a snapshot `age` against `max` (only when `tracked`).
-pub fn check(
+pub(crate) fn check(
     tracked: bool,
     age: Duration,
     max: Duration,

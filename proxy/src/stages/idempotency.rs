@@ -8,7 +8,7 @@ use crate::snapshot::Tool;
 use http::HeaderMap;
 
 /// The `Idempotency-Key` a call carries, checked: `Ok(None)` when it has none and needs none.
-pub fn header<'h>(
+pub(crate) fn header<'h>(
     headers: &'h HeaderMap,
     tool: &Tool,
     require_for_irreversible: bool,
@@ -43,7 +43,7 @@ pub fn header<'h>(
 
 /// Claim `key` for an input with `hash`: `Ok(None)` when this call now owns it, the stored
 /// response when an identical call already completed.
-pub async fn claim(
+pub(crate) async fn claim(
     store: &Idempotency,
     key: &str,
     hash: &str,

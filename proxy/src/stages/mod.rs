@@ -3,9 +3,9 @@
 //! process state, so each can be read and tested on its own. The order they run in is
 //! [`crate::pipeline`]'s `run`.
 
-pub mod body;
-pub mod budget;
-pub mod fresh;
-pub mod idempotency;
-pub mod policy;
-pub mod tools;
+pub(crate) mod body;
+pub(crate) mod budget;
+pub(crate) mod fresh;
+pub(crate) mod idempotency;
+pub(crate) mod policy;
+pub(crate) mod tools;

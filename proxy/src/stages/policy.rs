@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// What policy decided about one element.
 #[derive(Debug)]
-pub struct Evaluated {
+pub(crate) struct Evaluated {
     /// The input document (kept, redacted, for the record).
     pub doc: Value,
     /// Rego's verdict, or the evaluation error.
@@ -22,7 +22,7 @@ pub struct Evaluated {
 
 impl Evaluated {
     /// The label of what Rego alone decided.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match &self.verdict {
             Err(_) => "error",
             Ok(d) if !d.deny.is_empty() => "deny",
@@ -32,7 +32,7 @@ impl Evaluated {
     }
 
     /// The gate: `Ok(None)` allowed, `Ok(Some(reasons))` approval required, `Err` refused.
-    pub fn gate(&self) -> Result<Option<Vec<String>>, Refusal> {
+    pub(crate) fn gate(&self) -> Result<Option<Vec<String>>, Refusal> {
         match &self.verdict {
             Err(e) => Err(Refusal::PolicyError(e.clone())),
             Ok(d) if !d.deny.is_empty() => Err(Refusal::PolicyDenied(d.deny.clone())),
@@ -43,7 +43,7 @@ impl Evaluated {
 }
 
 /// Build the input for `tool` and evaluate.
-pub fn evaluate(
+pub(crate) fn evaluate(
     snap: &Snapshot,
     tool: &Tool,
     facts: &CallFacts<'_>,

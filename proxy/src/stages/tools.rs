@@ -13,7 +13,7 @@ use serde_json::Value;
 
 /// The tool calls of one request.
 #[derive(Debug, Default)]
-pub struct ToolCalls {
+pub(crate) struct ToolCalls {
     /// `(tool index, input)` per element.
     pub calls: Vec<(usize, Value)>,
     /// MCP: the message lists tools.
@@ -24,7 +24,7 @@ pub struct ToolCalls {
 
 /// Decide which tools a request calls. `mcp_id` is set as soon as the body is known to be
 /// JSON-RPC, so even a refused MCP message is answered in JSON-RPC.
-pub fn match_calls(
+pub(crate) fn match_calls(
     snap: &Snapshot,
     target: &Target,
     route: RouteMatch,
@@ -67,7 +67,7 @@ pub fn match_calls(
 }
 
 /// Validate one element's input against its tool: opaque bodies cannot meet a schema.
-pub fn validate(
+pub(crate) fn validate(
     tool: &Tool,
     kind: BodyKind,
     content_type: Option<&str>,

@@ -22,7 +22,7 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Remove hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
@@ -42,7 +42,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// every one of them is dropped, not only the injected header: an OpenAI SDK pointed at an
 /// Anthropic-style tool still sends `Authorization`, and the upstream must see one key, the
 /// injected one.
-pub const AGENT_CREDENTIAL_HEADERS: &[&str] = &[
+pub(crate) const AGENT_CREDENTIAL_HEADERS: &[&str] = &[
     "authorization",
     "proxy-authorization",
     "x-api-key",
@@ -53,7 +53,7 @@ pub const AGENT_CREDENTIAL_HEADERS: &[&str] = &[
 
 /// Drop every credential the agent supplied for a call whose credential Tollgate injects:
 /// the agent never chooses the credential, and never learns it.
-pub fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Credential) {
+pub(crate) fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Credential) {
     for name in AGENT_CREDENTIAL_HEADERS {
         h.remove(*name);
     }
@@ -64,7 +64,7 @@ pub fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Cr
 /// (gzip, deflate, br, zstd; `*` stands for the four). Responses are passed on as coded, so
 /// the agent still gets the compression it asked for, and Tollgate can still decode any
 /// answer for usage and MCP lists. `None` (identity) when the agent accepts none of them.
-pub fn accept_encoding(agent: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn accept_encoding(agent: &HeaderMap) -> Option<HeaderValue> {
     const READ: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
     let mut out: Vec<&str> = Vec::new();
     for v in agent.get_all(http::header::ACCEPT_ENCODING) {
@@ -99,7 +99,7 @@ pub fn accept_encoding(agent: &HeaderMap) -> Option<HeaderValue> {
 /// extended CONNECT) would turn one decided request into an undecided session, and an
 /// `h2c` upgrade would bypass the request parser; neither is forwarded, and the agent is told
 /// why in the JSON body instead of getting a silently downgraded plain GET.
-pub fn check_upgrade(parts: &http::request::Parts) -> Result<(), crate::refusal::Refusal> {
+pub(crate) fn check_upgrade(parts: &http::request::Parts) -> Result<(), crate::refusal::Refusal> {
     let upgrade = parts
         .headers
         .get(http::header::UPGRADE)
@@ -118,7 +118,7 @@ pub fn check_upgrade(parts: &http::request::Parts) -> Result<(), crate::refusal:
 
 /// Continue the agent's trace (new span id under the same trace id), or start one.
 /// Returns (traceparent, trace id).
-pub fn traceparent(agent_headers: &HeaderMap) -> (String, String) {
+pub(crate) fn traceparent(agent_headers: &HeaderMap) -> (String, String) {
     let span = format!("{:016x}", rand::random::<u64>() | 1);
     if let Some(tp) = agent_headers
         .get("traceparent")
@@ -149,7 +149,7 @@ pub fn traceparent(agent_headers: &HeaderMap) -> (String, String) {
 
 /// A JSON answer from the proxy itself (refusals, dry-run), with the run id and `extra`
 /// headers.
-pub fn json_response(
+pub(crate) fn json_response(
     status: http::StatusCode,
     body: &serde_json::Value,
     run: &str,
@@ -179,7 +179,7 @@ pub fn json_response(
 }
 
 /// Response headers for the agent: upstream headers minus hop-by-hop, plus the run id.
-pub fn response_headers(h: &mut HeaderMap, run: &str) {
+pub(crate) fn response_headers(h: &mut HeaderMap, run: &str) {
     strip_hop_by_hop(h);
     if let Ok(v) = HeaderValue::from_str(run) {
         h.insert(RUN_HEADER, v);
@@ -187,7 +187,7 @@ pub fn response_headers(h: &mut HeaderMap, run: &str) {
 }
 
 /// Is the method one that changes state?
-pub fn is_mutating(m: &http::Method) -> bool {
+pub(crate) fn is_mutating(m: &http::Method) -> bool {
     !matches!(
         *m,
         http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
@@ -195,7 +195,7 @@ pub fn is_mutating(m: &http::Method) -> bool {
 }
 
 /// The synthetic dry-run answer: what would have been sent, secrets removed.
-pub fn dry_run_body(
+pub(crate) fn dry_run_body(
     target: &Target,
     tool: &str,
     headers: &HeaderMap,

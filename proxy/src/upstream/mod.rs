@@ -2,8 +2,8 @@
 //! the webpki roots plus `tls.extraCaFile`, with connect and header timeouts (the body's total
 //! and idle timeouts are [`stream`]'s).
 
-pub mod forward;
-pub mod stream;
+pub(crate) mod forward;
+pub(crate) mod stream;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Response body type used across the proxy. Its error is boxed: a forwarded body can be
 /// aborted by the proxy itself (see [`stream`]), not only by hyper.
-pub type ResBody = BoxBody<Bytes, crate::upstream::stream::BoxError>;
+pub(crate) type ResBody = BoxBody<Bytes, crate::upstream::stream::BoxError>;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -134,6 +134,6 @@ impl Upstreams {
 }
 
 /// Box a body for the response type.
-pub fn full(b: impl Into<Bytes>) -> ResBody {
+pub(crate) fn full(b: impl Into<Bytes>) -> ResBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }

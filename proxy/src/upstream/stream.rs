@@ -27,7 +27,7 @@ use tokio::time::{Instant, Sleep};
 
 /// How a response body was cut short.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Cut {
+pub(crate) enum Cut {
     /// `timeouts.total` passed.
     Total(Duration),
     /// No body data for `timeouts.idle`.
@@ -42,7 +42,7 @@ pub enum Cut {
 
 impl Cut {
     /// Label recorded in the audit record and metrics.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Cut::Total(_) => "total_timeout",
             Cut::Idle(_) => "idle_timeout",
@@ -53,7 +53,7 @@ impl Cut {
     }
 
     /// Human-readable reason, for the record and the client.
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         match self {
             Cut::Total(d) => format!(
                 "the response was cut after {}s: the tool's total timeout (timeouts.total) passed; the answer is incomplete",
@@ -77,7 +77,7 @@ impl Cut {
 
 /// How a response body ended.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BodyEnd {
+pub(crate) struct BodyEnd {
     /// Usage reported and text delivered (when scanned).
     pub scanned: Scanned,
     /// Why it ended early, if it did.
@@ -87,11 +87,11 @@ pub struct BodyEnd {
 }
 
 /// Called once when a response body ends, is cut, or is dropped.
-pub type OnEnd = Box<dyn FnOnce(BodyEnd) + Send + Sync>;
+pub(crate) type OnEnd = Box<dyn FnOnce(BodyEnd) + Send + Sync>;
 
 /// Timeouts of a response body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BodyTimeouts {
+pub(crate) struct BodyTimeouts {
     /// From the start of the body to its end.
     pub total: Duration,
     /// Longest pause between two frames.
@@ -100,7 +100,7 @@ pub struct BodyTimeouts {
 
 impl BodyTimeouts {
     /// A tool's timeouts (the default total for both, for calls no tool decides).
-    pub fn of(tool: Option<&Tool>) -> Self {
+    pub(crate) fn of(tool: Option<&Tool>) -> Self {
         match tool {
             Some(t) => Self {
                 total: t.total_timeout,
@@ -117,14 +117,14 @@ impl BodyTimeouts {
 /// A cut body that has no in-band way to say so.
 #[derive(Debug, thiserror::Error)]
 #[error("response aborted by Tollgate: {0}")]
-pub struct Aborted(String);
+pub(crate) struct Aborted(String);
 
 /// Renders the `data` of the error event a killed SSE stream ends with (the refusal in the
 /// call's provider envelope).
-pub type KillEvent = Box<dyn Fn(&Killed) -> serde_json::Value + Send + Sync>;
+pub(crate) type KillEvent = Box<dyn Fn(&Killed) -> serde_json::Value + Send + Sync>;
 
 /// Error type of bodies the proxy serves.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pin_project_lite::pin_project! {
     /// A forwarded response body; see the module docs.
@@ -172,7 +172,7 @@ pin_project_lite::pin_project! {
 
 impl<B: Body> ResponseStream<B> {
     /// Wrap the body of a response with these headers. `scan` reads LLM usage from it.
-    pub fn new(
+    pub(crate) fn new(
         inner: B,
         headers: &http::HeaderMap,
         timeouts: BodyTimeouts,
@@ -208,14 +208,14 @@ impl<B: Body> ResponseStream<B> {
 impl<B> ResponseStream<B> {
     /// Whether a cut SSE stream may end with an in-band `event: error` (LLM and plain HTTP
     /// streams); MCP streams carry only JSON-RPC, so a cut one is aborted instead.
-    pub fn in_band_errors(mut self, yes: bool) -> Self {
+    pub(crate) fn in_band_errors(mut self, yes: bool) -> Self {
         self.sse_error &= yes;
         self
     }
 
     /// Cut the body when `signal` fires (a kill switch engaged). `event` renders the error
     /// event's data for an SSE body; without it the event has Tollgate's cut shape.
-    pub fn killed_by(mut self, signal: KillSignal, event: Option<KillEvent>) -> Self {
+    pub(crate) fn killed_by(mut self, signal: KillSignal, event: Option<KillEvent>) -> Self {
         self.kill = Some(signal.fired_owned());
         self.signal = Some(signal);
         self.kill_event = event;
@@ -225,7 +225,7 @@ impl<B> ResponseStream<B> {
 
 /// Count a cut in `tollgate_upstream_errors_total{kind="stream_*"}` (a client going away is
 /// not an upstream failure and is not counted).
-pub fn count_cut(state: &crate::state::ProxyState, cut: &Cut) {
+pub(crate) fn count_cut(state: &crate::state::ProxyState, cut: &Cut) {
     let kind = match cut {
         Cut::Total(_) => "stream_total_timeout",
         Cut::Idle(_) => "stream_idle_timeout",

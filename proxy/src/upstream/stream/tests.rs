@@ -13,7 +13,7 @@ fn channel_body() -> (Tx, ChannelBody) {
 
 /// A tiny `Stream` over an mpsc receiver (tokio-stream is not a dependency).
 mod tokio_stream_shim {
-    pub struct Rx<T>(pub tokio::sync::mpsc::Receiver<T>);
+    pub(crate) struct Rx<T>(pub tokio::sync::mpsc::Receiver<T>);
     impl<T> futures::Stream for Rx<T> {
         type Item = T;
         fn poll_next(
