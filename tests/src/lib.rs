@@ -2,4 +2,5 @@
 //! loopback, and raw HTTP clients for crafted requests.
 
 pub mod harness;
+pub mod operator;
 pub mod slow_upstream;

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use tollgate_operator::testapi::TestApiServer;
-use tollgate_tests::harness::{bin, call, eventually, free_port, get, raw, TestProxy};
+use tollgate_tests::harness::{call, eventually, get, raw, TestProxy};
+use tollgate_tests::operator::{sidecar, Operator};
 use tollgate_tests::slow_upstream::{Client, SlowUpstream};
 
 const TOKEN: &str = "alice-token-0123456789";
@@ -338,67 +339,10 @@ const GV: &str = "tollgate.dev/v1alpha1";
 
 /// The operator binary on the in-process test API server (there is no Kubernetes API server
 /// here; `tollgate_operator::testapi` says what it models), killed on drop.
-struct Operator {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Operator {
-    fn start(api: &TestApiServer, dir: &std::path::Path) -> Self {
-        let port = free_port();
-        let kc = dir.join("kubeconfig");
-        std::fs::write(&kc, api.kubeconfig()).unwrap();
-        let log = std::fs::File::create(dir.join("operator.log")).unwrap();
-        let child = std::process::Command::new(bin("tollgate-operator"))
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--no-leader-elect",
-            ])
-            .env("KUBECONFIG", &kc)
-            .env("TOLLGATE_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        eventually("operator ready", || {
-            get(addr, "/readyz")
-                .map(|r| r.status == 200)
-                .unwrap_or(false)
-        });
-        Self { child, port }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kubectl_tollgate(api: &TestApiServer, dir: &std::path::Path, args: &[&str]) -> String {
-    let (ok, text) = kubectl_tollgate_try(api, dir, args);
+fn kubectl_tollgate(dir: &std::path::Path, args: &[&str]) -> String {
+    let (ok, text) = tollgate_tests::operator::kubectl_tollgate(dir, args);
     assert!(ok, "kubectl tollgate {args:?}: {text}");
     text
-}
-
-fn kubectl_tollgate_try(
-    api: &TestApiServer,
-    dir: &std::path::Path,
-    args: &[&str],
-) -> (bool, String) {
-    let out = std::process::Command::new(bin("kubectl-tollgate"))
-        .args(args)
-        .env("KUBECONFIG", dir.join("kubeconfig"))
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let _ = api;
-    (out.status.success(), text)
 }
 
 /// In a cluster: `kubectl tollgate kill` on one tool cuts that tool's stream in a running
@@ -428,7 +372,7 @@ fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
         "spec": {"serviceAccount": "billing-agent", "tenants": ["acme"], "tools": ["llm-chat", "pay-refund"], "policies": ["refunds"]}}));
     let dir = tempfile::tempdir().unwrap();
     let op = Operator::start(&api, dir.path());
-    let s = sidecar(op.port);
+    let s = sidecar(op.port, "tok-billing");
     let acme = [("X-Tollgate-Tenant", "acme")];
     let refund_url = format!("http://{a}/v1/refunds");
     let refund = |amount: u32| {
@@ -473,7 +417,6 @@ fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
     );
 
     kubectl_tollgate(
-        &api,
         dir.path(),
         &[
             "-n",
@@ -502,7 +445,6 @@ fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
     );
 
     kubectl_tollgate(
-        &api,
         dir.path(),
         &[
             "-n",
@@ -541,7 +483,10 @@ fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
             .contains("stop-refunds"),
         "{r}"
     );
-    let (ok, out) = kubectl_tollgate_try(&api, dir.path(), &["-n", "agents", "approve", &asked_id]);
+    let (ok, out) = tollgate_tests::operator::kubectl_tollgate(
+        dir.path(),
+        &["-n", "agents", "approve", &asked_id],
+    );
     assert!(!ok && out.contains("already Voided"), "{out}");
     // A decision that raced the void (written before the operator marked it) reaches the
     // sidecar as a grant once the switch is lifted: the sidecar does not honour it.
@@ -549,7 +494,7 @@ fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
     raced["status"] =
         json!({"phase": "Approved", "approver": "alice", "decidedAt": "2026-01-01T00:00:00Z"});
     api.put("approvalrequests", raced);
-    kubectl_tollgate(&api, dir.path(), &["unkill", "stop-refunds"]);
+    kubectl_tollgate(dir.path(), &["unkill", "stop-refunds"]);
     eventually(
         "the grant in the sidecar's snapshot, the switch lifted",
         || {
@@ -583,25 +528,4 @@ fn in_a_cluster_kubectl_kill_cuts_streams_and_voids_approvals_in_scope() {
     assert!(recs
         .iter()
         .any(|r| r["tool"] == "pay-refund" && r["decision"] == "killed"));
-}
-
-fn sidecar(op_port: u16) -> TestProxy {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), "tok-billing").unwrap();
-    let (pp, ap) = (free_port(), free_port());
-    let local = format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\nagent: {{name: local, tenants: []}}\naudit: {{path: audit.jsonl}}\n");
-    let token_file = dir.path().join("token").display().to_string();
-    let url = format!("http://127.0.0.1:{op_port}");
-    TestProxy::start_custom(
-        dir,
-        &local,
-        format!("127.0.0.1:{pp}").parse().unwrap(),
-        format!("127.0.0.1:{ap}").parse().unwrap(),
-        &[],
-        &[
-            ("TOLLGATE_OPERATOR", url.as_str()),
-            ("TOLLGATE_AGENT", "agents/billing"),
-            ("TOLLGATE_TOKEN_FILE", token_file.as_str()),
-        ],
-    )
 }

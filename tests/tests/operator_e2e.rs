@@ -6,84 +6,13 @@
 //! operator outage makes the sidecars fail closed after `maxStaleness` and recover after.
 
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tollgate_operator::testapi::TestApiServer;
 use tollgate_tests::harness::{bin, call, eventually, free_port, get, TestProxy, Upstream};
+use tollgate_tests::operator::{kubectl_tollgate, sidecar, Operator};
 
 const GV: &str = "tollgate.dev/v1alpha1";
-
-struct Operator {
-    child: Child,
-    port: u16,
-}
-
-impl Operator {
-    fn start(api: &TestApiServer, dir: &std::path::Path, port: u16) -> Self {
-        Self::start_as(api, dir, port, None)
-    }
-
-    /// With `identity`, the replica takes part in leader election under that name.
-    fn start_as(
-        api: &TestApiServer,
-        dir: &std::path::Path,
-        port: u16,
-        identity: Option<&str>,
-    ) -> Self {
-        let kc = dir.join("kubeconfig");
-        std::fs::write(&kc, api.kubeconfig()).unwrap();
-        let log = std::fs::File::create(dir.join(format!("operator-{port}.log"))).unwrap();
-        let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["run", "--listen", listen.as_str()];
-        match identity {
-            Some(id) => args.extend(["--identity", id, "--lease-namespace", "tollgate-system"]),
-            None => args.push("--no-leader-elect"),
-        }
-        let child = Command::new(bin("tollgate-operator"))
-            .args(&args)
-            .env("KUBECONFIG", &kc)
-            .env("TOLLGATE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let addr = format!("127.0.0.1:{port}").parse().unwrap();
-        eventually("operator ready", || {
-            get(addr, "/readyz")
-                .map(|r| r.status == 200)
-                .unwrap_or(false)
-        });
-        Self { child, port }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sidecar(op_port: u16, token: &str) -> TestProxy {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), token).unwrap();
-    let (pp, ap) = (free_port(), free_port());
-    let local = format!("listen: {{proxy: \"127.0.0.1:{pp}\", admin: \"127.0.0.1:{ap}\"}}\nagent: {{name: local, tenants: []}}\naudit: {{path: audit.jsonl}}\n");
-    let token_file = dir.path().join("token").display().to_string();
-    let url = format!("http://127.0.0.1:{op_port}");
-    TestProxy::start_custom(
-        dir,
-        &local,
-        format!("127.0.0.1:{pp}").parse().unwrap(),
-        format!("127.0.0.1:{ap}").parse().unwrap(),
-        &[],
-        &[
-            ("TOLLGATE_OPERATOR", url.as_str()),
-            ("TOLLGATE_AGENT", "agents/billing"),
-            ("TOLLGATE_TOKEN_FILE", token_file.as_str()),
-        ],
-    )
-}
 
 fn seed(api: &TestApiServer, up: &Upstream) {
     api.add_token(
@@ -130,7 +59,7 @@ fn snapshots_reach_sidecars_and_kill_switches_propagate() {
     let up = Upstream::start();
     seed(&api, &up);
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(&api, dir.path(), free_port());
+    let op = Operator::start(&api, dir.path());
     let sidecars: Vec<TestProxy> = (0..3).map(|_| sidecar(op.port, "tok-billing")).collect();
     for s in &sidecars {
         assert_eq!(note(s, &up, "hello").0, 200);
@@ -254,7 +183,7 @@ fn a_sidecar_cannot_read_another_agents_snapshot() {
     let up = Upstream::start();
     seed(&api, &up);
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(&api, dir.path(), free_port());
+    let op = Operator::start(&api, dir.path());
     let addr = format!("127.0.0.1:{}", op.port).parse().unwrap();
     let ask = |token: Option<&str>| {
         let mut h = vec![];
@@ -300,7 +229,7 @@ fn an_operator_outage_fails_closed_after_max_staleness_and_recovers() {
     seed(&api, &up);
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let op = Operator::start(&api, dir.path(), port);
+    let op = Operator::start_as(&api, dir.path(), port, None);
     let s = {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), "tok-billing").unwrap();
@@ -332,28 +261,10 @@ fn an_operator_outage_fails_closed_after_max_staleness_and_recovers() {
         s.metrics().contains("tollgate_config_stale 1")
             || s.metrics().contains("tollgate_config_age_seconds")
     );
-    let _op = Operator::start(&api, dir.path(), port);
+    let _op = Operator::start_as(&api, dir.path(), port, None);
     eventually("recovers with the operator", || {
         note(&s, &up, "hello").0 == 200
     });
-}
-
-fn kubectl_tollgate(api: &TestApiServer, dir: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let kc = dir.join("kubeconfig");
-    std::fs::write(&kc, api.kubeconfig()).unwrap();
-    let out = Command::new(bin("kubectl-tollgate"))
-        .args(args)
-        .env("KUBECONFIG", &kc)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Issue 10: a held call becomes an ApprovalRequest that a named human decides with
@@ -367,7 +278,7 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
     api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
         "spec": {"rego": "package tollgate\nimport rego.v1\nrequire_approval contains \"long notes need a human\" if count(input.request.body.text) > 10\n"}}));
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(&api, dir.path(), free_port());
+    let op = Operator::start(&api, dir.path());
     let s = sidecar(op.port, "tok-billing");
     let long = "this note is long enough";
     let (code, body) = note(&s, &up, long);
@@ -386,15 +297,14 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
         .unwrap()
         .contains("long notes need a human"));
     assert_eq!(apr["spec"]["key"].as_str().unwrap().len(), 64);
-    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "status"]);
+    let (ok, out) = kubectl_tollgate(dir.path(), &["-n", "agents", "status"]);
     assert!(
         ok && out.contains("agents/billing") && out.contains("pending approvals: 1"),
         "{out}"
     );
-    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approvals"]);
+    let (ok, out) = kubectl_tollgate(dir.path(), &["-n", "agents", "approvals"]);
     assert!(ok && out.contains(&id) && out.contains("Pending"), "{out}");
     let (ok, out) = kubectl_tollgate(
-        &api,
         dir.path(),
         &[
             "-n",
@@ -411,7 +321,7 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
         "Approved"
     );
     // Decisions are final.
-    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "deny", &id]);
+    let (ok, out) = kubectl_tollgate(dir.path(), &["-n", "agents", "deny", &id]);
     assert!(!ok && out.contains("already Approved"), "{out}");
     // The identical retry is allowed once the grant reaches the sidecar, and only once.
     eventually("grant reaches the sidecar", || note(&s, &up, long).0 == 200);
@@ -456,7 +366,7 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
             .unwrap_or_default();
         !held_id.is_empty()
     });
-    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", &held_id]);
+    let (ok, out) = kubectl_tollgate(dir.path(), &["-n", "agents", "approve", &held_id]);
     assert!(ok, "{out}");
     let r = held.join().unwrap();
     assert_eq!(
@@ -469,11 +379,10 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
     // An expired request cannot be approved.
     api.put("approvalrequests", json!({"apiVersion": GV, "kind": "ApprovalRequest", "metadata": {"name": "apr-old", "namespace": "agents"},
         "spec": {"key": "k", "agent": "billing", "tenant": "acme", "tool": "crm-note", "summary": "old", "expiresAt": "2020-01-01T00:00:00Z"}}));
-    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", "apr-old"]);
+    let (ok, out) = kubectl_tollgate(dir.path(), &["-n", "agents", "approve", "apr-old"]);
     assert!(!ok && out.contains("expired"), "{out}");
     // Kill switches from the plugin.
     let (ok, out) = kubectl_tollgate(
-        &api,
         dir.path(),
         &[
             "kill",
@@ -486,7 +395,7 @@ fn held_calls_become_approval_requests_decided_with_kubectl() {
     );
     assert!(ok, "{out}");
     eventually("killed", || note(&s, &up, "hi").0 == 503);
-    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["unkill", "stop-notes"]);
+    let (ok, out) = kubectl_tollgate(dir.path(), &["unkill", "stop-notes"]);
     assert!(ok, "{out}");
     eventually("lifted", || note(&s, &up, "hi").0 == 200);
     let recs = s.audit();
@@ -605,7 +514,7 @@ fn single_use_approvals_are_used_once_across_sidecars_and_restarts() {
     api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
         "spec": {"rego": "package tollgate\nimport rego.v1\nrequire_approval contains \"long notes need a human\" if count(input.request.body.text) > 10\n"}}));
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(&api, dir.path(), free_port());
+    let op = Operator::start(&api, dir.path());
     let a = sidecar(op.port, "tok-billing");
     let b = sidecar(op.port, "tok-billing");
     let refund = "refund order 1234 in full";
@@ -616,7 +525,7 @@ fn single_use_approvals_are_used_once_across_sidecars_and_restarts() {
     eventually("ApprovalRequest created", || {
         api.get(GV, "approvalrequests", "agents", &id).is_some()
     });
-    let (ok, out) = kubectl_tollgate(&api, dir.path(), &["-n", "agents", "approve", &id]);
+    let (ok, out) = kubectl_tollgate(dir.path(), &["-n", "agents", "approve", &id]);
     assert!(ok, "{out}");
     eventually("both sidecars hold the grant", || {
         grants(&a).contains(&id) && grants(&b).contains(&id)
@@ -703,7 +612,7 @@ fn snapshots_reach_running_sidecars_and_a_rejected_one_is_not_fresh() {
     let up = Upstream::start();
     seed(&api, &up);
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(&api, dir.path(), free_port());
+    let op = Operator::start(&api, dir.path());
     let s = sidecar(op.port, "tok-billing");
     assert_eq!(note(&s, &up, "hello").0, 200);
     // A Tool with credentials, added while the sidecar runs.
@@ -874,7 +783,7 @@ fn kill_by_tool_is_namespaced_counted_right_and_pending_approvals_show_a_phase()
     api.put("agentpolicies", json!({"apiVersion": GV, "kind": "AgentPolicy", "metadata": {"name": "notes", "namespace": "agents"},
         "spec": {"rego": "package tollgate\nimport rego.v1\nrequire_approval contains \"long notes need a human\" if count(input.request.body.text) > 10\n"}}));
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(&api, dir.path(), free_port());
+    let op = Operator::start(&api, dir.path());
     let s = sidecar(op.port, "tok-billing");
     let (code, body) = note(&s, &up, "a note long enough to hold");
     assert_eq!(code, 403, "{body}");
@@ -887,7 +796,6 @@ fn kill_by_tool_is_namespaced_counted_right_and_pending_approvals_show_a_phase()
             .is_some_and(|a| a["status"]["phase"] == "Pending")
     });
     let (ok, out) = kubectl_tollgate(
-        &api,
         dir.path(),
         &[
             "-n",
@@ -911,7 +819,6 @@ fn kill_by_tool_is_namespaced_counted_right_and_pending_approvals_show_a_phase()
         api.get(GV, "killswitches", "", "stop-notes").unwrap()["status"]["affectedAgents"] == 1
     });
     let (ok, out) = kubectl_tollgate(
-        &api,
         dir.path(),
         &[
             "-n",

@@ -345,35 +345,6 @@ audit: {{path: audit.jsonl}}
 
 /// The operator binary against the in-process test API server (no Kubernetes API server runs
 /// here), killed on drop.
-struct Operator {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kubectl_tollgate(api: &TestApiServer, dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("kubectl-tollgate"))
-        .args(args)
-        .env("KUBECONFIG", dir.join("kubeconfig"))
-        .output()
-        .unwrap();
-    let _ = api;
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 const GV: &str = "tollgate.dev/v1alpha1";
 
 fn pinned_condition(api: &TestApiServer) -> Option<(String, String)> {
@@ -411,27 +382,7 @@ fn in_a_cluster_the_tool_status_and_events_follow_the_advertised_definition() {
         "spec": {"match": {"host": server.addr.to_string(), "path": "/mcp", "mcpTool": "lookup_order"}}}));
     api.put("agentidentities", json!({"apiVersion": GV, "kind": "AgentIdentity", "metadata": {"name": "support", "namespace": "agents"},
         "spec": {"serviceAccount": "support-agent", "tenants": ["acme"], "tools": ["orders-lookup"]}}));
-    std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).unwrap();
-    let port = free_port();
-    let op = Operator {
-        child: Command::new(bin("tollgate-operator"))
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--no-leader-elect",
-            ])
-            .env("KUBECONFIG", dir.path().join("kubeconfig"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("operator.log")).unwrap())
-            .spawn()
-            .unwrap(),
-        port,
-    };
-    let op_addr: SocketAddr = format!("127.0.0.1:{}", op.port).parse().unwrap();
-    eventually("operator ready", || {
-        get(op_addr, "/readyz").is_ok_and(|r| r.status == 200)
-    });
+    let op = tollgate_tests::operator::Operator::start(&api, dir.path());
     let sdir = tempfile::tempdir().unwrap();
     std::fs::write(sdir.path().join("token"), "tok-support").unwrap();
     let (pp, ap) = (free_port(), free_port());
@@ -469,8 +420,7 @@ fn in_a_cluster_the_tool_status_and_events_follow_the_advertised_definition() {
                     == "Look up an order by its id."
             })
     });
-    let (ok, out) = kubectl_tollgate(
-        &api,
+    let (ok, out) = tollgate_tests::operator::kubectl_tollgate(
         dir.path(),
         &["-n", "agents", "tools", "diff", "orders-lookup"],
     );
@@ -481,8 +431,7 @@ fn in_a_cluster_the_tool_status_and_events_follow_the_advertised_definition() {
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("{out}"))
         .to_string();
-    let (ok, out) = kubectl_tollgate(
-        &api,
+    let (ok, out) = tollgate_tests::operator::kubectl_tollgate(
         dir.path(),
         &[
             "-n",
@@ -495,8 +444,7 @@ fn in_a_cluster_the_tool_status_and_events_follow_the_advertised_definition() {
         ],
     );
     assert!(!ok && out.contains("you reviewed"), "{out}");
-    let (ok, out) = kubectl_tollgate(
-        &api,
+    let (ok, out) = tollgate_tests::operator::kubectl_tollgate(
         dir.path(),
         &[
             "-n",
@@ -556,8 +504,7 @@ fn in_a_cluster_the_tool_status_and_events_follow_the_advertised_definition() {
                 && e["note"].as_str().is_some_and(|n| n.contains(&honest))
         })
     });
-    let (ok, out) = kubectl_tollgate(
-        &api,
+    let (ok, out) = tollgate_tests::operator::kubectl_tollgate(
         dir.path(),
         &["-n", "agents", "tools", "diff", "orders-lookup"],
     );
