@@ -4,6 +4,9 @@
 //! `x-kubernetes-preserve-unknown-fields` and nothing else is. [`crds`] renders them, made
 //! structural and given their CEL rules; `crds/` holds the output (`make generate`), and a
 //! test catches drift and checks the structural rules.
+//!
+//! (One file, about 700 lines: every kind's spec and status, so the CRDs are read and
+//! reviewed together; most of it is field documentation that becomes the CRD schema.)
 
 use kube::core::CustomResourceExt;
 use kube::CustomResource;

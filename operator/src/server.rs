@@ -13,7 +13,7 @@
 //! results, spend, and signed audit checkpoints (`POST /v1/audit/checkpoints`, stored by
 //! [`crate::audit_checkpoints`]).
 //!
-//! (One file, about 700 lines: the long-poll, the report endpoints and health share one
+//! (One file, about 870 lines: the long-poll, the report endpoints and health share one
 //! authenticated request reader; splitting it would scatter the wire contract.)
 
 use crate::hub::Hub;

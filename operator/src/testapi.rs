@@ -22,7 +22,7 @@
 //! and rules. The real-cluster suite
 //! (`TOLLGATE_TEST_KUBECONFIG`) covers those.
 //!
-//! (One file, about 750 lines: test-only, behind the `test-api` feature; the store, watch
+//! (One file, about 820 lines: test-only, behind the `test-api` feature; the store, watch
 //! and server-side apply it emulates depend on one another's resourceVersion rules.)
 
 use bytes::Bytes;

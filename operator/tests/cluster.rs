@@ -30,6 +30,9 @@
 //! Each test removes what it created with an explicit async cleanup; if it panics first, a
 //! `Drop` fallback removes it on its own thread, runtime and client (the test's client must not
 //! be used there: its connection worker lives on the runtime `drop` blocks).
+//!
+//! (One file, about 1,100 lines: one suite with one namespace fixture and cleanup, run as
+//! one binary against a real cluster; `tests/tests/cluster_suite.rs` runs this binary.)
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};

@@ -10,6 +10,9 @@
 //! A kill switch that engages voids the pending requests it covers ([`ApprovalStore::void`]):
 //! a voided request can no longer be decided through the admin API, and a grant the operator
 //! delivers for it later is refused until the request would have expired.
+//!
+//! (One file, about 650 lines: the store's states, eviction, voiding and grant matching all
+//! change one map under one lock; half of the file is its unit tests.)
 
 use crate::config::ApprovalGrant;
 use crate::refusal::Refusal;
