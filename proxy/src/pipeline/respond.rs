@@ -60,7 +60,7 @@ pub(super) async fn answered(
         let state = call.state.clone();
         tokio::spawn(async move {
             for rec in recs {
-                let _ = state.audit.append(rec).await;
+                let _ = state.record(rec).await;
             }
         });
         return filtered_tools_list(&call, &target, parts, body, timeouts.total).await;
@@ -120,7 +120,7 @@ pub(super) fn cost_per_element(call: &Call, recs: &mut [AuditRecord], spend: i64
 
 async fn write(call: &Call, recs: Vec<AuditRecord>) {
     for rec in recs {
-        let _ = call.state.audit.append(rec).await;
+        let _ = call.state.record(rec).await;
     }
 }
 
@@ -335,7 +335,7 @@ async fn filtered_tools_list(
     // A withheld tool is on record before the list is served.
     for m in mismatches {
         let rec = mismatch_record(call, m, parts.status.as_u16());
-        if let Err(e) = call.state.audit.append(rec).await {
+        if let Err(e) = call.state.record(rec).await {
             let r = Refusal::AuditUnavailable(format!(
                 "the record of a changed tool definition could not be written: {e}"
             ));
