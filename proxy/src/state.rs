@@ -70,6 +70,9 @@ pub struct ProxyState {
     pub spend_today: std::sync::Mutex<(String, std::collections::BTreeMap<String, f64>)>,
     /// MCP tool definitions seen advertised, compared with pins (see [`crate::pins`]).
     pub tool_definitions: crate::pins::Observations,
+    /// Tasks writing records after their call's response went out; shutdown waits for them
+    /// before it closes the audit writer.
+    pub(crate) records_pending: tokio_util::task::TaskTracker,
     /// Runs seen, for their reported outcomes (see [`crate::outcome`]).
     pub(crate) runs: crate::outcome::Ledger,
     /// Audit records already counted into the metric.
@@ -101,6 +104,7 @@ impl ProxyState {
             spend_today: std::sync::Mutex::default(),
             tool_definitions: Default::default(),
             runs: Default::default(),
+            records_pending: Default::default(),
             audit_seen: AtomicU64::new(0),
             audit_err_seen: AtomicU64::new(0),
         };

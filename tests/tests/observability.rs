@@ -298,7 +298,13 @@ server: {{headerReadTimeout: 200ms}}
                 // A one-call run that reports its outcome (cost per outcome).
                 let mut ended = h.to_vec();
                 ended.push(("X-Tollgate-Run-Outcome", "resolved"));
-                call(p, "POST", &format!("http://{a}/v1/notes"), &ended, Some("{}"));
+                call(
+                    p,
+                    "POST",
+                    &format!("http://{a}/v1/notes"),
+                    &ended,
+                    Some("{}"),
+                );
                 call(p, "POST", &format!("http://{d}/v1/x"), &h, Some("{}"));
                 // A CONNECT to a host no tool serves (tunnel refused), and a connection that
                 // never sends a byte (closed at the header read timeout).

@@ -265,18 +265,21 @@ impl Drop for Call {
         // Written in one task, so a run's outcome record follows its last call's records.
         let (state, snap, run) = (self.state.clone(), self.snap.clone(), self.run.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                for r in recs {
-                    let _ = state.audit.append(r).await;
-                }
-                if let Some(report) = ended {
-                    crate::outcome::settle(&state, &run).await;
-                    let rec = crate::outcome::record(&state, &snap, &run, &report);
-                    if let Err(e) = crate::outcome::commit(&state, &snap, rec).await {
-                        tracing::warn!(run = %run, "the run's outcome was not recorded: {e}");
+            self.state.records_pending.spawn_on(
+                async move {
+                    for r in recs {
+                        let _ = state.audit.append(r).await;
                     }
-                }
-            });
+                    if let Some(report) = ended {
+                        crate::outcome::settle(&state, &run).await;
+                        let rec = crate::outcome::record(&state, &snap, &run, &report);
+                        if let Err(e) = crate::outcome::commit(&state, &snap, rec).await {
+                            tracing::warn!(run = %run, "the run's outcome was not recorded: {e}");
+                        }
+                    }
+                },
+                &rt,
+            );
         }
     }
 }

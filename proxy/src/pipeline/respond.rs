@@ -58,7 +58,7 @@ pub(super) async fn answered(
         // The outcome record does not gate the response: the decision record already made
         // the call accountable.
         let state = call.state.clone();
-        tokio::spawn(async move {
+        call.state.records_pending.spawn(async move {
             for rec in recs {
                 let _ = state.record(rec).await;
             }
@@ -73,7 +73,8 @@ pub(super) async fn answered(
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        rt.spawn(super::finish::body_ended(call, recs, end));
+        let pending = call.state.records_pending.clone();
+        pending.spawn_on(super::finish::body_ended(call, recs, end), &rt);
     });
     let body = ResponseStream::new(body, &parts.headers, timeouts, llm, done)
         .in_band_errors(in_band)
