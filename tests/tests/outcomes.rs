@@ -341,3 +341,101 @@ fn replay_skips_run_records() {
     let rep: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(rep["records"], 1, "{rep}");
 }
+
+#[test]
+fn a_run_ended_during_a_stream_waits_for_its_cost_and_admits_no_new_call() {
+    use std::sync::atomic::Ordering;
+    use tollgate_tests::slow_upstream::{Client, SlowUpstream};
+    let up = SlowUpstream::start();
+    let a = up.addr;
+    let cfg = format!(
+        r#"
+agent: {{name: support, tenants: [acme]}}
+tools:
+  - name: llm.chat
+    match: {{host: "{a}", methods: [POST], path: /v1/chat/completions}}
+    llm: {{provider: openai}}
+    timeouts: {{total: 120s, idle: 30s}}
+    cost:
+      llm:
+        prices: {{gpt-4o: {{promptPerMtok: 2.5, completionPerMtok: 10}}}}
+  - name: fast.echo
+    match: {{host: "{a}", methods: [POST], path: /fast}}
+    cost: {{perCallUsd: 0.01}}
+audit: {{path: audit.jsonl}}
+"#
+    );
+    let p = TestProxy::start(&cfg, &[]);
+    let run = p.new_run();
+    let h = [
+        ("X-Tollgate-Tenant", "acme"),
+        ("X-Tollgate-Run", run.as_str()),
+    ];
+    let body = serde_json::json!({"model": "gpt-4o", "stream": true, "max_tokens": 4000, "user": "tag-long",
+        "messages": [{"role": "user", "content": "write a long story"}]});
+    let stream = Client::post(
+        p.proxy,
+        &format!("http://{a}/v1/chat/completions"),
+        &h,
+        &body,
+    );
+    eventually("the stream delivering", || {
+        stream.text().contains("more words")
+    });
+    // The report waits for the stream: its cost is only known at its end.
+    let (admin, r) = (p.admin, run.clone());
+    let reporter = std::thread::spawn(move || {
+        let body = r#"{"outcome":"resolved"}"#;
+        raw(
+            admin,
+            format!(
+                "POST /runs/{r}/outcome HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    });
+    // Meanwhile the run admits no new call (a call sent before the report reached the
+    // sidecar is the run's as usual, and counted below).
+    let mut attempts = 0;
+    let mut allowed = 0;
+    eventually("the run is claimed", || {
+        attempts += 1;
+        let r = Client::post(
+            p.proxy,
+            &format!("http://{a}/fast"),
+            &h,
+            &serde_json::json!({"q": 1}),
+        );
+        let text = r.wait_done();
+        allowed += u64::from(text.starts_with("HTTP/1.1 200"));
+        text.starts_with("HTTP/1.1 409")
+    });
+    up.release.store(true, Ordering::SeqCst);
+    let streamed = stream.wait_done();
+    assert!(streamed.contains("[DONE]"), "{streamed}");
+    let answer = reporter.join().unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body_text());
+    let v = answer.json();
+    let outcome_rec = p
+        .audit()
+        .into_iter()
+        .find(|r| r["phase"] == "outcome" && r["tool"] == "llm.chat")
+        .expect("the stream's outcome record");
+    assert!(
+        outcome_rec["cost"]["usd"].as_f64().unwrap() > 0.0,
+        "{outcome_rec}"
+    );
+    let expected = outcome_rec["cost"]["usd"].as_f64().unwrap() + 0.01 * allowed as f64;
+    assert!(
+        (v["cost"]["usd"].as_f64().unwrap() - expected).abs() < 1e-6,
+        "the run's cost is the stream's metered cost (and any call before the report): {v}"
+    );
+    assert_eq!(
+        v["outcome"]["calls"],
+        1 + attempts,
+        "the stream and every /fast attempt: {v}"
+    );
+    assert!(v["outcome"].get("in_flight").is_none(), "{v}");
+}
