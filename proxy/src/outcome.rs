@@ -155,11 +155,9 @@ impl Report {
     }
 }
 
-/// A run as this sidecar saw it, from the audit records it wrote.
-#[derive(Debug, Default)]
-pub struct Tally {
-    /// Tenant of the run's latest call that named one.
-    pub tenant: String,
+/// A run's call counts, as tallied and as recorded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunCounts {
     /// Calls (one per decided tool call), refused ones included.
     pub calls: u64,
     /// Calls refused (not forwarded).
@@ -170,8 +168,17 @@ pub struct Tally {
     pub retries: u64,
     /// Distinct approvals asked for.
     pub approvals: u64,
-    /// Time from each approval being asked for to its approved call, summed.
+    /// Time from each approval being asked for to its approved call, summed (ms).
     pub approval_wait_ms: u64,
+}
+
+/// A run as this sidecar saw it, from the audit records it wrote.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Tenant of the run's latest call that named one.
+    pub tenant: String,
+    /// Its calls.
+    pub counts: RunCounts,
     /// Cost.
     pub cost: AuditCost,
     /// Forwarded calls whose outcome record is still to come.
@@ -200,27 +207,28 @@ impl Tally {
         let forwarded = rec.decision == "allow" || rec.decision == "shadow_deny";
         match rec.phase {
             Some(Phase::Decision) => {
-                self.calls += 1;
+                self.counts.calls += 1;
                 if !forwarded {
-                    self.refused += 1;
+                    self.counts.refused += 1;
                 } else if rec.status == 0 {
                     self.pending += 1;
                 }
                 let key = (rec.tool.clone(), rec.input_hash.clone());
                 if self.inputs.contains(&key) {
-                    self.retries += 1;
+                    self.counts.retries += 1;
                 } else if self.inputs.len() < MAX_INPUTS {
                     self.inputs.insert(key);
                 }
                 if let Some(a) = &rec.approval {
                     if rec.decision == "approval_required" {
                         if !self.waiting.contains_key(&a.id) {
-                            self.approvals += 1;
+                            self.counts.approvals += 1;
                             self.waiting.insert(a.id.clone(), now);
                         }
                     } else if forwarded {
                         if let Some(asked) = self.waiting.remove(&a.id) {
-                            self.approval_wait_ms += now.duration_since(asked).as_millis() as u64;
+                            self.counts.approval_wait_ms +=
+                                now.duration_since(asked).as_millis() as u64;
                         }
                     }
                 }
@@ -228,7 +236,7 @@ impl Tally {
             Some(Phase::Outcome) => {
                 self.pending = self.pending.saturating_sub(1);
                 if rec.decision == "error" || rec.status >= 400 {
-                    self.failed += 1;
+                    self.counts.failed += 1;
                 }
             }
             _ => {}
@@ -246,18 +254,9 @@ pub struct RunRecord {
     pub label: Option<String>,
     /// `header` or `endpoint`.
     pub reported_via: String,
-    /// Calls, refused ones included.
-    pub calls: u64,
-    /// Calls refused.
-    pub refused: u64,
-    /// Forwarded calls that failed.
-    pub failed: u64,
-    /// Calls repeating an earlier one of the run.
-    pub retries: u64,
-    /// Approvals asked for.
-    pub approvals: u64,
-    /// Time spent waiting on approvals, ms.
-    pub approval_wait_ms: u64,
+    /// The run's calls.
+    #[serde(flatten)]
+    pub counts: RunCounts,
     /// Calls of the run still in flight when the record was written (after waiting up to
     /// [`SETTLE`] for them): their cost is not in this record; `audit runs` counts it.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -345,12 +344,7 @@ impl Ledger {
             outcome: report.outcome.as_str().to_string(),
             label: report.label.clone(),
             reported_via: report.via.to_string(),
-            calls: tally.calls,
-            refused: tally.refused,
-            failed: tally.failed,
-            retries: tally.retries,
-            approvals: tally.approvals,
-            approval_wait_ms: tally.approval_wait_ms,
+            counts: tally.counts.clone(),
             in_flight: tally.pending,
             started,
             duration_ms: since.elapsed().as_millis() as u64,
@@ -534,7 +528,15 @@ mod tests {
         let report = Report::new("failed", Some("refund_not_issued"), "endpoint").unwrap();
         l.claim("run_1", report.outcome, false).unwrap();
         let (r, cost, tenant) = l.fields("run_1", &report);
-        assert_eq!((r.calls, r.refused, r.retries, r.failed), (3, 1, 1, 1));
+        assert_eq!(
+            (
+                r.counts.calls,
+                r.counts.refused,
+                r.counts.retries,
+                r.counts.failed
+            ),
+            (3, 1, 1, 1)
+        );
         assert_eq!(cost.usd, 0.75);
         assert_eq!(tenant, "acme");
         assert_eq!(r.label.as_deref(), Some("refund_not_issued"));
@@ -575,8 +577,15 @@ mod tests {
         granted.decision = "allow".into();
         l.note(&granted);
         let (r, _, _) = l.fields("run_1", &Report::new("resolved", None, "header").unwrap());
-        assert_eq!(r.approvals, 1);
-        assert_eq!((r.calls, r.refused, r.retries), (3, 2, 2));
-        assert!(r.approval_wait_ms >= 20, "{}", r.approval_wait_ms);
+        assert_eq!(r.counts.approvals, 1);
+        assert_eq!(
+            (r.counts.calls, r.counts.refused, r.counts.retries),
+            (3, 2, 2)
+        );
+        assert!(
+            r.counts.approval_wait_ms >= 20,
+            "{}",
+            r.counts.approval_wait_ms
+        );
     }
 }
