@@ -191,7 +191,7 @@ async fn run_outcome(
             )
         }
     };
-    match crate::outcome::end_run(state, &snap, run, &report).await {
+    match state.run_end().end(&snap, run, &report).await {
         Ok(rec) => text(
             200,
             "application/json",

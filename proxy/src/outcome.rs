@@ -18,12 +18,14 @@
 //! takes no more calls (`run_ended`): cost after the outcome would belong to no outcome.
 //! `audit runs --by-outcome` computes the same figures offline from the audit files.
 
+pub use crate::audit::{RunCounts, RunOutcome, RunRecord};
+
 use crate::audit::{AuditCost, AuditRecord, Phase};
 use crate::limits::local::RunTable;
 use crate::refusal::Refusal;
 use crate::snapshot::{is_token, Snapshot};
 use http::HeaderMap;
-use serde::{Deserialize, Serialize};
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -37,49 +39,6 @@ const MAX_INPUTS: usize = 1024;
 /// How long ending a run waits for its calls in flight to be recorded (an answer the agent
 /// has read is recorded a moment later, when its body ends).
 pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-/// How a run ended, for the business. A closed set: it is a metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunOutcome {
-    /// The task was done.
-    Resolved,
-    /// Handed to a human.
-    Escalated,
-    /// Given up without a result.
-    Abandoned,
-    /// Ended in an error.
-    Failed,
-}
-
-impl RunOutcome {
-    /// Every outcome, in the order reports print them.
-    pub const ALL: [RunOutcome; 4] = [
-        RunOutcome::Resolved,
-        RunOutcome::Escalated,
-        RunOutcome::Abandoned,
-        RunOutcome::Failed,
-    ];
-
-    /// The wire and label form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunOutcome::Resolved => "resolved",
-            RunOutcome::Escalated => "escalated",
-            RunOutcome::Abandoned => "abandoned",
-            RunOutcome::Failed => "failed",
-        }
-    }
-
-    /// Parse the wire form.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|o| o.as_str() == s)
-    }
-}
 
 /// A reported outcome.
 #[derive(Clone, Debug, PartialEq)]
@@ -155,23 +114,6 @@ impl Report {
     }
 }
 
-/// A run's call counts, as tallied and as recorded.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunCounts {
-    /// Calls (one per decided tool call), refused ones included.
-    pub calls: u64,
-    /// Calls refused (not forwarded).
-    pub refused: u64,
-    /// Forwarded calls that failed (upstream error, or an error status).
-    pub failed: u64,
-    /// Calls repeating an earlier call of the run (same tool, same input).
-    pub retries: u64,
-    /// Distinct approvals asked for.
-    pub approvals: u64,
-    /// Time from each approval being asked for to its approved call, summed (ms).
-    pub approval_wait_ms: u64,
-}
-
 /// A run as this sidecar saw it, from the audit records it wrote.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -242,29 +184,6 @@ impl Tally {
             _ => {}
         }
     }
-}
-
-/// What a `run` record says beyond the common fields: the outcome and the run's totals.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
-    /// `resolved`, `escalated`, `abandoned` or `failed`.
-    pub outcome: String,
-    /// The reporter's label, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
-    /// `header` or `endpoint`.
-    pub reported_via: String,
-    /// The run's calls.
-    #[serde(flatten)]
-    pub counts: RunCounts,
-    /// Calls of the run still in flight when the record was written (after waiting up to
-    /// [`SETTLE`] for them): their cost is not in this record; `audit runs` counts it.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub in_flight: u64,
-    /// When the run's first call was seen (RFC 3339).
-    pub started: String,
-    /// From the first call to the report, ms.
-    pub duration_ms: u64,
 }
 
 /// Why a run could not be ended.
@@ -375,90 +294,94 @@ pub(crate) fn tenant_label<'a>(snap: &Snapshot, tenant: &'a str) -> &'a str {
     }
 }
 
-/// End `run` with `report`: the durable `run` record, then the metrics. Returns the record.
-pub(crate) async fn end_run(
-    state: &crate::state::ProxyState,
-    snap: &Snapshot,
-    run: &str,
-    report: &Report,
-) -> Result<AuditRecord, EndError> {
-    state.runs.claim(run, report.outcome, false)?;
-    settle(state, run).await;
-    let rec = record(state, snap, run, report);
-    commit(state, snap, rec.clone()).await?;
-    Ok(rec)
+/// What ending a run writes to: the ledger, the audit log, the metrics (borrowed from the
+/// process state, `ProxyState::run_end`).
+pub(crate) struct RunEnd<'a> {
+    /// The run ledger.
+    pub(crate) runs: &'a Ledger,
+    /// The audit log.
+    pub(crate) audit: &'a crate::audit::AuditLog,
+    /// The metrics.
+    pub(crate) metrics: &'a crate::metrics::Metrics,
 }
 
-/// Wait, up to [`SETTLE`], until every forwarded call of a claimed run has its outcome
-/// record (no new call of it is admitted meanwhile).
-pub(crate) async fn settle(state: &crate::state::ProxyState, run: &str) {
-    let deadline = Instant::now() + SETTLE;
-    while state.runs.pending(run) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+impl RunEnd<'_> {
+    /// End `run` with `report` (the endpoint): claim it, wait for its calls in flight, write
+    /// the durable `run` record, then the metrics. Returns the record.
+    pub(crate) async fn end(
+        &self,
+        snap: &Snapshot,
+        run: &str,
+        report: &Report,
+    ) -> Result<AuditRecord, EndError> {
+        self.runs.claim(run, report.outcome, false)?;
+        self.settle(run).await;
+        let rec = self.record(snap, run, report);
+        self.commit(snap, rec.clone()).await?;
+        Ok(rec)
     }
-}
 
-/// The `run` record of a claimed run, from its tally now; [`commit`] writes it.
-pub(crate) fn record(
-    state: &crate::state::ProxyState,
-    snap: &Snapshot,
-    run: &str,
-    report: &Report,
-) -> AuditRecord {
-    let (fields, cost, tenant) = state.runs.fields(run, report);
-    AuditRecord {
-        phase: Some(Phase::Run),
-        run: run.to_string(),
-        agent: snap.agent.name.clone(),
-        namespace: snap.agent.namespace.clone(),
-        tenant,
-        decision: fields.outcome.clone(),
-        reasons: vec![match &fields.label {
-            Some(l) => format!(
-                "run reported {} ({l}) via {}",
-                fields.outcome, fields.reported_via
-            ),
-            None => format!(
-                "run reported {} via {}",
-                fields.outcome, fields.reported_via
-            ),
-        }],
-        policy_bundle: snap.policy.hash().to_string(),
-        snapshot_version: snap.version,
-        mode: snap.agent.mode.as_str().to_string(),
-        cost,
-        run_outcome: Some(fields),
-        ..Default::default()
+    /// Wait, up to [`SETTLE`], until every forwarded call of a claimed run has its outcome
+    /// record (no new call of it is admitted meanwhile).
+    pub(crate) async fn settle(&self, run: &str) {
+        let deadline = Instant::now() + SETTLE;
+        while self.runs.pending(run) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
-}
 
-/// Write a prepared `run` record durably, then observe the run's cost and count its outcome;
-/// if it cannot be written the run is open again.
-pub(crate) async fn commit(
-    state: &crate::state::ProxyState,
-    snap: &Snapshot,
-    rec: AuditRecord,
-) -> Result<(), EndError> {
-    let run = rec.run.clone();
-    let outcome = rec.decision.clone();
-    let (usd, tenant) = (rec.cost.usd, rec.tenant.clone());
-    if let Err(e) = state.audit.append(rec).await {
-        state.runs.reopen(&run);
-        return Err(EndError::Audit(e.to_string()));
+    /// The `run` record of a claimed run, from its tally now; [`RunEnd::commit`] writes it.
+    pub(crate) fn record(&self, snap: &Snapshot, run: &str, report: &Report) -> AuditRecord {
+        let (fields, cost, tenant) = self.runs.fields(run, report);
+        AuditRecord {
+            phase: Some(Phase::Run),
+            run: run.to_string(),
+            agent: snap.agent.name.clone(),
+            namespace: snap.agent.namespace.clone(),
+            tenant,
+            decision: fields.outcome.clone(),
+            reasons: vec![match &fields.label {
+                Some(l) => format!(
+                    "run reported {} ({l}) via {}",
+                    fields.outcome, fields.reported_via
+                ),
+                None => format!(
+                    "run reported {} via {}",
+                    fields.outcome, fields.reported_via
+                ),
+            }],
+            policy_bundle: snap.policy.hash().to_string(),
+            snapshot_version: snap.version,
+            mode: snap.agent.mode.as_str().to_string(),
+            cost,
+            run_outcome: Some(fields),
+            ..Default::default()
+        }
     }
-    let labels = [
-        snap.agent.name.as_str(),
-        tenant_label(snap, &tenant),
-        outcome.as_str(),
-    ];
-    state
-        .metrics
-        .run_cost
-        .with_label_values(&labels)
-        .observe(usd);
-    state.metrics.run_outcomes.with_label_values(&labels).inc();
-    tracing::info!(run = %run, outcome = %outcome, cost_usd = usd, "run ended");
-    Ok(())
+
+    /// Write a prepared `run` record durably, then observe the run's cost and count its
+    /// outcome; if it cannot be written the run is open again.
+    pub(crate) async fn commit(&self, snap: &Snapshot, rec: AuditRecord) -> Result<(), EndError> {
+        let run = rec.run.clone();
+        let outcome = rec.decision.clone();
+        let (usd, tenant) = (rec.cost.usd, rec.tenant.clone());
+        if let Err(e) = self.audit.append(rec).await {
+            self.runs.reopen(&run);
+            return Err(EndError::Audit(e.to_string()));
+        }
+        let labels = [
+            snap.agent.name.as_str(),
+            tenant_label(snap, &tenant),
+            outcome.as_str(),
+        ];
+        self.metrics
+            .run_cost
+            .with_label_values(&labels)
+            .observe(usd);
+        self.metrics.run_outcomes.with_label_values(&labels).inc();
+        tracing::info!(run = %run, outcome = %outcome, cost_usd = usd, "run ended");
+        Ok(())
+    }
 }
 
 #[cfg(test)]

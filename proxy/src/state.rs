@@ -124,6 +124,15 @@ impl ProxyState {
         self.audit.append(rec).await
     }
 
+    /// What ending a run writes to (see [`crate::outcome::RunEnd`]).
+    pub(crate) fn run_end(&self) -> crate::outcome::RunEnd<'_> {
+        crate::outcome::RunEnd {
+            runs: &self.runs,
+            audit: &self.audit,
+            metrics: &self.metrics,
+        }
+    }
+
     /// Fold a call's record into its run's tally (without writing it).
     pub(crate) fn note(&self, rec: &crate::audit::AuditRecord) {
         let forgotten = self.runs.note(rec);

@@ -12,7 +12,9 @@ pub mod runs;
 pub mod verify;
 mod writer;
 
-pub use record::{AuditApproval, AuditCost, AuditLatency, AuditRecord, Phase};
+pub use record::{
+    AuditApproval, AuditCost, AuditLatency, AuditRecord, Phase, RunCounts, RunOutcome, RunRecord,
+};
 pub use retention::Retention;
 pub use writer::{
     line_hash, rotated_name, rotated_siblings, AuditError, AuditLog, CheckpointSink, WriterOptions,

@@ -123,8 +123,91 @@ pub struct AuditRecord {
     pub cut: Option<String>,
     /// In a `run` record: the reported outcome and the run's totals (its cost is `cost`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run_outcome: Option<crate::outcome::RunRecord>,
+    pub run_outcome: Option<RunRecord>,
     /// The policy input, redacted, for replay: serialised once per call, shared by its
     /// decision and outcome records. The last field (the writer splices it in).
     pub input: crate::redact::RecordedInput,
+}
+
+/// How a run ended, for the business. A closed set: it is a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOutcome {
+    /// The task was done.
+    Resolved,
+    /// Handed to a human.
+    Escalated,
+    /// Given up without a result.
+    Abandoned,
+    /// Ended in an error.
+    Failed,
+}
+
+impl RunOutcome {
+    /// Every outcome, in the order reports print them.
+    pub const ALL: [RunOutcome; 4] = [
+        RunOutcome::Resolved,
+        RunOutcome::Escalated,
+        RunOutcome::Abandoned,
+        RunOutcome::Failed,
+    ];
+
+    /// The wire and label form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Resolved => "resolved",
+            RunOutcome::Escalated => "escalated",
+            RunOutcome::Abandoned => "abandoned",
+            RunOutcome::Failed => "failed",
+        }
+    }
+
+    /// Parse the wire form.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// A run's call counts, as tallied and as recorded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunCounts {
+    /// Calls (one per decided tool call), refused ones included.
+    pub calls: u64,
+    /// Calls refused (not forwarded).
+    pub refused: u64,
+    /// Forwarded calls that failed (upstream error, or an error status).
+    pub failed: u64,
+    /// Calls repeating an earlier call of the run (same tool, same input).
+    pub retries: u64,
+    /// Distinct approvals asked for.
+    pub approvals: u64,
+    /// Time from each approval being asked for to its approved call, summed (ms).
+    pub approval_wait_ms: u64,
+}
+
+/// What a `run` record says beyond the common fields: the outcome and the run's totals.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// `resolved`, `escalated`, `abandoned` or `failed`.
+    pub outcome: String,
+    /// The reporter's label, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// `header` or `endpoint`.
+    pub reported_via: String,
+    /// The run's calls.
+    #[serde(flatten)]
+    pub counts: RunCounts,
+    /// Calls of the run still in flight when the record was written (after waiting up to 5 s
+    /// for them): their cost is not in this record; `audit runs` counts it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub in_flight: u64,
+    /// When the run's first call was seen (RFC 3339).
+    pub started: String,
+    /// From the first call to the report, ms.
+    pub duration_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -340,7 +340,7 @@ pub fn by_outcome(runs: &[RunSummary], since: Option<time::OffsetDateTime>) -> V
     }
     let round = |x: f64| (x * 1e6).round() / 1e6;
     let order = |o: &str| {
-        crate::outcome::RunOutcome::ALL
+        super::RunOutcome::ALL
             .iter()
             .position(|x| x.as_str() == o)
             .unwrap_or(usize::MAX)

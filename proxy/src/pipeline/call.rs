@@ -271,9 +271,10 @@ impl Drop for Call {
                         let _ = state.audit.append(r).await;
                     }
                     if let Some(report) = ended {
-                        crate::outcome::settle(&state, &run).await;
-                        let rec = crate::outcome::record(&state, &snap, &run, &report);
-                        if let Err(e) = crate::outcome::commit(&state, &snap, rec).await {
+                        let end = state.run_end();
+                        end.settle(&run).await;
+                        let rec = end.record(&snap, &run, &report);
+                        if let Err(e) = end.commit(&snap, rec).await {
                             tracing::warn!(run = %run, "the run's outcome was not recorded: {e}");
                         }
                     }
