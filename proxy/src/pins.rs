@@ -73,12 +73,12 @@ pub fn advertised(tool: &Value) -> Option<Value> {
 
 /// The canonical bytes of a canonical value.
 pub fn canonical_bytes(def: &Value) -> Vec<u8> {
-    crate::policy_input::canonical_json(def)
+    crate::policy::canonical_json(def)
 }
 
 /// The pin hash of a canonical value.
 pub fn hash(def: &Value) -> String {
-    crate::policy_input::sha256_hex(&canonical_bytes(def))
+    crate::policy::sha256_hex(&canonical_bytes(def))
 }
 
 /// The canonical value of a pinned definition.

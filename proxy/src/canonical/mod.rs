@@ -76,7 +76,7 @@ impl CanonicalBody {
                 "opaque": true,
                 "media_type": media_type,
                 "bytes": bytes.len(),
-                "sha256": crate::policy_input::sha256_hex(bytes),
+                "sha256": crate::policy::sha256_hex(bytes),
             }),
         }
     }
@@ -369,7 +369,7 @@ impl CanonicalCall {
     /// sha256 (hex) of the canonical JSON of [`to_value`](Self::to_value): what an approval
     /// binds. Any change of method, path, query, body or meaning-carrying header changes it.
     pub fn hash(&self) -> String {
-        crate::policy_input::sha256_hex(&crate::policy_input::canonical_json(&self.to_value()))
+        crate::policy::sha256_hex(&crate::policy::canonical_json(&self.to_value()))
     }
 }
 

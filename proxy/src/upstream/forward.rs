@@ -206,7 +206,7 @@ pub(crate) fn dry_run_body(
     let mut shown = serde_json::Map::new();
     for (k, v) in headers {
         let n = k.as_str();
-        if crate::policy_input::SECRET_HEADERS.contains(&n) {
+        if crate::policy::SECRET_HEADERS.contains(&n) {
             shown.insert(n.into(), "[redacted]".into());
         } else {
             shown.insert(
