@@ -2,7 +2,8 @@
 //! snapshot, serve until asked to stop, then drain in-flight calls.
 
 use crate::audit::AuditLog;
-use crate::intercept::server::{serve_proxy, ConnLimits};
+use crate::intercept::conn::ConnLimits;
+use crate::intercept::server::serve_proxy;
 use crate::metrics::Metrics;
 use crate::snapshot::{resolve, Snapshot};
 use crate::state::ProxyState;

@@ -39,15 +39,6 @@ pub struct Deadlines {
     pub idle: Duration,
 }
 
-impl From<crate::intercept::server::ConnLimits> for Deadlines {
-    fn from(l: crate::intercept::server::ConnLimits) -> Self {
-        Self {
-            first_request: l.header_read_timeout,
-            idle: l.idle_timeout,
-        }
-    }
-}
-
 /// Why the sidecar closed a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Closed {

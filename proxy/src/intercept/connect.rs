@@ -7,7 +7,7 @@
 //! tunnel would carry calls no policy saw. A host whose tools are all `passthrough` gets an
 //! opaque tunnel after host-level checks (tenant, kill switch), recorded as passthrough.
 
-use crate::intercept::server::ConnLimits;
+use crate::intercept::conn::ConnLimits;
 use crate::intercept::tunnel::{self, Expect};
 use crate::intercept::Tunnel;
 use crate::pipeline;

@@ -2,6 +2,7 @@
 //! into the one [`Target`] shape. CONNECT and transparent mode produce the same shape from
 //! their own listeners.
 
+pub mod conn;
 pub mod conn_deadline;
 pub mod connect;
 pub mod passthrough;

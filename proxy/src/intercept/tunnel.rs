@@ -9,7 +9,7 @@
 //! without passing the pipeline, except a configured passthrough host, which is recorded as
 //! such.
 
-use crate::intercept::server::ConnLimits;
+use crate::intercept::conn::ConnLimits;
 use crate::intercept::Tunnel;
 use crate::pipeline;
 use crate::refusal::Refusal;
@@ -336,7 +336,7 @@ pub async fn serve_http<IO>(
         let tunnel = tunnel.clone();
         async move { serve_request(state, req, &tunnel).await }
     };
-    crate::intercept::server::serve_connection(io, serve, limits, closed).await;
+    crate::intercept::conn::serve_connection(io, serve, limits, closed).await;
 }
 
 /// One request inside a tunnel (decrypted TLS or plain transparent). A request-line `CONNECT`
