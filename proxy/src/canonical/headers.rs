@@ -1,7 +1,81 @@
-//! Request headers that different parsers read differently, and the media type of the body.
+//! Request headers: which agent headers are forwarded and which never are, headers that
+//! different parsers read differently, and the media type of the body.
 
 use super::CanonicalError;
 use http::header::{self, HeaderMap, HeaderName};
+
+/// Agent headers forwarded to every tool: content negotiation, caching preconditions, the
+/// agent's own credential (replaced when the tool injects one), W3C trace state, and the
+/// version headers the common API SDKs require.
+pub const DEFAULT_FORWARD_HEADERS: &[&str] = &[
+    "accept",
+    "accept-language",
+    "user-agent",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cache-control",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "range",
+    "prefer",
+    "tracestate",
+    "baggage",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "mcp-method",
+    "mcp-name",
+    "last-event-id",
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+    "stripe-version",
+    "x-github-api-version",
+    "notion-version",
+];
+
+/// Headers never forwarded from the agent, even when a tool lists them: framing and
+/// connection headers (the proxy frames the request), headers upstreams trust from a proxy
+/// (forwarded-for, original-URL rewrites, method overrides), content headers the proxy sets,
+/// and Tollgate's own.
+pub const NEVER_FORWARD_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "traceparent",
+    "idempotency-key",
+];
 
 /// Headers that must appear at most once: proxies and frameworks disagree on which of two
 /// copies counts (gunicorn reads the last `Content-Type`, most the first).
@@ -40,7 +114,6 @@ const CONNECTION_TOKENS: &[&str] = &[
 /// read by the decision nor forwarded (`forwarded` lists the tool's own forwarded and
 /// meaning-carrying headers).
 pub(super) fn may_drop(token: &str, forwarded: &[HeaderName]) -> bool {
-    use super::rebuild::{DEFAULT_FORWARD_HEADERS, NEVER_FORWARD_HEADERS};
     CONNECTION_TOKENS.contains(&token)
         || !(NEVER_FORWARD_HEADERS.contains(&token)
             || DEFAULT_FORWARD_HEADERS.contains(&token)

@@ -27,13 +27,13 @@ mod keys;
 mod rebuild;
 
 pub use form::{pairs as query_pairs, parse_form, serialize_form, Repeats};
-pub use headers::{media_type, MediaType, METHOD_OVERRIDE_HEADERS, SINGLETON_HEADERS};
+pub use headers::{
+    media_type, MediaType, DEFAULT_FORWARD_HEADERS, METHOD_OVERRIDE_HEADERS, NEVER_FORWARD_HEADERS,
+    SINGLETON_HEADERS,
+};
 pub use json::{parse_strict as parse_json, MAX_DEPTH};
 pub use keys::fold_key;
-pub use rebuild::{
-    namespaced_idempotency_key, rebuild, RebuildOptions, DEFAULT_FORWARD_HEADERS,
-    NEVER_FORWARD_HEADERS,
-};
+pub use rebuild::{namespaced_idempotency_key, rebuild, RebuildOptions};
 
 use crate::codec::{CodecError, DecodeLimits};
 use crate::config::{BodyMode, ToolConfig};
