@@ -14,6 +14,10 @@
 //! The sidecar also reports on that channel: approval requests and their use, apply results,
 //! spend, and the audit writer's signed checkpoints ([`publish_checkpoints`]), which the
 //! operator keeps append-only where the pod cannot change them.
+//!
+//! (One file, about 610 lines: everything the sidecar says to and hears from the operator —
+//! polling and installing snapshots, and the reports of approvals, usage and checkpoints —
+//! shares one client, one token and one error type; each function is short.)
 
 use crate::config::Config;
 use crate::snapshot::Snapshot;
