@@ -2,8 +2,8 @@
 //! loaded and, under an operator, while it is not stale), `/config` (version and hash, never
 //! secrets), `POST /runs` (start a run).
 
+use crate::body::{full, ResBody};
 use crate::state::ProxyState;
-use crate::upstream::{full, ResBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;

@@ -5,10 +5,10 @@
 //! and audit decision, and the provider-shaped envelopes are one table read together;
 //! splitting it would scatter the "one place" STYLE.md asks for. Tests are the last 100.)
 
+use crate::body::ResBody;
 use crate::config::LlmProvider;
 use crate::snapshot::Snapshot;
 use crate::target::Target;
-use crate::upstream::ResBody;
 use http::StatusCode;
 use serde_json::{json, Value};
 

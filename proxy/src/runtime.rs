@@ -84,7 +84,7 @@ pub(crate) async fn start_from_file(
 pub(crate) async fn start_operator(
     base: crate::config::Config,
     base_dir: &Path,
-    args: crate::control::ControlArgs,
+    args: crate::state::ControlArgs,
 ) -> Result<Running, StartError> {
     let audit_path = resolve(base_dir, &base.audit.path);
     let au = &base.audit;
@@ -146,7 +146,7 @@ pub(crate) async fn start_operator(
         args.clone(),
         std::time::Duration::from_secs(5),
     ));
-    tokio::spawn(crate::pins::report(
+    tokio::spawn(crate::control::pins::report(
         state.clone(),
         args.clone(),
         std::time::Duration::from_secs(60),

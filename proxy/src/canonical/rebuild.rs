@@ -126,18 +126,18 @@ pub fn rebuild(
             HeaderValue::from_str(&ct).map_err(|_| bad("content-type"))?,
         );
     }
-    if !body.is_empty() || crate::upstream::forward::is_mutating(&call.method) {
+    if !body.is_empty() || crate::target::is_mutating(&call.method) {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     if let Some(cred) = opts.credential {
         // Every credential the agent sent is dropped, not only this header's: the agent
         // never chooses the credential, and never learns it.
-        crate::upstream::forward::strip_agent_credentials(&mut h, cred);
+        super::headers::strip_agent_credentials(&mut h, cred);
         h.insert(cred.header.clone(), cred.value.clone());
     }
     // The codings Tollgate can read a response in, of those the agent accepts (see
-    // forward::accept_encoding).
-    if let Some(v) = crate::upstream::forward::accept_encoding(agent_headers) {
+    // headers::accept_encoding).
+    if let Some(v) = super::headers::accept_encoding(agent_headers) {
         h.insert(header::ACCEPT_ENCODING, v);
     }
     if let Some(key) = &call.idempotency_key {

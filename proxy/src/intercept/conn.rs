@@ -4,8 +4,8 @@
 //! header read timeout *of accept*, and idle connections of either HTTP version reaped). The
 //! proxy listener, decrypted tunnels and transparent connections all go through here.
 
+use crate::body::ResBody;
 use crate::intercept::conn_deadline::Deadlines;
-use crate::upstream::ResBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;

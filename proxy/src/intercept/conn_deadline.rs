@@ -14,7 +14,7 @@
 //!
 //! Both are counted in `tollgate_connections_closed_total{reason}`.
 
-use crate::upstream::ResBody;
+use crate::body::ResBody;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -92,7 +92,7 @@ struct Tracked {
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = crate::upstream::stream::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

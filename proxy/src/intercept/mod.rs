@@ -7,7 +7,6 @@ pub mod conn_deadline;
 pub mod connect;
 pub mod passthrough;
 pub mod server;
-pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 

@@ -2,9 +2,9 @@
 //! [`crate::intercept::connect`]), each connection served under the limits of
 //! [`crate::intercept::conn`].
 
+use crate::body::ResBody;
 use crate::intercept::conn::{builder, ConnLimits};
 use crate::state::ProxyState;
-use crate::upstream::ResBody;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;

@@ -384,7 +384,7 @@ pub(super) async fn idempotency(
     let Some(e) = call.elements.first() else {
         return Ok(None);
     };
-    if !crate::upstream::forward::is_mutating(&target.method) || snap.agent.mode == Mode::DryRun {
+    if !crate::target::is_mutating(&target.method) || snap.agent.mode == Mode::DryRun {
         return Ok(None);
     }
     let tool = &snap.tools[e.tool];
