@@ -1,7 +1,7 @@
 //! The one place a refusal becomes a status code, a JSON body, a metric label and an audit
 //! decision. Every stage that ends a call returns a [`Refusal`].
 //!
-//! (One file, about 590 lines: the refusal classes, their status, JSON body, metric label
+//! (One file, about 600 lines: the refusal classes, their status, JSON body, metric label
 //! and audit decision, and the provider-shaped envelopes are one table read together;
 //! splitting it would scatter the "one place" STYLE.md asks for. Tests are the last 100.)
 

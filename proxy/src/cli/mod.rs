@@ -1,7 +1,7 @@
 //! Command implementations behind `tollgate-proxy`'s subcommands. Each returns the process
 //! exit code: 0 ok, 1 check or test failed, 2 usage error, 64 invalid config.
 //!
-//! (One file, about 530 lines: one short function per subcommand, each only parsing its
+//! (One file, about 580 lines: one short function per subcommand, each only parsing its
 //! arguments and calling the module that does the work, so the list reads as the CLI.)
 
 pub mod demo;
