@@ -65,6 +65,8 @@ fn input_doc(snap: &Snapshot) -> serde_json::Value {
         query: &serde_json::Map::new(),
     };
     policy_input::build(snap, tool, &facts, time::OffsetDateTime::now_utc())
+        .to_value()
+        .unwrap()
 }
 
 fn policy(c: &mut Criterion) {
@@ -120,7 +122,7 @@ fn input_building(c: &mut Criterion) {
         b.iter(|| snap.redactor.record_input(black_box(&doc)))
     });
     c.bench_function("canonical_json", |b| {
-        b.iter(|| policy_input::canonical_json(black_box(&doc)))
+        b.iter(|| tollgate_proxy::policy::canonical_json(black_box(&doc)))
     });
     let body = br#"{"charge":"ch_3PqX","amount":1250,"reason":"requested_by_customer","metadata":{"ticket":"ZD-4412"}}"#;
     c.bench_function("input_parse_json_strict", |b| {

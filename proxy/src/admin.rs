@@ -3,8 +3,8 @@
 //! secrets), `POST /runs` (start a run), `POST /runs/{run}/outcome` (end a run with its
 //! reported outcome; see [`crate::outcome`]).
 
+use crate::body::{full, ResBody};
 use crate::state::ProxyState;
-use crate::upstream::{full, ResBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;

@@ -155,9 +155,6 @@ impl Default for ApprovalStore {
     }
 }
 
-/// Most pending approval requests one sidecar (one agent) holds by default.
-pub(crate) const DEFAULT_MAX_PENDING: usize = 100;
-
 impl ApprovalStore {
     /// A store that counts evictions in `tollgate_approvals_evicted_total{reason}`.
     pub fn counted(evicted: prometheus::IntCounterVec) -> Self {

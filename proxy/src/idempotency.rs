@@ -248,12 +248,9 @@ pub(crate) fn stored(status: u16, headers: &http::HeaderMap, body: &Bytes) -> St
 
 /// The answer to a retry of a completed call: the stored response, marked
 /// `x-tollgate-idempotent-replay: true`.
-pub(crate) fn replay_response(
-    stored: Stored,
-    run: &str,
-) -> http::Response<crate::upstream::ResBody> {
+pub(crate) fn replay_response(stored: Stored, run: &str) -> http::Response<crate::body::ResBody> {
     use http::{HeaderName, HeaderValue};
-    let mut res = http::Response::new(crate::upstream::full(Bytes::from(stored.body)));
+    let mut res = http::Response::new(crate::body::full(Bytes::from(stored.body)));
     *res.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
     let h = res.headers_mut();
     for (k, v) in &stored.headers {

@@ -10,12 +10,13 @@
 pub(crate) mod admin;
 pub(crate) mod approval;
 pub mod audit;
+pub(crate) mod body;
+pub mod ca;
 pub mod canonical;
 pub mod cli;
 pub(crate) mod codec;
 pub mod config;
 pub mod control;
-pub mod demo;
 pub(crate) mod idempotency;
 pub mod identify;
 pub mod input;

@@ -17,11 +17,9 @@
 //! seen advertised is refused (`tool_definition_unverified`): the sidecar cannot fetch the
 //! list itself, and forwarding would run a tool whose description nobody checked (see
 //! SECURITY.md, "Pinned tool definitions").
-
-pub mod command;
-mod report;
-
-pub use report::report;
+//!
+//! The `tools diff|pin` commands are in [`crate::cli::tools`]; the report of observations to
+//! the operator is [`crate::control::pins`].
 
 use crate::config::{PinnedDefinition, ToolConfig};
 use crate::refusal::Refusal;
@@ -73,12 +71,12 @@ pub fn advertised(tool: &Value) -> Option<Value> {
 
 /// The canonical bytes of a canonical value.
 pub fn canonical_bytes(def: &Value) -> Vec<u8> {
-    crate::policy_input::canonical_json(def)
+    crate::policy::canonical_json(def)
 }
 
 /// The pin hash of a canonical value.
 pub fn hash(def: &Value) -> String {
-    crate::policy_input::sha256_hex(&canonical_bytes(def))
+    crate::policy::sha256_hex(&canonical_bytes(def))
 }
 
 /// The canonical value of a pinned definition.
@@ -280,45 +278,6 @@ impl Observations {
                 ),
             }),
             Some(_) => Ok(()),
-        }
-    }
-}
-
-/// Decide one tool of a `tools/list` answer already filtered to the agent's catalog: record
-/// what was advertised for its catalog tool, and withhold it (false) when it is pinned and the
-/// definition differs — counted in `tollgate_tool_definition_mismatch_total` and returned in
-/// `out` for the audit record.
-pub fn keep_listed(
-    state: &crate::state::ProxyState,
-    snap: &crate::snapshot::Snapshot,
-    target: &crate::target::Target,
-    tool: &Value,
-    out: &mut Vec<Mismatch>,
-) -> bool {
-    let Some(def) = advertised(tool) else {
-        return false;
-    };
-    let Some(i) = def["name"]
-        .as_str()
-        .and_then(|n| snap.catalog.match_mcp(target, n))
-    else {
-        return false;
-    };
-    let t = &snap.tools[i];
-    match state
-        .tool_definitions
-        .observe(t.name(), t.pin.as_ref(), def)
-    {
-        None => true,
-        Some(m) => {
-            state
-                .metrics
-                .tool_definition_mismatch
-                .with_label_values(&[snap.agent.name.as_str(), t.name()])
-                .inc();
-            tracing::warn!(tool = t.name(), pinned = %m.pinned, advertised = %m.advertised, summary = ?m.summary, "MCP server advertises a pinned tool with another definition; withheld");
-            out.push(m);
-            false
         }
     }
 }

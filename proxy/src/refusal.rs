@@ -1,10 +1,14 @@
 //! The one place a refusal becomes a status code, a JSON body, a metric label and an audit
 //! decision. Every stage that ends a call returns a [`Refusal`].
+//!
+//! (One file, about 600 lines: the refusal classes, their status, JSON body, metric label
+//! and audit decision, and the provider-shaped envelopes are one table read together;
+//! splitting it would scatter the "one place" STYLE.md asks for. Tests are the last 100.)
 
+use crate::body::ResBody;
 use crate::config::LlmProvider;
 use crate::snapshot::Snapshot;
 use crate::target::Target;
-use crate::upstream::ResBody;
 use http::StatusCode;
 use serde_json::{json, Value};
 

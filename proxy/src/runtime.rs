@@ -2,7 +2,8 @@
 //! snapshot, serve until asked to stop, then drain in-flight calls.
 
 use crate::audit::AuditLog;
-use crate::intercept::server::{serve_proxy, ConnLimits};
+use crate::intercept::conn::ConnLimits;
+use crate::intercept::server::serve_proxy;
 use crate::metrics::Metrics;
 use crate::snapshot::{resolve, Snapshot};
 use crate::state::ProxyState;
@@ -87,7 +88,7 @@ pub(crate) async fn start_from_file(
 pub(crate) async fn start_operator(
     base: crate::config::Config,
     base_dir: &Path,
-    args: crate::control::ControlArgs,
+    args: crate::state::ControlArgs,
 ) -> Result<Running, StartError> {
     let audit_path = resolve(base_dir, &base.audit.path);
     let au = &base.audit;
@@ -149,7 +150,7 @@ pub(crate) async fn start_operator(
         args.clone(),
         std::time::Duration::from_secs(5),
     ));
-    tokio::spawn(crate::pins::report(
+    tokio::spawn(crate::control::pins::report(
         state.clone(),
         args.clone(),
         std::time::Duration::from_secs(60),

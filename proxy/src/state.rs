@@ -11,6 +11,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Where the operator is and who this sidecar is.
+#[derive(Clone, Debug)]
+pub struct ControlArgs {
+    /// Operator base URL, e.g. `http://tollgate-operator.tollgate-system.svc:8080`.
+    pub url: String,
+    /// `namespace/name` of the AgentIdentity.
+    pub agent: String,
+    /// Projected ServiceAccount token (audience `tollgate`); re-read on every request, since
+    /// the kubelet rotates it.
+    pub token_file: std::path::PathBuf,
+    /// Long-poll timeout asked of the operator.
+    pub poll_timeout: std::time::Duration,
+}
+
 /// Freshness of the active snapshot. In standalone mode the file is the source of truth and
 /// never goes stale; under an operator, heartbeats keep it fresh.
 pub struct Freshness {
@@ -63,7 +77,7 @@ pub struct ProxyState {
     /// Rate limits and budget counters (outlive snapshots).
     pub limits: Arc<crate::limits::Limits>,
     /// The operator link, in operator mode.
-    pub control: std::sync::OnceLock<crate::control::ControlArgs>,
+    pub control: std::sync::OnceLock<ControlArgs>,
     /// Calls in flight by kill-switch scope: a newly engaged switch stops them.
     pub inflight: Arc<crate::killswitch::inflight::InFlight>,
     /// Spend today (UTC day, USD per tenant), reported to the operator.

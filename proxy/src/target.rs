@@ -152,6 +152,14 @@ pub enum TargetError {
     },
 }
 
+/// Is the method one that changes state?
+pub(crate) fn is_mutating(m: &http::Method) -> bool {
+    !matches!(
+        *m,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    )
+}
+
 /// Split and normalise an authority (`host[:port]`), applying the scheme's default port.
 pub fn parse_authority(authority: &str, scheme: Scheme) -> Result<(String, u16), TargetError> {
     if authority.is_empty() || authority.contains('@') {

@@ -31,7 +31,7 @@ fn shipped_example_configs_validate() {
 
 #[test]
 fn the_demo_config_is_valid() {
-    let text = tollgate_proxy::demo::DEMO_CONFIG
+    let text = tollgate_proxy::cli::demo::DEMO_CONFIG
         .replace("{payments}", "127.0.0.1:1")
         .replace("{support}", "127.0.0.1:2");
     let cfg = tollgate_proxy::config::parse_str(&text).unwrap();
@@ -114,7 +114,7 @@ fn example_configs_lower_to_their_golden_snapshots() {
     let cfg = tollgate_proxy::config::load_file(&path).unwrap();
     let snap = tollgate_proxy::snapshot::Snapshot::build(cfg, 1, path.parent().unwrap()).unwrap();
     golden("standalone", &lowering(&snap));
-    let demo = tollgate_proxy::demo::DEMO_CONFIG
+    let demo = tollgate_proxy::cli::demo::DEMO_CONFIG
         .replace("{payments}", "127.0.0.1:1")
         .replace("{support}", "127.0.0.1:2");
     let cfg = tollgate_proxy::config::parse_str(&demo).unwrap();

@@ -39,7 +39,7 @@ fn e(err: impl std::fmt::Display) -> CertError {
 
 /// Create a CA certificate valid for `days`.
 pub fn new_ca(common_name: &str, days: i64) -> Result<PemPair, CertError> {
-    let (cert, key) = tollgate_proxy::intercept::tls::new_ca(common_name, days).map_err(e)?;
+    let (cert, key) = tollgate_proxy::ca::new_ca(common_name, days).map_err(e)?;
     Ok(PemPair { cert, key })
 }
 

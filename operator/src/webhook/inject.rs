@@ -558,7 +558,7 @@ mod tests {
 
     #[test]
     fn the_trust_bundle_holds_public_roots_and_the_interception_ca() {
-        let (ca, _) = tollgate_proxy::intercept::tls::new_ca("test interception CA", 1).unwrap();
+        let (ca, _) = tollgate_proxy::ca::new_ca("test interception CA", 1).unwrap();
         let bundle = trust_bundle(&ca);
         let certs: Vec<_> = rustls_pemfile_certs(&bundle);
         assert!(certs.len() > 100, "public roots: {}", certs.len());

@@ -3,11 +3,12 @@
 //!
 //! Only what Rego decided is replayed: a record carries the policy input it was decided on
 //! (redacted) and the policy's verdict. Calls refused before policy (identity, unknown tool,
-//! invalid input, kill switch, limits) carry no input and are counted as not replayable.
+//! invalid input, kill switch, limits) carry no input and are counted as not replayable, and
+//! so is an input of another version than this build's ([`input::is_replayable`]).
 //! Because the input is redacted, rules that look for PII see the masks (`[REDACTED:email]`);
 //! the shipped PII rules match those masks too, so their decisions replay faithfully.
 
-use crate::policy::PolicyBundle;
+use crate::policy::{input, PolicyBundle};
 use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
@@ -51,7 +52,7 @@ pub fn replay(records: &[Value], bundle: &PolicyBundle) -> ReplayReport {
     {
         rep.records += 1;
         let old = r["policy_decision"].as_str().unwrap_or("");
-        if old.is_empty() || !r["input"].is_object() {
+        if old.is_empty() || !input::is_replayable(&r["input"]) {
             rep.not_replayable += 1;
             continue;
         }

@@ -1,7 +1,139 @@
-//! Request headers that different parsers read differently, and the media type of the body.
+//! Request headers: which agent headers are forwarded and which never are (with the agent's
+//! credentials and `Accept-Encoding` as sent upstream), headers that
+//! different parsers read differently, and the media type of the body.
 
 use super::CanonicalError;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Agent headers forwarded to every tool: content negotiation, caching preconditions, the
+/// agent's own credential (replaced when the tool injects one), W3C trace state, and the
+/// version headers the common API SDKs require.
+pub const DEFAULT_FORWARD_HEADERS: &[&str] = &[
+    "accept",
+    "accept-language",
+    "user-agent",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cache-control",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "range",
+    "prefer",
+    "tracestate",
+    "baggage",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "mcp-method",
+    "mcp-name",
+    "last-event-id",
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+    "stripe-version",
+    "x-github-api-version",
+    "notion-version",
+];
+
+/// Headers never forwarded from the agent, even when a tool lists them: framing and
+/// connection headers (the proxy frames the request), headers upstreams trust from a proxy
+/// (forwarded-for, original-URL rewrites, method overrides), content headers the proxy sets,
+/// and Tollgate's own.
+pub const NEVER_FORWARD_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "traceparent",
+    "idempotency-key",
+];
+
+/// Headers an SDK carries its (placeholder) API key in. Where the tool injects a credential,
+/// every one of them is dropped, not only the injected header: an OpenAI SDK pointed at an
+/// Anthropic-style tool still sends `Authorization`, and the upstream must see one key, the
+/// injected one.
+pub(crate) const AGENT_CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-auth-token",
+];
+
+/// Drop every credential the agent supplied for a call whose credential Tollgate injects:
+/// the agent never chooses the credential, and never learns it.
+pub(crate) fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Credential) {
+    for name in AGENT_CREDENTIAL_HEADERS {
+        h.remove(*name);
+    }
+    h.remove(&injected.header);
+}
+
+/// The `Accept-Encoding` sent upstream: the agent's, narrowed to the codings Tollgate reads
+/// (gzip, deflate, br, zstd; `*` stands for the four). Responses are passed on as coded, so
+/// the agent still gets the compression it asked for, and Tollgate can still decode any
+/// answer for usage and MCP lists. `None` (identity) when the agent accepts none of them.
+pub(crate) fn accept_encoding(agent: &HeaderMap) -> Option<HeaderValue> {
+    const READ: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
+    let mut out: Vec<&str> = Vec::new();
+    for v in agent.get_all(http::header::ACCEPT_ENCODING) {
+        for item in v.to_str().unwrap_or("").split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if refused {
+                continue;
+            }
+            let coding = if coding == "x-gzip" {
+                "gzip".into()
+            } else {
+                coding
+            };
+            for c in READ {
+                if (coding == c || coding == "*") && !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    (!out.is_empty()).then(|| HeaderValue::from_str(&out.join(", ")).expect("token list"))
+}
 
 /// Headers that must appear at most once: proxies and frameworks disagree on which of two
 /// copies counts (gunicorn reads the last `Content-Type`, most the first).
@@ -40,7 +172,6 @@ const CONNECTION_TOKENS: &[&str] = &[
 /// read by the decision nor forwarded (`forwarded` lists the tool's own forwarded and
 /// meaning-carrying headers).
 pub(super) fn may_drop(token: &str, forwarded: &[HeaderName]) -> bool {
-    use super::rebuild::{DEFAULT_FORWARD_HEADERS, NEVER_FORWARD_HEADERS};
     CONNECTION_TOKENS.contains(&token)
         || !(NEVER_FORWARD_HEADERS.contains(&token)
             || DEFAULT_FORWARD_HEADERS.contains(&token)
@@ -176,4 +307,52 @@ pub(super) fn single_value(
             CanonicalError::BadHeader(name.as_str().to_string(), "not visible ASCII".into())
         })?;
     Ok(Some(s.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    #[test]
+    fn every_agent_credential_is_dropped_where_one_is_injected() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+            "x-kept",
+        ] {
+            h.insert(
+                HeaderName::from_static(n),
+                "agent-placeholder".parse().unwrap(),
+            );
+        }
+        let cred = crate::snapshot::Credential {
+            header: HeaderName::from_static("x-api-key"),
+            value: "real".parse().unwrap(),
+        };
+        strip_agent_credentials(&mut h, &cred);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn accept_encoding_is_narrowed_to_what_tollgate_reads() {
+        let ae = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::ACCEPT_ENCODING, v.parse().unwrap());
+            accept_encoding(&h).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(ae("gzip, deflate").as_deref(), Some("gzip, deflate"));
+        assert_eq!(
+            ae("br;q=0.9, compress, x-gzip").as_deref(),
+            Some("br, gzip")
+        );
+        assert_eq!(ae("zstd;q=0, gzip").as_deref(), Some("gzip"));
+        assert_eq!(ae("*").as_deref(), Some("gzip, deflate, br, zstd"));
+        assert_eq!(ae("identity"), None);
+        assert_eq!(accept_encoding(&HeaderMap::new()), None);
+    }
 }

@@ -27,13 +27,13 @@ mod keys;
 mod rebuild;
 
 pub use form::{pairs as query_pairs, parse_form, serialize_form, Repeats};
-pub use headers::{media_type, MediaType, METHOD_OVERRIDE_HEADERS, SINGLETON_HEADERS};
+pub use headers::{
+    media_type, MediaType, DEFAULT_FORWARD_HEADERS, METHOD_OVERRIDE_HEADERS, NEVER_FORWARD_HEADERS,
+    SINGLETON_HEADERS,
+};
 pub use json::{parse_strict as parse_json, MAX_DEPTH};
 pub use keys::fold_key;
-pub use rebuild::{
-    namespaced_idempotency_key, rebuild, RebuildOptions, DEFAULT_FORWARD_HEADERS,
-    NEVER_FORWARD_HEADERS,
-};
+pub use rebuild::{namespaced_idempotency_key, rebuild, RebuildOptions};
 
 use crate::codec::{CodecError, DecodeLimits};
 use crate::config::{BodyMode, ToolConfig};
@@ -76,7 +76,7 @@ impl CanonicalBody {
                 "opaque": true,
                 "media_type": media_type,
                 "bytes": bytes.len(),
-                "sha256": crate::policy_input::sha256_hex(bytes),
+                "sha256": crate::policy::sha256_hex(bytes),
             }),
         }
     }
@@ -369,7 +369,7 @@ impl CanonicalCall {
     /// sha256 (hex) of the canonical JSON of [`to_value`](Self::to_value): what an approval
     /// binds. Any change of method, path, query, body or meaning-carrying header changes it.
     pub fn hash(&self) -> String {
-        crate::policy_input::sha256_hex(&crate::policy_input::canonical_json(&self.to_value()))
+        crate::policy::sha256_hex(&crate::policy::canonical_json(&self.to_value()))
     }
 }
 

@@ -17,6 +17,7 @@
 //!   `X-Forwarded-For` is neither passed nor set: the agent is the sidecar's own pod, so the
 //!   address would say nothing.
 
+use super::headers::{DEFAULT_FORWARD_HEADERS, NEVER_FORWARD_HEADERS};
 use super::{form, CanonicalBody, CanonicalCall, CanonicalError, IDEMPOTENCY_KEY};
 use crate::config::IdempotencyKeyForwarding;
 use crate::snapshot::Credential;
@@ -24,79 +25,6 @@ use crate::target::Target;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
-
-/// Agent headers forwarded to every tool: content negotiation, caching preconditions, the
-/// agent's own credential (replaced when the tool injects one), W3C trace state, and the
-/// version headers the common API SDKs require.
-pub const DEFAULT_FORWARD_HEADERS: &[&str] = &[
-    "accept",
-    "accept-language",
-    "user-agent",
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "cache-control",
-    "if-match",
-    "if-none-match",
-    "if-modified-since",
-    "if-unmodified-since",
-    "range",
-    "prefer",
-    "tracestate",
-    "baggage",
-    "mcp-session-id",
-    "mcp-protocol-version",
-    "mcp-method",
-    "mcp-name",
-    "last-event-id",
-    "anthropic-version",
-    "anthropic-beta",
-    "openai-organization",
-    "openai-project",
-    "openai-beta",
-    "stripe-version",
-    "x-github-api-version",
-    "notion-version",
-];
-
-/// Headers never forwarded from the agent, even when a tool lists them: framing and
-/// connection headers (the proxy frames the request), headers upstreams trust from a proxy
-/// (forwarded-for, original-URL rewrites, method overrides), content headers the proxy sets,
-/// and Tollgate's own.
-pub const NEVER_FORWARD_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "content-type",
-    "content-encoding",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "upgrade",
-    "expect",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-uri",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "traceparent",
-    "idempotency-key",
-];
 
 /// What the rebuilt request needs beside the canonical call.
 #[derive(Clone, Debug)]
@@ -198,18 +126,18 @@ pub fn rebuild(
             HeaderValue::from_str(&ct).map_err(|_| bad("content-type"))?,
         );
     }
-    if !body.is_empty() || crate::upstream::forward::is_mutating(&call.method) {
+    if !body.is_empty() || crate::target::is_mutating(&call.method) {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     if let Some(cred) = opts.credential {
         // Every credential the agent sent is dropped, not only this header's: the agent
         // never chooses the credential, and never learns it.
-        crate::upstream::forward::strip_agent_credentials(&mut h, cred);
+        super::headers::strip_agent_credentials(&mut h, cred);
         h.insert(cred.header.clone(), cred.value.clone());
     }
     // The codings Tollgate can read a response in, of those the agent accepts (see
-    // forward::accept_encoding).
-    if let Some(v) = crate::upstream::forward::accept_encoding(agent_headers) {
+    // headers::accept_encoding).
+    if let Some(v) = super::headers::accept_encoding(agent_headers) {
         h.insert(header::ACCEPT_ENCODING, v);
     }
     if let Some(key) = &call.idempotency_key {

@@ -14,7 +14,7 @@
 //!
 //! Both are counted in `tollgate_connections_closed_total{reason}`.
 
-use crate::upstream::ResBody;
+use crate::body::ResBody;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -37,15 +37,6 @@ pub struct Deadlines {
     pub first_request: Duration,
     /// With no request in flight.
     pub idle: Duration,
-}
-
-impl From<crate::intercept::server::ConnLimits> for Deadlines {
-    fn from(l: crate::intercept::server::ConnLimits) -> Self {
-        Self {
-            first_request: l.header_read_timeout,
-            idle: l.idle_timeout,
-        }
-    }
 }
 
 /// Why the sidecar closed a connection.
@@ -101,7 +92,7 @@ struct Tracked {
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = crate::upstream::stream::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -7,7 +7,8 @@
 //! tunnel would carry calls no policy saw. A host whose tools are all `passthrough` gets an
 //! opaque tunnel after host-level checks (tenant, kill switch), recorded as passthrough.
 
-use crate::intercept::server::ConnLimits;
+use crate::body::ResBody;
+use crate::intercept::conn::ConnLimits;
 use crate::intercept::tunnel::{self, Expect};
 use crate::intercept::Tunnel;
 use crate::pipeline;
@@ -15,7 +16,6 @@ use crate::refusal::render as refusal_response;
 use crate::refusal::Refusal;
 use crate::state::ProxyState;
 use crate::target::{parse_authority, Scheme, Via};
-use crate::upstream::ResBody;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -132,7 +132,7 @@ pub async fn handle_connect(
 }
 
 fn established(run: &str) -> hyper::Response<ResBody> {
-    let mut res = hyper::Response::new(crate::upstream::full(bytes::Bytes::new()));
+    let mut res = hyper::Response::new(crate::body::full(bytes::Bytes::new()));
     if let Ok(v) = http::HeaderValue::from_str(run) {
         res.headers_mut().insert(crate::identify::RUN_HEADER, v);
     }

@@ -2,11 +2,11 @@
 //! into the one [`Target`] shape. CONNECT and transparent mode produce the same shape from
 //! their own listeners.
 
+pub mod conn;
 pub mod conn_deadline;
 pub mod connect;
 pub mod passthrough;
 pub mod server;
-pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 

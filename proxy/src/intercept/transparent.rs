@@ -5,7 +5,7 @@
 //! one). Either way the call runs the ordinary pipeline, and the upstream connection is
 //! re-originated by name, so a forged `Host` or SNI can only reach a real tool host.
 
-use crate::intercept::server::ConnLimits;
+use crate::intercept::conn::ConnLimits;
 use crate::intercept::tunnel::{self, Expect};
 use crate::intercept::Tunnel;
 use crate::pipeline;
@@ -144,7 +144,7 @@ async fn serve_plain(
             tunnel::serve_request(state, req, &tunnel).await
         }
     };
-    crate::intercept::server::serve_connection(TokioIo::new(stream), serve, limits, closed).await;
+    crate::intercept::conn::serve_connection(TokioIo::new(stream), serve, limits, closed).await;
 }
 
 /// The tunnel a plain transparent request belongs to: the host its `Host` header names (or the

@@ -9,7 +9,7 @@
 //! without passing the pipeline, except a configured passthrough host, which is recorded as
 //! such.
 
-use crate::intercept::server::ConnLimits;
+use crate::intercept::conn::ConnLimits;
 use crate::intercept::Tunnel;
 use crate::pipeline;
 use crate::refusal::Refusal;
@@ -336,7 +336,7 @@ pub async fn serve_http<IO>(
         let tunnel = tunnel.clone();
         async move { serve_request(state, req, &tunnel).await }
     };
-    crate::intercept::server::serve_connection(io, serve, limits, closed).await;
+    crate::intercept::conn::serve_connection(io, serve, limits, closed).await;
 }
 
 /// One request inside a tunnel (decrypted TLS or plain transparent). A request-line `CONNECT`
@@ -347,7 +347,7 @@ pub async fn serve_request(
     state: Arc<ProxyState>,
     req: hyper::Request<Incoming>,
     tunnel: &Tunnel,
-) -> hyper::Response<crate::upstream::ResBody> {
+) -> hyper::Response<crate::body::ResBody> {
     if req.method() == http::Method::CONNECT {
         if let Some(snap) = state.snapshot.load_full() {
             let tenant = crate::identify::tenant(req.headers(), &snap).unwrap_or_default();
@@ -382,7 +382,7 @@ where
 /// Write a refusal as a minimal HTTP/1.1 response (for plain bytes in a TLS tunnel).
 async fn write_plain_response<IO: AsyncWrite + Unpin>(
     io: &mut IO,
-    res: hyper::Response<crate::upstream::ResBody>,
+    res: hyper::Response<crate::body::ResBody>,
 ) -> std::io::Result<()> {
     use http_body_util::BodyExt;
     let (parts, body) = res.into_parts();

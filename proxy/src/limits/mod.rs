@@ -12,6 +12,9 @@
 //! `limits.onUnavailable` decides: `deny` (503, default) or `local` (fall back, counted in
 //! `tollgate_fail_open_total{reason="limits_redis"}`); Redis is retried on every call, so
 //! recovery is automatic.
+//!
+//! (About 550 lines: the [`Limits`] façade over both backends and the functions that turn a
+//! snapshot into the caps and rate checks of one call; the backends are in their own files.)
 
 pub mod guard;
 pub mod local;

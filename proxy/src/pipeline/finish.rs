@@ -18,11 +18,11 @@
 use super::call::Call;
 use super::respond;
 use crate::audit::{AuditRecord, Phase};
+use crate::body::ResBody;
 use crate::idempotency::Stored;
 use crate::refusal::{self, Decision, Envelope, Refusal};
 use crate::target::Target;
 use crate::upstream::stream::{BodyEnd, BodyTimeouts};
-use crate::upstream::ResBody;
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::Value;

@@ -11,7 +11,8 @@ use crate::idempotency::Stored;
 use crate::input::BodyKind;
 use crate::intercept::Tunnel;
 use crate::limits::{BudgetGuard, IdemGuard, UNCAPPED};
-use crate::policy_input::{self, CallFacts};
+use crate::policy::{canonical_json, sha256_hex};
+use crate::policy_input::CallFacts;
 use crate::refusal::Refusal;
 use crate::snapshot::Tool;
 use crate::stages::{self, tools::ToolCalls};
@@ -67,7 +68,7 @@ pub(super) fn elements(
         call.protocol = "mcp";
     }
     if let Some(msg) = &calls.message {
-        call.message_hash = policy_input::sha256_hex(&policy_input::canonical_json(msg));
+        call.message_hash = sha256_hex(&canonical_json(msg));
     }
     let content_type = parts
         .headers
@@ -78,13 +79,13 @@ pub(super) fn elements(
     let mcp = call.mcp_id.is_some();
     for (tool, input) in calls.calls {
         let canonical = if mcp {
-            policy_input::canonical_json(&input)
+            canonical_json(&input)
         } else {
-            policy_input::canonical_json(&decided.to_value())
+            canonical_json(&decided.to_value())
         };
         call.elements.push(Element {
             tool,
-            input_hash: policy_input::sha256_hex(&canonical),
+            input_hash: sha256_hex(&canonical),
             canonical,
             input,
             ..Default::default()
@@ -383,7 +384,7 @@ pub(super) async fn idempotency(
     let Some(e) = call.elements.first() else {
         return Ok(None);
     };
-    if !crate::upstream::forward::is_mutating(&target.method) || snap.agent.mode == Mode::DryRun {
+    if !crate::target::is_mutating(&target.method) || snap.agent.mode == Mode::DryRun {
         return Ok(None);
     }
     let tool = &snap.tools[e.tool];

@@ -26,6 +26,7 @@ pub(crate) use call::Call;
 pub(crate) use finish::Outcome;
 pub(crate) use passthrough::{record_passthrough, refuse_tunnel};
 
+use crate::body::ResBody;
 use crate::canonical::{CallOptions, CanonicalBody, CanonicalCall, RebuildOptions};
 use crate::config::Mode;
 use crate::identify;
@@ -36,7 +37,6 @@ use crate::stages;
 use crate::state::ProxyState;
 use crate::target::Target;
 use crate::upstream::forward;
-use crate::upstream::ResBody;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -260,7 +260,7 @@ async fn forward(call: &mut Call, parts: &http::request::Parts, target: Target) 
             return Outcome::Refused(r);
         }
     };
-    if snap.agent.mode == Mode::DryRun && forward::is_mutating(&target.method) {
+    if snap.agent.mode == Mode::DryRun && crate::target::is_mutating(&target.method) {
         let reasons = call.shadow_reasons.clone();
         let answer = forward::dry_run_body(
             &target,

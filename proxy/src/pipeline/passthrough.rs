@@ -6,12 +6,12 @@
 use super::call::Call;
 use super::finish::{self, Outcome};
 use crate::audit::Phase;
+use crate::body::ResBody;
 use crate::intercept::Tunnel;
 use crate::refusal::{Decision, Refusal};
 use crate::snapshot::Snapshot;
 use crate::state::ProxyState;
 use crate::target::Target;
-use crate::upstream::ResBody;
 use http::Response;
 use std::sync::Arc;
 

@@ -8,12 +8,13 @@
 
 use super::call::Call;
 use crate::audit::{AuditRecord, Phase};
+use crate::body::{full, ResBody};
 use crate::limits::IdemGuard;
 use crate::meter::Estimate;
 use crate::refusal::Refusal;
+use crate::state::ProxyState;
 use crate::target::Target;
 use crate::upstream::stream::{BodyTimeouts, OnEnd, ResponseStream};
-use crate::upstream::{full, ResBody};
 use http::Response;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -328,7 +329,7 @@ async fn filtered_tools_list(
         t.get("name")
             .and_then(serde_json::Value::as_str)
             .is_some_and(|n| allowed.contains(&n))
-            && crate::pins::keep_listed(&call.state, &call.snap, target, t, &mut mismatches)
+            && keep_listed(&call.state, &call.snap, target, t, &mut mismatches)
     });
     if removed > 0 {
         tracing::debug!(removed, "tools/list filtered to this agent's tools");
@@ -372,4 +373,43 @@ fn mismatch_record(call: &Call, m: crate::pins::Mismatch, status: u16) -> AuditR
         "pinned_sha256": m.pinned,
     }));
     rec
+}
+
+/// Decide one tool of a `tools/list` answer already filtered to the agent's catalog: record
+/// what was advertised for its catalog tool, and withhold it (false) when it is pinned and the
+/// definition differs — counted in `tollgate_tool_definition_mismatch_total` and returned in
+/// `out` for the audit record.
+fn keep_listed(
+    state: &ProxyState,
+    snap: &crate::snapshot::Snapshot,
+    target: &Target,
+    tool: &serde_json::Value,
+    out: &mut Vec<crate::pins::Mismatch>,
+) -> bool {
+    let Some(def) = crate::pins::advertised(tool) else {
+        return false;
+    };
+    let Some(i) = def["name"]
+        .as_str()
+        .and_then(|n| snap.catalog.match_mcp(target, n))
+    else {
+        return false;
+    };
+    let t = &snap.tools[i];
+    match state
+        .tool_definitions
+        .observe(t.name(), t.pin.as_ref(), def)
+    {
+        None => true,
+        Some(m) => {
+            state
+                .metrics
+                .tool_definition_mismatch
+                .with_label_values(&[snap.agent.name.as_str(), t.name()])
+                .inc();
+            tracing::warn!(tool = t.name(), pinned = %m.pinned, advertised = %m.advertised, summary = ?m.summary, "MCP server advertises a pinned tool with another definition; withheld");
+            out.push(m);
+            false
+        }
+    }
 }

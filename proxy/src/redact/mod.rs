@@ -77,11 +77,7 @@ impl Redactor {
             .headers
             .iter()
             .map(|h| h.to_ascii_lowercase())
-            .chain(
-                crate::policy_input::SECRET_HEADERS
-                    .iter()
-                    .map(|h| h.to_string()),
-            )
+            .chain(crate::policy::SECRET_HEADERS.iter().map(|h| h.to_string()))
             .collect();
         Self {
             pii: cfg.pii,

@@ -106,7 +106,7 @@ pub(crate) fn redact_input(input: &Value, cfg: &RedactionConfig) -> Value {
         for name in &cfg.headers {
             h.remove(&name.to_ascii_lowercase());
         }
-        for name in crate::policy_input::SECRET_HEADERS {
+        for name in crate::policy::SECRET_HEADERS {
             h.remove(*name);
         }
     }

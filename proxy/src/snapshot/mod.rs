@@ -155,7 +155,7 @@ pub struct Snapshot {
     /// Admin approval API tokens: (token, approver name).
     pub admin_tokens: Vec<(String, String)>,
     /// Interception CA (`tls.intercept`), for CONNECT and transparent mode.
-    pub intercept: Option<Arc<crate::intercept::tls::InterceptCa>>,
+    pub intercept: Option<Arc<crate::ca::InterceptCa>>,
     /// Tenants and their limits.
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Approval settings.
@@ -246,7 +246,7 @@ impl Snapshot {
         let intercept = match &raw.tls.intercept {
             None => None,
             Some(ic) => Some(Arc::new(
-                crate::intercept::tls::InterceptCa::load(
+                crate::ca::InterceptCa::load(
                     &resolve(base_dir, &ic.ca_cert),
                     &resolve(base_dir, &ic.ca_key),
                 )

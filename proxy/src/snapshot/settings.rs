@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+/// Most pending approval requests one sidecar (one agent) holds by default.
+pub(crate) const DEFAULT_MAX_PENDING: usize = 100;
+
 /// Default `maxStaleness`.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(60);
 /// Default time to receive a request body.
@@ -166,9 +169,7 @@ pub(super) fn lower(raw: &Config, base_dir: &Path) -> Result<Settings, ConfigErr
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_APPROVAL_MAX_WAIT),
             notify_url: ap.notify_url.clone(),
-            max_pending: ap
-                .max_pending
-                .unwrap_or(crate::approval::DEFAULT_MAX_PENDING),
+            max_pending: ap.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
         },
         audit: Audit {
             fail_open: au.fail_open,

@@ -4,7 +4,7 @@
 
 use crate::limits::{Cap, CapKind, Exceeded, Usage};
 use crate::meter::Estimate;
-use crate::policy_input::BudgetFacts;
+use crate::policy::input::BudgetFacts;
 use crate::refusal::Refusal;
 use crate::snapshot::Tool;
 use serde_json::Value;

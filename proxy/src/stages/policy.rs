@@ -2,6 +2,7 @@
 //! allowed" is an explicit `deny` or `require_approval`; an evaluation error fails closed.
 
 use crate::meter::Estimate;
+use crate::policy::input::Cost;
 use crate::policy::PolicyDecision;
 use crate::policy_input::{self, CallFacts};
 use crate::refusal::Refusal;
@@ -50,13 +51,19 @@ pub(crate) fn evaluate(
     estimate: &Estimate,
     now: time::OffsetDateTime,
 ) -> Evaluated {
-    let mut doc = policy_input::build(snap, tool, facts, now);
-    doc["cost"] = serde_json::json!({
-        "estimate_usd": crate::limits::to_usd(estimate.spend),
-        "exposure_usd": crate::limits::to_usd(estimate.exposure),
+    let input = policy_input::build(snap, tool, facts, now).with_cost(Cost {
+        estimate_usd: crate::limits::to_usd(estimate.spend),
+        exposure_usd: crate::limits::to_usd(estimate.exposure),
     });
     let t0 = Instant::now();
-    let verdict = snap.policy.evaluate(&doc).map_err(|e| e.to_string());
+    // A document that does not serialise is a policy error: the call fails closed.
+    let (doc, verdict) = match input.to_value() {
+        Ok(doc) => {
+            let verdict = snap.policy.evaluate(&doc).map_err(|e| e.to_string());
+            (doc, verdict)
+        }
+        Err(e) => (Value::Null, Err(format!("policy input: {e}"))),
+    };
     Evaluated {
         doc,
         verdict,

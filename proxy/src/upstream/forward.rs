@@ -38,63 +38,6 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Headers an SDK carries its (placeholder) API key in. Where the tool injects a credential,
-/// every one of them is dropped, not only the injected header: an OpenAI SDK pointed at an
-/// Anthropic-style tool still sends `Authorization`, and the upstream must see one key, the
-/// injected one.
-pub(crate) const AGENT_CREDENTIAL_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "x-auth-token",
-];
-
-/// Drop every credential the agent supplied for a call whose credential Tollgate injects:
-/// the agent never chooses the credential, and never learns it.
-pub(crate) fn strip_agent_credentials(h: &mut HeaderMap, injected: &crate::snapshot::Credential) {
-    for name in AGENT_CREDENTIAL_HEADERS {
-        h.remove(*name);
-    }
-    h.remove(&injected.header);
-}
-
-/// The `Accept-Encoding` sent upstream: the agent's, narrowed to the codings Tollgate reads
-/// (gzip, deflate, br, zstd; `*` stands for the four). Responses are passed on as coded, so
-/// the agent still gets the compression it asked for, and Tollgate can still decode any
-/// answer for usage and MCP lists. `None` (identity) when the agent accepts none of them.
-pub(crate) fn accept_encoding(agent: &HeaderMap) -> Option<HeaderValue> {
-    const READ: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
-    let mut out: Vec<&str> = Vec::new();
-    for v in agent.get_all(http::header::ACCEPT_ENCODING) {
-        for item in v.to_str().unwrap_or("").split(',') {
-            let mut parts = item.split(';');
-            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            let refused = parts.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            if refused {
-                continue;
-            }
-            let coding = if coding == "x-gzip" {
-                "gzip".into()
-            } else {
-                coding
-            };
-            for c in READ {
-                if (coding == c || coding == "*") && !out.contains(&c) {
-                    out.push(c);
-                }
-            }
-        }
-    }
-    (!out.is_empty()).then(|| HeaderValue::from_str(&out.join(", ")).expect("token list"))
-}
-
 /// Refuse protocol upgrades. A WebSocket (HTTP/1.1 `Upgrade: websocket`, or an HTTP/2
 /// extended CONNECT) would turn one decided request into an undecided session, and an
 /// `h2c` upgrade would bypass the request parser; neither is forwarded, and the agent is told
@@ -154,8 +97,8 @@ pub(crate) fn json_response(
     body: &serde_json::Value,
     run: &str,
     extra: &[(&str, &str)],
-) -> http::Response<crate::upstream::ResBody> {
-    let mut res = http::Response::new(crate::upstream::full(
+) -> http::Response<crate::body::ResBody> {
+    let mut res = http::Response::new(crate::body::full(
         serde_json::to_vec(body).unwrap_or_default(),
     ));
     *res.status_mut() = status;
@@ -186,14 +129,6 @@ pub(crate) fn response_headers(h: &mut HeaderMap, run: &str) {
     }
 }
 
-/// Is the method one that changes state?
-pub(crate) fn is_mutating(m: &http::Method) -> bool {
-    !matches!(
-        *m,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
-    )
-}
-
 /// The synthetic dry-run answer: what would have been sent, secrets removed.
 pub(crate) fn dry_run_body(
     target: &Target,
@@ -206,7 +141,7 @@ pub(crate) fn dry_run_body(
     let mut shown = serde_json::Map::new();
     for (k, v) in headers {
         let n = k.as_str();
-        if crate::policy_input::SECRET_HEADERS.contains(&n) {
+        if crate::policy::SECRET_HEADERS.contains(&n) {
             shown.insert(n.into(), "[redacted]".into());
         } else {
             shown.insert(
@@ -244,48 +179,6 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
-    }
-
-    #[test]
-    fn every_agent_credential_is_dropped_where_one_is_injected() {
-        let mut h = HeaderMap::new();
-        for n in [
-            "authorization",
-            "x-api-key",
-            "api-key",
-            "x-goog-api-key",
-            "x-kept",
-        ] {
-            h.insert(
-                HeaderName::from_static(n),
-                "agent-placeholder".parse().unwrap(),
-            );
-        }
-        let cred = crate::snapshot::Credential {
-            header: HeaderName::from_static("x-api-key"),
-            value: "real".parse().unwrap(),
-        };
-        strip_agent_credentials(&mut h, &cred);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-kept"));
-    }
-
-    #[test]
-    fn accept_encoding_is_narrowed_to_what_tollgate_reads() {
-        let ae = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(http::header::ACCEPT_ENCODING, v.parse().unwrap());
-            accept_encoding(&h).map(|v| v.to_str().unwrap().to_string())
-        };
-        assert_eq!(ae("gzip, deflate").as_deref(), Some("gzip, deflate"));
-        assert_eq!(
-            ae("br;q=0.9, compress, x-gzip").as_deref(),
-            Some("br, gzip")
-        );
-        assert_eq!(ae("zstd;q=0, gzip").as_deref(), Some("gzip"));
-        assert_eq!(ae("*").as_deref(), Some("gzip, deflate, br, zstd"));
-        assert_eq!(ae("identity"), None);
-        assert_eq!(accept_encoding(&HeaderMap::new()), None);
     }
 
     #[test]

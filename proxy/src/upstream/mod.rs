@@ -6,16 +6,12 @@ pub(crate) mod forward;
 pub(crate) mod stream;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Response body type used across the proxy. Its error is boxed: a forwarded body can be
-/// aborted by the proxy itself (see [`stream`]), not only by hyper.
-pub(crate) type ResBody = BoxBody<Bytes, crate::upstream::stream::BoxError>;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -131,9 +127,4 @@ impl Upstreams {
             Ok(Ok(res)) => Ok(res),
         }
     }
-}
-
-/// Box a body for the response type.
-pub(crate) fn full(b: impl Into<Bytes>) -> ResBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
 }

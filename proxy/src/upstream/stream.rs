@@ -123,8 +123,7 @@ pub(crate) struct Aborted(String);
 /// call's provider envelope).
 pub(crate) type KillEvent = Box<dyn Fn(&Killed) -> serde_json::Value + Send + Sync>;
 
-/// Error type of bodies the proxy serves.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::body::BoxError;
 
 pin_project_lite::pin_project! {
     /// A forwarded response body; see the module docs.

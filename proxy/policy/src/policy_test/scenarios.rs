@@ -9,7 +9,7 @@
 //! ```
 
 use super::CaseResult;
-use crate::PolicyBundle;
+use crate::{PolicyBundle, PolicyInput};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -34,18 +34,12 @@ struct Expect {
     reasons_contain: Vec<String>,
 }
 
-/// A complete, benign input document (version 1); scenarios override parts of it.
+/// A complete, benign input document (version 1, [`PolicyInput::example`]); scenarios
+/// override parts of it.
 pub fn default_input() -> Value {
-    json!({
-        "version": 1,
-        "agent": {"name": "billing-dispute-v3", "namespace": "default", "tenants": ["acme_co", "globex"], "mode": "enforce", "labels": {}},
-        "tenant": {"id": "acme_co", "spent_today_usd": 0.0, "budget_today_usd": 50.0},
-        "run": {"id": "run_1", "calls": 0, "spent_usd": 0.0, "budget_usd": 0.4},
-        "tool": {"name": "stripe.get_charge", "protocol": "http", "risk": {"reversible": true, "financial": false, "data_class": "pci"}, "labels": {}},
-        "request": {"method": "GET", "scheme": "https", "host": "api.stripe.com", "port": 443, "path": "/v1/charges/ch_1", "query": {}, "headers": {}, "body": {}},
-        "approval": null,
-        "time": {"rfc3339": "2026-05-05T10:30:00Z", "unix_ns": 1_777_977_000_000_000_000_i64, "weekday": "Tuesday", "hour": 10, "minute": 30}
-    })
+    PolicyInput::example()
+        .to_value()
+        .expect("the example document serialises")
 }
 
 /// Merge `over` into `base`: objects merge key by key, anything else replaces.
@@ -73,10 +67,20 @@ pub fn run(
         let name = format!("scenarios/{short}: {}", c.name);
         let data = if c.data.is_null() { json!({}) } else { c.data };
         let mut input = default_input();
-        merge(&mut input, &c.input);
+        // A case without `input` decides the default document (not `null`).
+        if !c.input.is_null() {
+            merge(&mut input, &c.input);
+        }
+        // A case decides a document the sidecar could send: version 1, every field typed.
+        let typed = PolicyInput::from_value(&input)
+            .map(drop)
+            .map_err(|e| format!("the merged input: {e}"));
         // The proxy's evaluator (the RVM) and the regorus Engine must agree on every case.
-        let outcome = PolicyBundle::compile(modules, &data, Duration::from_secs(1))
-            .map_err(|e| e.to_string())
+        let outcome = typed
+            .and_then(|()| {
+                PolicyBundle::compile(modules, &data, Duration::from_secs(1))
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|b| {
                 let d = b.evaluate(&input).map_err(|e| e.to_string())?;
                 if b.on_rvm() {

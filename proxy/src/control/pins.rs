@@ -1,7 +1,7 @@
 //! The sidecar's report of what its MCP servers advertise, to the operator
 //! (`POST /v1/tools/observed`), which keeps it in each `Tool`'s status.
 
-use super::Observed;
+use crate::pins::Observed;
 use serde_json::{json, Value};
 
 /// Report the definitions this sidecar saw advertised to the operator
@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 /// that restarted, or a lost report, catches up). The operator sets each `Tool`'s
 /// `DefinitionPinned` condition and `observedDefinition` from it. Best effort: enforcement is
 /// here, in the sidecar, whether or not the report arrives.
-pub async fn report(
+pub(crate) async fn report(
     state: std::sync::Arc<crate::state::ProxyState>,
-    args: crate::control::ControlArgs,
+    args: crate::state::ControlArgs,
     every: std::time::Duration,
 ) {
     let instance = format!("{:016x}", rand::random::<u64>());
@@ -29,7 +29,7 @@ pub async fn report(
 /// One report of every observation.
 async fn send_report(
     state: &crate::state::ProxyState,
-    args: &crate::control::ControlArgs,
+    args: &crate::state::ControlArgs,
     instance: &str,
     all: Vec<(String, Observed)>,
 ) {

@@ -1,5 +1,11 @@
 //! Command implementations behind `tollgate-proxy`'s subcommands. Each returns the process
 //! exit code: 0 ok, 1 check or test failed, 2 usage error, 64 invalid config.
+//!
+//! (One file, about 580 lines: one short function per subcommand, each only parsing its
+//! arguments and calling the module that does the work, so the list reads as the CLI.)
+
+pub mod demo;
+pub mod tools;
 
 use crate::runtime::{start_from_file, StartError};
 use std::path::Path;
@@ -44,7 +50,7 @@ pub struct LocalOverrides {
 /// `run --operator URL --agent NS/NAME --token-file F [--config LOCAL]`.
 pub async fn run_operator(
     config: Option<&Path>,
-    args: crate::control::ControlArgs,
+    args: crate::state::ControlArgs,
     local: LocalOverrides,
 ) -> u8 {
     let (base, dir) = match config {
@@ -139,7 +145,7 @@ pub fn check(config: &Path) -> u8 {
 
 /// `demo`.
 pub async fn demo() -> u8 {
-    match crate::demo::run().await {
+    match demo::run().await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("demo failed: {e:#}");
@@ -515,7 +521,7 @@ pub fn policy_test(dir: &Path) -> u8 {
 
 /// `ca init --out DIR`: create the interception CA and say how to trust it.
 pub fn ca_init(out: &Path, days: i64, force: bool) -> u8 {
-    match crate::intercept::tls::init(out, days, force) {
+    match crate::ca::init(out, days, force) {
         Ok(files) => {
             let ca = files.cert.display();
             println!("interception CA written:\n  certificate {ca}\n  private key {} (mode 0600; only the sidecar reads it)", files.key.display());
@@ -560,12 +566,12 @@ pub fn iptables(rules: &crate::intercept::transparent::RedirectRules, apply: boo
     }
 }
 
-/// `tools diff --config FILE --tool NAME [--url URL]` (see [`crate::pins::command`]).
+/// `tools diff --config FILE --tool NAME [--url URL]` (see [`tools`]).
 pub async fn tools_diff(config: &Path, tool: &str, url: Option<&str>) -> u8 {
-    crate::pins::command::diff(config, tool, url).await
+    tools::diff(config, tool, url).await
 }
 
-/// `tools pin --config FILE --tool NAME --sha256 H [--url URL]` (see [`crate::pins::command`]).
+/// `tools pin --config FILE --tool NAME --sha256 H [--url URL]` (see [`tools`]).
 pub async fn tools_pin(config: &Path, tool: &str, sha256: &str, url: Option<&str>) -> u8 {
-    crate::pins::command::pin(config, tool, sha256, url).await
+    tools::pin(config, tool, sha256, url).await
 }

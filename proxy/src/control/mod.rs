@@ -14,6 +14,12 @@
 //! The sidecar also reports on that channel: approval requests and their use, apply results,
 //! spend, and the audit writer's signed checkpoints ([`publish_checkpoints`]), which the
 //! operator keeps append-only where the pod cannot change them.
+//!
+//! (One file, about 610 lines: everything the sidecar says to and hears from the operator —
+//! polling and installing snapshots, and the reports of approvals, usage and checkpoints —
+//! shares one client, one token and one error type; each function is short.)
+
+pub(crate) mod pins;
 
 use crate::config::Config;
 use crate::snapshot::Snapshot;
@@ -24,19 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Where the operator is and who this sidecar is.
-#[derive(Clone, Debug)]
-pub struct ControlArgs {
-    /// Operator base URL, e.g. `http://tollgate-operator.tollgate-system.svc:8080`.
-    pub url: String,
-    /// `namespace/name` of the AgentIdentity.
-    pub agent: String,
-    /// Projected ServiceAccount token (audience `tollgate`); re-read on every request, since
-    /// the kubelet rotates it.
-    pub token_file: PathBuf,
-    /// Long-poll timeout asked of the operator.
-    pub poll_timeout: Duration,
-}
+pub use crate::state::ControlArgs;
 
 /// Merge an operator snapshot over the sidecar's local config.
 pub fn merge(base: &Config, op: Config) -> Config {
@@ -174,7 +168,7 @@ fn install(
         delivered.get(INTERCEPT_CA_CERT),
         delivered.get(INTERCEPT_CA_KEY),
     ) {
-        let ca = crate::intercept::tls::InterceptCa::from_pem(cert, key)
+        let ca = crate::ca::InterceptCa::from_pem(cert, key)
             .map_err(|e| format!("the delivered interception CA: {e}"))?;
         snap.intercept = Some(Arc::new(ca));
     }

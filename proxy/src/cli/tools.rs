@@ -4,8 +4,8 @@
 //! `pin` writes the reviewed definition into the config file — only when the server still
 //! advertises the hash the reviewer saw (`--sha256`), so what is pinned is what was reviewed.
 
-use super::{advertised, hash, line_diff, Pin};
 use crate::config::{PinnedDefinition, ToolConfig, ToolPin};
+use crate::pins::{advertised, hash, line_diff, Pin};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use serde_json::{json, Value};
@@ -151,7 +151,7 @@ async fn review(config: &Path, tool: &str, url: Option<&str>) -> Result<Reviewed
     let usage = |m: String| (2u8, m);
     let cfg = crate::config::load_file(config).map_err(|e| {
         (
-            crate::cli::EXIT_CONFIG,
+            super::EXIT_CONFIG,
             format!("invalid config {}: {e}", config.display()),
         )
     })?;
@@ -166,8 +166,8 @@ async fn review(config: &Path, tool: &str, url: Option<&str>) -> Result<Reviewed
         .mcp_tool
         .clone()
         .ok_or_else(|| usage(format!("tool {tool} is not an MCP tool (no match.mcpTool)")))?;
-    let pin = super::compile(&t)
-        .map_err(|(f, m)| (crate::cli::EXIT_CONFIG, format!("tools[{tool}].{f}: {m}")))?;
+    let pin = crate::pins::compile(&t)
+        .map_err(|(f, m)| (super::EXIT_CONFIG, format!("tools[{tool}].{f}: {m}")))?;
     let url = endpoint(&t, url).map_err(usage)?;
     let extra_ca = cfg
         .tls
@@ -285,7 +285,7 @@ pub async fn pin(config: &Path, tool: &str, reviewed: &str, url: Option<&str>) -
         Ok(d) => d,
         Err(e) => {
             eprintln!("{}: {e}", config.display());
-            return crate::cli::EXIT_CONFIG;
+            return super::EXIT_CONFIG;
         }
     };
     let entry = doc
@@ -311,7 +311,7 @@ pub async fn pin(config: &Path, tool: &str, reviewed: &str, url: Option<&str>) -
     };
     if let Err(e) = crate::config::parse_str(&out) {
         eprintln!("the pinned config does not load: {e}");
-        return crate::cli::EXIT_CONFIG;
+        return super::EXIT_CONFIG;
     }
     if let Err(e) = std::fs::write(config, out) {
         eprintln!("{}: {e}", config.display());

@@ -218,7 +218,7 @@ pub async fn run() -> anyhow::Result<()> {
     println!("Approval cycle for the $1,200 refund");
     let admin = format!("http://{}", running.admin_addr);
     let (_, list) =
-        crate::cli::admin_request(&admin, &admin_token, "GET", "/approvals", String::new()).await?;
+        super::admin_request(&admin, &admin_token, "GET", "/approvals", String::new()).await?;
     let pending = list["approvals"].as_array().cloned().unwrap_or_default();
     let id = pending
         .iter()
@@ -230,7 +230,7 @@ pub async fn run() -> anyhow::Result<()> {
         "   pending: {id}  ({})",
         pending[0]["summary"]["reasons"][0].as_str().unwrap_or("")
     );
-    let (status, decided) = crate::cli::admin_request(
+    let (status, decided) = super::admin_request(
         &admin,
         &admin_token,
         "POST",
