@@ -39,13 +39,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
     // A kill switch's voided approvals are reported to the operator from `state`: the report
     // belongs to the caller in `control`, or `state` takes a hook.
     ("", "state", "control"),
-    // An audit record carries a run's `outcome::RunRecord` while `outcome` writes audit
-    // records: the record type belongs in `audit::record` (outcome.rs is the run-outcome
-    // feature just merged; moved when that work settles).
-    ("", "audit", "outcome"),
-    // Process state holds the `outcome::Ledger` while `outcome`'s functions take the process
-    // state: those belong with their callers (the pipeline and the admin API), as pins' did.
-    ("", "state", "outcome"),
     // The tunnel hands requests to the pipeline while the pipeline reads `intercept`'s
     // targets and tunnels: those belong in `target`.
     ("", "intercept", "pipeline"),
