@@ -33,9 +33,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
     ("", "idempotency", "upstream"),
     // The Redis connection is shared by limits and idempotency: its own module.
     ("", "idempotency", "limits"),
-    // The response stream counts cuts on the process state: `count_cut` should take the
-    // metrics (its caller is pipeline/finish.rs, being changed on another branch now).
-    ("", "upstream", "state"),
     // A kill switch's voided approvals are reported to the operator from `state`: the report
     // belongs to the caller in `control`, or `state` takes a hook.
     ("", "state", "control"),

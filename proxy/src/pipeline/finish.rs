@@ -255,7 +255,7 @@ pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: 
         }
     }
     if let Some(cut) = &end.cut {
-        crate::upstream::stream::count_cut(&call.state, cut);
+        crate::upstream::stream::count_cut(&call.state.metrics, cut);
         for rec in &mut recs {
             rec.cut = Some(cut.label().to_string());
             rec.reasons.push(cut.reason());

@@ -224,26 +224,21 @@ impl<B> ResponseStream<B> {
 
 /// Count a cut in `tollgate_upstream_errors_total{kind="stream_*"}` (a client going away is
 /// not an upstream failure and is not counted).
-pub(crate) fn count_cut(state: &crate::state::ProxyState, cut: &Cut) {
+pub(crate) fn count_cut(metrics: &crate::metrics::Metrics, cut: &Cut) {
     let kind = match cut {
         Cut::Total(_) => "stream_total_timeout",
         Cut::Idle(_) => "stream_idle_timeout",
         Cut::Upstream(_) => "stream_upstream_error",
         Cut::ClientGone => return,
         Cut::Killed(_) => {
-            state
-                .metrics
+            metrics
                 .calls_aborted
                 .with_label_values(&["killed", "stream"])
                 .inc();
             return;
         }
     };
-    state
-        .metrics
-        .upstream_errors
-        .with_label_values(&[kind])
-        .inc();
+    metrics.upstream_errors.with_label_values(&[kind]).inc();
 }
 
 /// The SSE event a cut stream ends with: `error.message` for the SDKs, Tollgate's fields
