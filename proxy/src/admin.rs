@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz` (ready once a valid config is
 //! loaded and, under an operator, while it is not stale), `/config` (version and hash, never
-//! secrets), `POST /runs` (start a run).
+//! secrets), `POST /runs` (start a run), `POST /runs/{run}/outcome` (end a run with its
+//! reported outcome; see [`crate::outcome`]).
 
 use crate::state::ProxyState;
 use crate::upstream::{full, ResBody};
@@ -115,14 +116,102 @@ async fn route(state: &ProxyState, req: hyper::Request<Incoming>) -> hyper::Resp
             }
             None => text(503, "application/json", r#"{"error":"config_unavailable"}"#),
         },
+        ("POST", path) if path.starts_with("/runs/") && path.ends_with("/outcome") => {
+            let run = path["/runs/".len()..path.len() - "/outcome".len()].to_string();
+            run_outcome(state, &run, req).await
+        }
         (_, path) if path == "/approvals" || path.starts_with("/approvals/") => {
             approvals(state, req).await
         }
         _ => text(
             404,
             "application/json",
-            r#"{"error":"not_found","reason":"admin endpoints: /metrics /healthz /readyz /config"}"#,
+            r#"{"error":"not_found","reason":"admin endpoints: /metrics /healthz /readyz /config, POST /runs, POST /runs/<run>/outcome, /approvals"}"#,
         ),
+    }
+}
+
+fn json_error(status: u16, code: &str, reason: impl std::fmt::Display) -> hyper::Response<ResBody> {
+    text(
+        status,
+        "application/json",
+        serde_json::json!({"error": code, "reason": reason.to_string()}).to_string(),
+    )
+}
+
+/// The body of `POST /runs/{run}/outcome`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeBody {
+    outcome: String,
+    #[serde(default)]
+    label: Option<String>,
+}
+
+/// `POST /runs/{run}/outcome` with `{"outcome": "resolved", "label": "ticket_closed"}`: end the
+/// run and answer with its record. The run id is the authority (unforgeable, held by the
+/// run's orchestrator and agent); a run is ended once.
+async fn run_outcome(
+    state: &ProxyState,
+    run: &str,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<ResBody> {
+    let Some(snap) = state.snapshot.load_full() else {
+        return json_error(
+            503,
+            "config_unavailable",
+            "no valid configuration has been loaded yet",
+        );
+    };
+    if !crate::identify::verify(&snap.agent.runs, run) {
+        return json_error(
+            400,
+            "invalid_run",
+            "the path names no run this sidecar or its orchestrator started: POST /runs/<X-Tollgate-Run>/outcome",
+        );
+    }
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), 4 * 1024)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(_) => return json_error(413, "payload_too_large", "the body exceeds 4 KiB"),
+    };
+    let report = serde_json::from_slice::<OutcomeBody>(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|b| crate::outcome::Report::new(&b.outcome, b.label.as_deref(), "endpoint"));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                400,
+                "invalid_outcome",
+                format!("{e}; send {{\"outcome\": \"resolved\", \"label\": \"ticket_closed\"}}"),
+            )
+        }
+    };
+    match crate::outcome::end_run(state, &snap, run, &report).await {
+        Ok(rec) => text(
+            200,
+            "application/json",
+            serde_json::json!({
+                "run": rec.run,
+                "agent": rec.agent,
+                "tenant": rec.tenant,
+                "cost": rec.cost,
+                "outcome": rec.run_outcome,
+            })
+            .to_string(),
+        ),
+        Err(e) => {
+            let (status, code) = match &e {
+                crate::outcome::EndError::Unknown(_) => (404, "run_unknown"),
+                crate::outcome::EndError::Ended(..) => (409, "run_ended"),
+                crate::outcome::EndError::Audit(_) => (503, "audit_unavailable"),
+            };
+            json_error(status, code, e)
+        }
     }
 }
 

@@ -381,8 +381,20 @@ pub fn audit_key(key_file: &Path) -> u8 {
     }
 }
 
-/// `audit runs FILE... [--json]`.
-pub fn audit_runs(files: &[std::path::PathBuf], json: bool) -> u8 {
+/// `audit runs FILE... [--json] [--since 24h|RFC3339] [--by-outcome]`.
+pub fn audit_runs(
+    files: &[std::path::PathBuf],
+    json: bool,
+    since: Option<&str>,
+    by_outcome: bool,
+) -> u8 {
+    let since = match since.map(parse_since).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
     let files = crate::audit::verify::order_files(files);
     let records = match crate::audit::read_records(&files) {
         Ok(r) => r,
@@ -391,7 +403,24 @@ pub fn audit_runs(files: &[std::path::PathBuf], json: bool) -> u8 {
             return 1;
         }
     };
-    let runs = crate::audit::runs::summarise(&records);
+    let mut runs = crate::audit::runs::summarise(&records);
+    if by_outcome {
+        let agents = crate::audit::runs::by_outcome(&runs, since);
+        if json {
+            for a in &agents {
+                println!("{}", serde_json::to_string(a).unwrap_or_default());
+            }
+        } else {
+            print!("{}", crate::audit::runs::render_outcomes(&agents));
+        }
+        return 0;
+    }
+    if let Some(since) = since {
+        runs.retain(|r| {
+            time::OffsetDateTime::parse(&r.ended, &time::format_description::well_known::Rfc3339)
+                .is_ok_and(|t| t >= since)
+        });
+    }
     if json {
         for r in &runs {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -400,6 +429,18 @@ pub fn audit_runs(files: &[std::path::PathBuf], json: bool) -> u8 {
         print!("{}", crate::audit::runs::render_text(&runs));
     }
     0
+}
+
+/// `--since`: a duration back from now (`24h`, `7d`) or an RFC 3339 time.
+fn parse_since(s: &str) -> Result<time::OffsetDateTime, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    let d: crate::config::ConfigDuration = s
+        .parse()
+        .map_err(|e| format!("--since takes a duration (24h, 7d) or an RFC 3339 time: {e}"))?;
+    Ok(time::OffsetDateTime::now_utc() - d.get())
 }
 
 /// `replay --audit FILE... --policies DIR [--data FILE] [--fail-on-change]`.

@@ -25,6 +25,7 @@ pub mod limits;
 pub(crate) mod mcp;
 pub(crate) mod meter;
 pub(crate) mod metrics;
+pub mod outcome;
 pub mod pins;
 pub(crate) mod pipeline;
 pub mod policy_input;

@@ -248,6 +248,14 @@ enum AuditCommand {
         /// JSON lines instead of text.
         #[arg(long)]
         json: bool,
+        /// Only runs that ended in this period: a duration back from now (`24h`, `7d`) or an
+        /// RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Cost per reported outcome per agent (and the cost per resolved run) instead of one
+        /// summary per run.
+        #[arg(long)]
+        by_outcome: bool,
     },
 }
 
@@ -338,8 +346,14 @@ fn main() -> ExitCode {
                 command: AuditCommand::Key { key_file },
             } => cli::audit_key(&key_file),
             Command::Audit {
-                command: AuditCommand::Runs { files, json },
-            } => cli::audit_runs(&files, json),
+                command:
+                    AuditCommand::Runs {
+                        files,
+                        json,
+                        since,
+                        by_outcome,
+                    },
+            } => cli::audit_runs(&files, json, since.as_deref(), by_outcome),
             Command::Replay {
                 audit,
                 policies,

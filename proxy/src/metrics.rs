@@ -84,6 +84,11 @@ pub struct Metrics {
     /// (`reason="killed"`: a kill switch engaged; `stage`: `gates`, `approval`, `upstream`,
     /// `response` or `stream`, where the call was).
     pub calls_aborted: IntCounterVec,
+    /// `tollgate_run_cost_usd{agent,tenant,outcome}`: what each ended run cost, by its
+    /// reported outcome (see [`crate::outcome`]).
+    pub run_cost: HistogramVec,
+    /// `tollgate_run_outcomes_total{agent,tenant,outcome}`: runs ended, by reported outcome.
+    pub run_outcomes: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -144,6 +149,8 @@ impl Metrics {
             upstream_errors: reg(&r, IntCounterVec::new(Opts::new("tollgate_upstream_errors_total", "Upstream failures by kind."), &["kind"]).unwrap()),
             connections_closed: reg(&r, IntCounterVec::new(Opts::new("tollgate_connections_closed_total", "Agent connections closed by the sidecar: no request in time after accept, or idle."), &["reason"]).unwrap()),
             tool_definition_mismatch: reg(&r, IntCounterVec::new(Opts::new("tollgate_tool_definition_mismatch_total", "tools/list answers that advertised a pinned MCP tool with a definition other than the pinned one (the tool was withheld)."), &["agent", "tool"]).unwrap()),
+            run_cost: reg(&r, HistogramVec::new(HistogramOpts::new("tollgate_run_cost_usd", "What each ended run cost in USD (retries and refused calls included), by its reported outcome.").buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0]), &["agent", "tenant", "outcome"]).unwrap()),
+            run_outcomes: reg(&r, IntCounterVec::new(Opts::new("tollgate_run_outcomes_total", "Runs ended by a reported outcome (resolved, escalated, abandoned, failed)."), &["agent", "tenant", "outcome"]).unwrap()),
             registry: r,
         }
     }

@@ -66,6 +66,8 @@ pub enum Refusal {
     InvalidInput(Vec<String>),
     /// Tenant missing or not one of the agent's.
     TenantNotAllowed(String),
+    /// The run's outcome was reported: it takes no more calls.
+    RunEnded(String),
     /// No tool matches.
     UnknownTool(String),
     /// A `CONNECT` to a host or port no tool uses.
@@ -152,7 +154,7 @@ impl Refusal {
             Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             TenantNotAllowed(_) | UnknownTool(_) | ConnectNotAllowed(_) | PolicyDenied(_)
             | PolicyError(_) | UpgradeRefused(_) => StatusCode::FORBIDDEN,
-            ToolDefinition { .. } => StatusCode::CONFLICT,
+            ToolDefinition { .. } | RunEnded(_) => StatusCode::CONFLICT,
             ApprovalRequired { .. } | ApprovalRejected(_) => StatusCode::FORBIDDEN,
             Killed { .. } | Unavailable { .. } | AuditUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -175,6 +177,7 @@ impl Refusal {
             Ambiguous { code, .. } => code,
             InvalidInput(_) => "invalid_input",
             TenantNotAllowed(_) => "tenant_not_allowed",
+            RunEnded(_) => "run_ended",
             UnknownTool(_) => "unknown_tool",
             ConnectNotAllowed(_) => "connect_not_allowed",
             Misdirected(_) => "misdirected_request",
@@ -201,6 +204,7 @@ impl Refusal {
         use Refusal::*;
         match self {
             TenantNotAllowed(_)
+            | RunEnded(_)
             | UnknownTool(_)
             | ConnectNotAllowed(_)
             | Misdirected(_)
@@ -224,6 +228,7 @@ impl Refusal {
             BadRequest(r)
             | UnparsableBody(r)
             | TenantNotAllowed(r)
+            | RunEnded(r)
             | UnknownTool(r)
             | ConnectNotAllowed(r)
             | Misdirected(r)
@@ -265,6 +270,7 @@ impl Refusal {
             Misdirected(_) => "open a new connection for each host",
             InvalidInput(_) => "fix the listed input errors and retry",
             TenantNotAllowed(_) => "set X-Tollgate-Tenant to one of this agent's tenants",
+            RunEnded(_) => "this run has ended; start a new run for more calls",
             UnknownTool(_) | ConnectNotAllowed(_) => {
                 "this call is not one of the agent's tools; do not retry"
             }

@@ -37,6 +37,10 @@ impl Running {
     pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.proxy_task.await;
+        // Records written after a response went out (a body's end, a dropped call, a run's
+        // outcome) are in tasks of their own: they land before the writer closes.
+        self.state.records_pending.close();
+        self.state.records_pending.wait().await;
         self.state.audit.close().await;
         if let Some(upload) = self.checkpoint_upload {
             let _ = upload.await;

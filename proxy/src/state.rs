@@ -70,6 +70,11 @@ pub struct ProxyState {
     pub spend_today: std::sync::Mutex<(String, std::collections::BTreeMap<String, f64>)>,
     /// MCP tool definitions seen advertised, compared with pins (see [`crate::pins`]).
     pub tool_definitions: crate::pins::Observations,
+    /// Tasks writing records after their call's response went out; shutdown waits for them
+    /// before it closes the audit writer.
+    pub(crate) records_pending: tokio_util::task::TaskTracker,
+    /// Runs seen, for their reported outcomes (see [`crate::outcome`]).
+    pub(crate) runs: crate::outcome::Ledger,
     /// Audit records already counted into the metric.
     audit_seen: AtomicU64,
     audit_err_seen: AtomicU64,
@@ -98,6 +103,8 @@ impl ProxyState {
             inflight: Arc::default(),
             spend_today: std::sync::Mutex::default(),
             tool_definitions: Default::default(),
+            runs: Default::default(),
+            records_pending: Default::default(),
             audit_seen: AtomicU64::new(0),
             audit_err_seen: AtomicU64::new(0),
         };
@@ -105,6 +112,27 @@ impl ProxyState {
             s.install(snap);
         }
         s
+    }
+
+    /// Write a call's audit record, folding it into its run's tally first (for the run's
+    /// outcome record; see [`crate::outcome`]). Every call record goes through here.
+    pub(crate) async fn record(
+        &self,
+        rec: crate::audit::AuditRecord,
+    ) -> Result<u64, crate::audit::AuditError> {
+        self.note(&rec);
+        self.audit.append(rec).await
+    }
+
+    /// Fold a call's record into its run's tally (without writing it).
+    pub(crate) fn note(&self, rec: &crate::audit::AuditRecord) {
+        let forgotten = self.runs.note(rec);
+        if forgotten > 0 {
+            self.metrics
+                .runs_forgotten
+                .with_label_values(&["outcomes"])
+                .inc_by(forgotten);
+        }
     }
 
     /// Atomically install a validated snapshot. Switches it newly engages stop the calls in

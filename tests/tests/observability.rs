@@ -105,7 +105,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             let n = c[1].to_string();
             for suffix in ["_bucket", "_sum", "_count"] {
                 if let Some(base) = n.strip_suffix(suffix) {
-                    if base.ends_with("_seconds") {
+                    if base.ends_with("_seconds") || base.ends_with("_usd") {
                         return base.to_string();
                     }
                 }
@@ -295,6 +295,16 @@ server: {{headerReadTimeout: 200ms}}
                     Some(r#"{"amount":500}"#),
                 );
                 call(p, "POST", &format!("http://{a}/v1/macros"), &h, Some("{}"));
+                // A one-call run that reports its outcome (cost per outcome).
+                let mut ended = h.to_vec();
+                ended.push(("X-Tollgate-Run-Outcome", "resolved"));
+                call(
+                    p,
+                    "POST",
+                    &format!("http://{a}/v1/notes"),
+                    &ended,
+                    Some("{}"),
+                );
                 call(p, "POST", &format!("http://{d}/v1/x"), &h, Some("{}"));
                 // A CONNECT to a host no tool serves (tunnel refused), and a connection that
                 // never sends a byte (closed at the header read timeout).

@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Which record of a call this is. A refused call has one `decision` record; a forwarded call
-/// has its `decision` record (durable before forwarding) and then an `outcome` record.
+/// Which record this is. A refused call has one `decision` record; a forwarded call has its
+/// `decision` record (durable before forwarding) and then an `outcome` record. A run whose
+/// business outcome was reported ends with one `run` record (see [`crate::outcome`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -11,6 +12,8 @@ pub enum Phase {
     Decision,
     /// Written after the upstream answered or failed.
     Outcome,
+    /// A run's reported outcome and what the run cost: not a call.
+    Run,
 }
 
 /// Approval details of a call.
@@ -118,6 +121,9 @@ pub struct AuditRecord {
     /// `upstream_error`, `client_gone`), in an outcome record; absent when it ended normally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut: Option<String>,
+    /// In a `run` record: the reported outcome and the run's totals (its cost is `cost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_outcome: Option<crate::outcome::RunRecord>,
     /// The policy input, redacted, for replay: serialised once per call, shared by its
     /// decision and outcome records. The last field (the writer splices it in).
     pub input: crate::redact::RecordedInput,

@@ -45,7 +45,10 @@ pub struct ReplayReport {
 /// Re-decide every replayable decision record.
 pub fn replay(records: &[Value], bundle: &PolicyBundle) -> ReplayReport {
     let mut rep = ReplayReport::default();
-    for r in records.iter().filter(|r| r["phase"] != "outcome") {
+    for r in records
+        .iter()
+        .filter(|r| r["phase"] != "outcome" && r["phase"] != "run")
+    {
         rep.records += 1;
         let old = r["policy_decision"].as_str().unwrap_or("");
         if old.is_empty() || !r["input"].is_object() {

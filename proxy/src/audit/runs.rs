@@ -1,5 +1,8 @@
 //! `audit runs`: one summary per run, in the shape of the seed article's run record —
-//! `run_id`, `agent`, `tenant_id`, `tool_calls`, `approvals`, `outcome`, `cost`.
+//! `run_id`, `agent`, `tenant_id`, `tool_calls`, `approvals`, `outcome`, `cost` — and, with
+//! `--by-outcome`, cost per reported outcome per agent over a period ([`by_outcome`]). The
+//! `outcome` is inferred from the run's last call; `reported` is what its orchestrator said
+//! (the run's `run` record, see [`crate::outcome`]).
 
 use serde::Serialize;
 use serde_json::Value;
@@ -70,10 +73,35 @@ pub struct RunSummary {
     pub tool_calls: Vec<ToolCall>,
     /// Approvals asked for.
     pub approvals: Vec<Approval>,
-    /// Outcome.
+    /// Outcome, as inferred from the run's last call.
     pub outcome: Outcome,
-    /// Cost.
+    /// The outcome its orchestrator reported, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Reported>,
+    /// Cost: every call of the run, retries and refused calls included.
     pub cost: Cost,
+    /// Calls refused (not forwarded).
+    pub refused: u64,
+    /// Calls repeating an earlier call of the run (same tool, same input).
+    pub retries: u64,
+    /// Time of the run's first record (RFC 3339).
+    pub started: String,
+    /// Time of the run's last record.
+    pub ended: String,
+}
+
+/// A reported run outcome.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Reported {
+    /// `resolved`, `escalated`, `abandoned`, `failed`.
+    pub outcome: String,
+    /// The reporter's label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// `header` or `endpoint`.
+    pub via: String,
+    /// Time spent waiting on approvals, as the sidecar measured it (ms).
+    pub approval_wait_ms: u64,
 }
 
 /// Summarise records (already parsed, in file order) per run.
@@ -89,7 +117,17 @@ pub fn summarise(records: &[Value]) -> Vec<RunSummary> {
     }
     let mut runs: Vec<RunSummary> = Vec::new();
     let mut index: BTreeMap<String, usize> = BTreeMap::new();
-    for r in records.iter().filter(|r| r["phase"] != "outcome") {
+    let mut seen_inputs: BTreeMap<(String, String, String), ()> = BTreeMap::new();
+    let mut reports: BTreeMap<&str, &Value> = BTreeMap::new();
+    for r in records.iter().filter(|r| r["phase"] == "run") {
+        if let Some(run) = r["run"].as_str() {
+            reports.entry(run).or_insert(r);
+        }
+    }
+    for r in records
+        .iter()
+        .filter(|r| r["phase"] != "outcome" && r["phase"] != "run")
+    {
         let run = r["run"].as_str().unwrap_or("").to_string();
         let i = *index.entry(run.clone()).or_insert_with(|| {
             runs.push(RunSummary {
@@ -102,7 +140,12 @@ pub fn summarise(records: &[Value]) -> Vec<RunSummary> {
                     status: "completed".into(),
                     reason: None,
                 },
+                reported: None,
                 cost: Cost::default(),
+                refused: 0,
+                retries: 0,
+                started: r["ts"].as_str().unwrap_or("").into(),
+                ended: String::new(),
             });
             runs.len() - 1
         });
@@ -124,6 +167,18 @@ pub fn summarise(records: &[Value]) -> Vec<RunSummary> {
             ("allow" | "shadow_deny", _) => "ok".to_string(),
             (d, _) => d.to_string(),
         };
+        s.ended = final_rec["ts"].as_str().unwrap_or("").into();
+        if !matches!(decision.as_str(), "allow" | "shadow_deny") {
+            s.refused += 1;
+        }
+        let key = (
+            run.clone(),
+            r["tool"].as_str().unwrap_or("").to_string(),
+            r["input_hash"].as_str().unwrap_or("").to_string(),
+        );
+        if seen_inputs.insert(key, ()).is_some() {
+            s.retries += 1;
+        }
         let latency = final_rec["latency_us"]["total"].as_u64().unwrap_or(0) as f64 / 1000.0;
         s.tool_calls.push(ToolCall {
             tool: r["tool"].as_str().unwrap_or("").into(),
@@ -189,8 +244,164 @@ pub fn summarise(records: &[Value]) -> Vec<RunSummary> {
     }
     for s in &mut runs {
         s.cost.usd = (s.cost.usd * 1e6).round() / 1e6;
+        if let Some(r) = reports.get(s.run_id.as_str()) {
+            let o = &r["run_outcome"];
+            s.reported = Some(Reported {
+                outcome: o["outcome"].as_str().unwrap_or("").into(),
+                label: o["label"].as_str().map(str::to_owned),
+                via: o["reported_via"].as_str().unwrap_or("").into(),
+                approval_wait_ms: o["approval_wait_ms"].as_u64().unwrap_or(0),
+            });
+            if let Some(ts) = r["ts"].as_str() {
+                s.ended = ts.into();
+            }
+        }
     }
     runs
+}
+
+/// Cost per outcome for one agent and one reported outcome (`unreported` for runs without).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct OutcomeRow {
+    /// Agent.
+    pub agent: String,
+    /// Reported outcome, or `unreported`.
+    pub outcome: String,
+    /// Runs.
+    pub runs: u64,
+    /// Their total cost, USD.
+    pub cost_usd: f64,
+    /// Mean cost per run, USD.
+    pub cost_per_run_usd: f64,
+    /// Calls in those runs (refused included).
+    pub calls: u64,
+    /// Retries among them.
+    pub retries: u64,
+    /// Refused calls among them.
+    pub refused: u64,
+    /// Approvals asked for.
+    pub approvals: u64,
+}
+
+/// Per agent: what every run cost, divided by the runs that were `resolved` — the cost of a
+/// successful run, paying for the failed, abandoned and escalated ones too.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AgentOutcomes {
+    /// Agent.
+    pub agent: String,
+    /// One row per outcome, `resolved` first.
+    pub outcomes: Vec<OutcomeRow>,
+    /// All runs' cost.
+    pub cost_usd: f64,
+    /// Resolved runs.
+    pub resolved: u64,
+    /// `cost_usd / resolved`, when any run was resolved.
+    pub cost_per_resolved_run_usd: Option<f64>,
+}
+
+/// Group runs that ended at or after `since` (all when `None`) by agent and reported outcome.
+pub fn by_outcome(runs: &[RunSummary], since: Option<time::OffsetDateTime>) -> Vec<AgentOutcomes> {
+    let parse = |ts: &str| {
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()
+    };
+    let mut agents: BTreeMap<&str, BTreeMap<String, OutcomeRow>> = BTreeMap::new();
+    for r in runs {
+        if let Some(since) = since {
+            if parse(&r.ended).is_none_or(|t| t < since) {
+                continue;
+            }
+        }
+        let outcome = r
+            .reported
+            .as_ref()
+            .map_or("unreported", |o| o.outcome.as_str())
+            .to_string();
+        let row = agents
+            .entry(r.agent.as_str())
+            .or_default()
+            .entry(outcome.clone())
+            .or_insert_with(|| OutcomeRow {
+                agent: r.agent.clone(),
+                outcome,
+                runs: 0,
+                cost_usd: 0.0,
+                cost_per_run_usd: 0.0,
+                calls: 0,
+                retries: 0,
+                refused: 0,
+                approvals: 0,
+            });
+        row.runs += 1;
+        row.cost_usd += r.cost.usd;
+        row.calls += r.tool_calls.len() as u64;
+        row.retries += r.retries;
+        row.refused += r.refused;
+        row.approvals += r.approvals.len() as u64;
+    }
+    let round = |x: f64| (x * 1e6).round() / 1e6;
+    let order = |o: &str| {
+        crate::outcome::RunOutcome::ALL
+            .iter()
+            .position(|x| x.as_str() == o)
+            .unwrap_or(usize::MAX)
+    };
+    agents
+        .into_iter()
+        .map(|(agent, rows)| {
+            let mut outcomes: Vec<OutcomeRow> = rows.into_values().collect();
+            outcomes.sort_by_key(|r| order(&r.outcome));
+            for r in &mut outcomes {
+                r.cost_usd = round(r.cost_usd);
+                r.cost_per_run_usd = round(r.cost_usd / r.runs as f64);
+            }
+            let cost_usd = round(outcomes.iter().map(|r| r.cost_usd).sum());
+            let resolved = outcomes
+                .iter()
+                .find(|r| r.outcome == "resolved")
+                .map_or(0, |r| r.runs);
+            AgentOutcomes {
+                agent: agent.to_string(),
+                outcomes,
+                cost_usd,
+                resolved,
+                cost_per_resolved_run_usd: (resolved > 0)
+                    .then(|| round(cost_usd / resolved as f64)),
+            }
+        })
+        .collect()
+}
+
+/// Human-readable cost per outcome.
+pub fn render_outcomes(agents: &[AgentOutcomes]) -> String {
+    let mut out = String::new();
+    for a in agents {
+        out.push_str(&format!(
+            "agent {}  runs={}  cost=${:.6}  cost per resolved run={}\n",
+            a.agent,
+            a.outcomes.iter().map(|r| r.runs).sum::<u64>(),
+            a.cost_usd,
+            a.cost_per_resolved_run_usd
+                .map_or("n/a (no resolved run)".to_string(), |c| format!("${c:.6}"))
+        ));
+        out.push_str(&format!(
+            "  {:<11} {:>6} {:>14} {:>14} {:>7} {:>8} {:>8} {:>10}\n",
+            "outcome", "runs", "cost", "cost/run", "calls", "retries", "refused", "approvals"
+        ));
+        for r in &a.outcomes {
+            out.push_str(&format!(
+                "  {:<11} {:>6} {:>14} {:>14} {:>7} {:>8} {:>8} {:>10}\n",
+                r.outcome,
+                r.runs,
+                format!("${:.6}", r.cost_usd),
+                format!("${:.6}", r.cost_per_run_usd),
+                r.calls,
+                r.retries,
+                r.refused,
+                r.approvals
+            ));
+        }
+    }
+    out
 }
 
 /// Human-readable rendering.
@@ -198,12 +409,20 @@ pub fn render_text(runs: &[RunSummary]) -> String {
     let mut out = String::new();
     for r in runs {
         out.push_str(&format!(
-            "run {}  agent={}  tenant={}  outcome={}{}  cost=${:.6} ({} prompt / {} completion tokens)\n",
+            "run {}  agent={}  tenant={}  outcome={}{}{}  cost=${:.6} ({} prompt / {} completion tokens)\n",
             r.run_id,
             r.agent,
             r.tenant_id,
             r.outcome.status,
             r.outcome.reason.as_deref().map(|x| format!(" ({x})")).unwrap_or_default(),
+            r.reported
+                .as_ref()
+                .map(|o| format!(
+                    "  reported={}{}",
+                    o.outcome,
+                    o.label.as_deref().map(|l| format!(" ({l})")).unwrap_or_default()
+                ))
+                .unwrap_or_default(),
             r.cost.usd,
             r.cost.prompt_tokens,
             r.cost.completion_tokens

@@ -179,54 +179,94 @@ impl LocalStore {
     }
 }
 
-type RunTable = HashMap<String, (u64, Instant)>;
+/// A table keyed by run id, bounded like the budget counters: runs idle for a week are
+/// forgotten, and past [`MAX_ENTRIES`] the least recently seen, in amortised sweeps. Used for
+/// the calls per run ([`RunCalls`]) and the run ledger of reported outcomes
+/// ([`crate::outcome::Ledger`]).
+pub(crate) struct RunTable<V> {
+    map: HashMap<String, (V, Instant)>,
+    next_sweep: usize,
+    forgotten: u64,
+}
 
-/// Calls per run, for `input.run.calls`. Bounded like the budget counters: runs idle for a
-/// week are forgotten, and past [`MAX_ENTRIES`] the least recently seen, in amortised sweeps.
+impl<V> Default for RunTable<V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            next_sweep: 0,
+            forgotten: 0,
+        }
+    }
+}
+
+impl<V: Default> RunTable<V> {
+    const IDLE: Duration = Duration::from_secs(7 * 86_400);
+
+    /// The entry of `run`, if the table holds it.
+    pub(crate) fn get(&self, run: &str) -> Option<&V> {
+        self.map.get(run).map(|(v, _)| v)
+    }
+
+    /// The entry of `run`, created (making room first) if absent, and marked seen now.
+    pub(crate) fn touch(&mut self, run: &str, now: Instant) -> &mut V {
+        if self.map.len() >= self.next_sweep.max(MAX_ENTRIES) && !self.map.contains_key(run) {
+            self.map
+                .retain(|_, (_, seen)| now.duration_since(*seen) < Self::IDLE);
+            if self.map.len() > KEEP {
+                let mut seen: Vec<(Instant, &String)> =
+                    self.map.iter().map(|(k, (_, s))| (*s, k)).collect();
+                let excess = self.map.len() - KEEP;
+                seen.select_nth_unstable(excess - 1);
+                let drop: Vec<String> = seen[..excess].iter().map(|(_, k)| (*k).clone()).collect();
+                for k in drop {
+                    self.map.remove(&k);
+                }
+                self.forgotten += excess as u64;
+            }
+            self.next_sweep = self.map.len() + MAX_ENTRIES / 10;
+        }
+        let e = self
+            .map
+            .entry(run.to_owned())
+            .or_insert((V::default(), now));
+        e.1 = now;
+        &mut e.0
+    }
+
+    /// Runs forgotten since the last call (for `tollgate_runs_forgotten_total`).
+    pub(crate) fn take_forgotten(&mut self) -> u64 {
+        std::mem::take(&mut self.forgotten)
+    }
+
+    /// Entries held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Calls per run, for `input.run.calls`, in a bounded [`RunTable`].
 #[derive(Default)]
 pub struct RunCalls {
-    /// Run → (calls, last seen), and the size that triggers the next sweep.
-    runs: Mutex<(RunTable, usize)>,
-    forgotten: AtomicU64,
+    runs: Mutex<RunTable<u64>>,
 }
 
 impl RunCalls {
-    const IDLE: Duration = Duration::from_secs(7 * 86_400);
-
     /// Calls counted in `run`.
     pub fn count(&self, run: &str) -> u64 {
         let m = self.runs.lock().expect("run calls lock");
-        m.0.get(run).map(|(n, _)| *n).unwrap_or(0)
+        m.get(run).copied().unwrap_or(0)
     }
 
     /// Count `n` more calls in `run`.
     pub fn add(&self, run: &str, n: u64) {
-        let now = Instant::now();
-        let mut guard = self.runs.lock().expect("run calls lock");
-        let (m, next_sweep) = &mut *guard;
-        if m.len() >= (*next_sweep).max(MAX_ENTRIES) && !m.contains_key(run) {
-            m.retain(|_, (_, seen)| now.duration_since(*seen) < Self::IDLE);
-            if m.len() > KEEP {
-                let mut seen: Vec<(Instant, &String)> =
-                    m.iter().map(|(k, (_, s))| (*s, k)).collect();
-                let excess = m.len() - KEEP;
-                seen.select_nth_unstable(excess - 1);
-                let drop: Vec<String> = seen[..excess].iter().map(|(_, k)| (*k).clone()).collect();
-                for k in drop {
-                    m.remove(&k);
-                }
-                self.forgotten.fetch_add(excess as u64, Ordering::Relaxed);
-            }
-            *next_sweep = m.len() + MAX_ENTRIES / 10;
-        }
-        let e = m.entry(run.to_owned()).or_insert((0, now));
-        e.0 += n;
-        e.1 = now;
+        let mut m = self.runs.lock().expect("run calls lock");
+        *m.touch(run, Instant::now()) += n;
     }
 
     /// Runs forgotten since the last call (for the metric).
     pub fn take_forgotten(&self) -> u64 {
-        self.forgotten.swap(0, Ordering::Relaxed)
+        self.runs.lock().expect("run calls lock").take_forgotten()
     }
 }
 
@@ -336,7 +376,7 @@ mod tests {
             r.add(&format!("run_{i}"), 1);
         }
         r.add("run_0", 1);
-        assert!(r.runs.lock().unwrap().0.len() <= MAX_ENTRIES);
+        assert!(r.runs.lock().unwrap().len() <= MAX_ENTRIES);
         assert!(r.take_forgotten() as usize >= runs - MAX_ENTRIES);
         assert_eq!(r.count(&format!("run_{}", runs - 1)), 1);
     }

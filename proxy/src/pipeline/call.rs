@@ -92,6 +92,9 @@ pub(crate) struct Call {
     pub kill: crate::killswitch::inflight::KillSignal,
     /// Keeps the call in the in-flight registry until it ends (its body included).
     pub inflight: Option<crate::killswitch::inflight::InFlightGuard>,
+    /// The run's outcome, reported on this call (`X-Tollgate-Run-Outcome`): the run ends
+    /// when the call does, in `Drop`, after the call's own records.
+    pub report: Option<crate::outcome::Report>,
     /// `finish` ran: nothing is left for `Drop`.
     pub(crate) finished: bool,
 }
@@ -124,6 +127,7 @@ impl Call {
             sent: false,
             kill: Default::default(),
             inflight: None,
+            report: None,
             finished: false,
         }
     }
@@ -244,10 +248,46 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        if self.finished {
+        let recs = if self.finished {
+            Vec::new()
+        } else {
+            self.unfinished()
+        };
+        // The run (claimed when the call was admitted, so no later call of it was) ends with
+        // this call in its tally.
+        for r in &recs {
+            self.state.note(r);
+        }
+        let ended = self.report.take();
+        if recs.is_empty() && ended.is_none() {
             return;
         }
-        // The future was dropped (client gone) or a stage panicked: record and count once.
+        // Written in one task, so a run's outcome record follows its last call's records.
+        let (state, snap, run) = (self.state.clone(), self.snap.clone(), self.run.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.state.records_pending.spawn_on(
+                async move {
+                    for r in recs {
+                        let _ = state.audit.append(r).await;
+                    }
+                    if let Some(report) = ended {
+                        crate::outcome::settle(&state, &run).await;
+                        let rec = crate::outcome::record(&state, &snap, &run, &report);
+                        if let Err(e) = crate::outcome::commit(&state, &snap, rec).await {
+                            tracing::warn!(run = %run, "the run's outcome was not recorded: {e}");
+                        }
+                    }
+                },
+                &rt,
+            );
+        }
+    }
+}
+
+impl Call {
+    /// The call was dropped before `finish` (client gone) or a stage panicked: count it once
+    /// and return its outcome record.
+    fn unfinished(&self) -> Vec<AuditRecord> {
         let gone = if std::thread::panicking() {
             "a stage panicked"
         } else {
@@ -264,14 +304,6 @@ impl Drop for Call {
         );
         tracing::warn!(call = %self.id, run = %self.run, stage = self.stage, "{reason}");
         self.count(Decision::Error);
-        let recs = self.records(Phase::Outcome, Decision::Error, &[reason], 499);
-        let state = self.state.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                for r in recs {
-                    let _ = state.audit.append(r).await;
-                }
-            });
-        }
+        self.records(Phase::Outcome, Decision::Error, &[reason], 499)
     }
 }

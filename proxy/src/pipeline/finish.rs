@@ -71,7 +71,7 @@ pub(super) async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody
             // A refusal is answered even if its record cannot be written: nothing was
             // forwarded, and the write error is counted and logged by the writer.
             for rec in recs {
-                let _ = call.state.audit.append(rec).await;
+                let _ = call.state.record(rec).await;
             }
             observe_total(&call, 0);
             tracing::info!(tenant = %call.tenant, tool = call.tool_name().unwrap_or(""), decision = d.as_str(), reason = %r.reasons().join("; "), "refused");
@@ -136,7 +136,7 @@ pub(super) async fn finish(mut call: Call, outcome: Outcome) -> Response<ResBody
             call.count(d);
             call.finished = true;
             for rec in recs {
-                let _ = call.state.audit.append(rec).await;
+                let _ = call.state.record(rec).await;
             }
             observe_total(&call, upstream_us);
             render(&call, &r)
@@ -196,7 +196,7 @@ async fn killed(mut call: Call, k: crate::killswitch::inflight::Killed) -> Respo
     call.count(Decision::Killed);
     call.finished = true;
     for rec in recs {
-        let _ = call.state.audit.append(rec).await;
+        let _ = call.state.record(rec).await;
     }
     observe_total(&call, 0);
     render(&call, &r)
@@ -270,7 +270,7 @@ pub(super) async fn body_ended(mut call: Call, mut recs: Vec<AuditRecord>, end: 
     }
     call.finished = true;
     for rec in recs {
-        let _ = call.state.audit.append(rec).await;
+        let _ = call.state.record(rec).await;
     }
 }
 
@@ -293,7 +293,7 @@ pub(super) async fn durable_decision(call: &Call) -> Result<(), Refusal> {
 /// Write records; on failure, fail closed unless `audit.failOpen` (counted).
 pub(super) async fn durable(call: &Call, recs: Vec<AuditRecord>) -> Result<(), Refusal> {
     for rec in recs {
-        if let Err(e) = call.state.audit.append(rec).await {
+        if let Err(e) = call.state.record(rec).await {
             if call.snap.audit.fail_open {
                 call.state
                     .metrics

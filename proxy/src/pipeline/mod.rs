@@ -140,6 +140,12 @@ async fn run(
     // 2. Identify.
     call.stage = "identify";
     call.tenant = identify::tenant(&parts.headers, &snap)?;
+    call.state.runs.check_open(&call.run)?;
+    if let Some(report) = crate::outcome::Report::from_headers(&parts.headers)? {
+        // The run ends with this call, whatever its decision; no later call of it is admitted.
+        call.state.runs.claim_for_call(&call.run, &report)?;
+        call.report = Some(report);
+    }
     // 3. Match the tool by target (an MCP host is decided by the body below).
     let route = snap.catalog.match_target(&target);
     if let RouteMatch::Tool(i) = route {

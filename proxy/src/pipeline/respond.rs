@@ -58,9 +58,9 @@ pub(super) async fn answered(
         // The outcome record does not gate the response: the decision record already made
         // the call accountable.
         let state = call.state.clone();
-        tokio::spawn(async move {
+        call.state.records_pending.spawn(async move {
             for rec in recs {
-                let _ = state.audit.append(rec).await;
+                let _ = state.record(rec).await;
             }
         });
         return filtered_tools_list(&call, &target, parts, body, timeouts.total).await;
@@ -73,7 +73,8 @@ pub(super) async fn answered(
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        rt.spawn(super::finish::body_ended(call, recs, end));
+        let pending = call.state.records_pending.clone();
+        pending.spawn_on(super::finish::body_ended(call, recs, end), &rt);
     });
     let body = ResponseStream::new(body, &parts.headers, timeouts, llm, done)
         .in_band_errors(in_band)
@@ -120,7 +121,7 @@ pub(super) fn cost_per_element(call: &Call, recs: &mut [AuditRecord], spend: i64
 
 async fn write(call: &Call, recs: Vec<AuditRecord>) {
     for rec in recs {
-        let _ = call.state.audit.append(rec).await;
+        let _ = call.state.record(rec).await;
     }
 }
 
@@ -335,7 +336,7 @@ async fn filtered_tools_list(
     // A withheld tool is on record before the list is served.
     for m in mismatches {
         let rec = mismatch_record(call, m, parts.status.as_u16());
-        if let Err(e) = call.state.audit.append(rec).await {
+        if let Err(e) = call.state.record(rec).await {
             let r = Refusal::AuditUnavailable(format!(
                 "the record of a changed tool definition could not be written: {e}"
             ));
