@@ -28,7 +28,9 @@ pub const RUN_HEADER: &str = "x-tollgate-run";
 pub struct Runs {
     /// Who may start a run.
     pub source: RunSource,
-    key: Arc<Vec<u8>>,
+    /// HMAC-SHA256 keyed once: each MAC clones this state instead of re-keying (which would
+    /// hash the padded key again, two SHA-256 blocks, on every call).
+    mac: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for Runs {
@@ -50,21 +52,38 @@ impl Runs {
                 .get_or_init(|| Arc::new(rand::random::<[u8; 32]>().to_vec()))
                 .clone(),
         };
-        Self { source, key }
+        Self {
+            source,
+            mac: keyed(&key),
+        }
     }
+}
+
+fn keyed(key: &[u8]) -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length")
+}
+
+/// 32 hex digits of the MAC of `nonce` under the keyed state `mac`.
+fn mac_hex(mac: &Hmac<Sha256>, nonce: &str) -> String {
+    let mut m = mac.clone();
+    m.update(nonce.as_bytes());
+    hex::encode(&m.finalize().into_bytes()[..16])
 }
 
 /// The MAC of a run nonce: 32 hex digits of HMAC-SHA256(key, nonce).
 pub fn sign(key: &[u8], nonce: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(nonce.as_bytes());
-    hex::encode(&mac.finalize().into_bytes()[..16])
+    mac_hex(&keyed(key), nonce)
 }
 
 /// A fresh, signed run id.
 pub fn mint(runs: &Runs) -> String {
-    let nonce = format!("{:032x}", rand::random::<u128>());
-    format!("run_{nonce}.{}", sign(&runs.key, &nonce))
+    use std::fmt::Write;
+    let mut id = String::with_capacity(4 + 32 + 1 + 32);
+    let _ = write!(id, "run_{:032x}", rand::random::<u128>());
+    let mac = mac_hex(&runs.mac, &id[4..]);
+    id.push('.');
+    id.push_str(&mac);
+    id
 }
 
 /// Does `id` carry a valid MAC?
@@ -72,7 +91,7 @@ pub fn verify(runs: &Runs, id: &str) -> bool {
     let Some((nonce, mac)) = id.strip_prefix("run_").and_then(|r| r.rsplit_once('.')) else {
         return false;
     };
-    let mut m = Hmac::<Sha256>::new_from_slice(&runs.key).expect("HMAC takes any key length");
+    let mut m = runs.mac.clone();
     m.update(nonce.as_bytes());
     let Ok(given) = hex::decode(mac) else {
         return false;
@@ -152,6 +171,9 @@ mod tests {
         let runs = Runs::new(RunSource::Sidecar, Some(b"k".to_vec()));
         let id = run(&headers(None), &runs).unwrap();
         assert!(id.starts_with("run_"), "{id}");
+        // The cached keyed state gives the MAC a freshly keyed HMAC gives.
+        let (nonce, mac) = id["run_".len()..].rsplit_once('.').unwrap();
+        assert_eq!((nonce.len(), mac), (32, sign(b"k", nonce).as_str()));
         assert_eq!(run(&headers(Some(&id)), &runs).unwrap(), id);
         // A fresh name, a tampered nonce, another key's run: all refused.
         assert!(run(&headers(Some("run_fresh")), &runs).is_err());

@@ -10,6 +10,12 @@
 //! span, so the upstream's spans hang under Tollgate's in the same trace as the audit
 //! record's `trace_id`. Export is batched off the request path; a collector that is down
 //! costs dropped spans (counted by the SDK's own logs), never a refused call.
+//!
+//! The stage spans (`limits`, `policy`, `approval`, `upstream`, target [`STAGE_SPANS`]) exist
+//! for traces: when nothing is exported and logging is above `debug`, no layer wants them, so
+//! they are never created and their fields never formatted (a disabled span costs one
+//! cached-interest check). The `call` span is always there: its ids are what every log line of
+//! the call carries.
 
 use bytes::Bytes;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -28,6 +34,9 @@ pub fn exporting() -> bool {
     PROVIDER.get().is_some()
 }
 
+/// Target of the per-stage child spans of a call (see the module docs).
+pub const STAGE_SPANS: &str = "tollgate::stage";
+
 /// Whether the environment names an OTLP traces collector.
 fn otlp_configured() -> bool {
     [
@@ -41,8 +50,23 @@ fn otlp_configured() -> bool {
 /// Install logging (`TOLLGATE_LOG` overrides `default`, an env-filter) and, when configured,
 /// OTLP trace export. Call inside the Tokio runtime: the exporter sends on it.
 pub fn init(json: bool, default: &str) {
+    use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Stage spans reach the log only with debug logging on (module docs). A static filter,
+    // so the decision is cached per callsite.
+    let debug = filter
+        .max_level_hint()
+        .is_none_or(|l| l >= LevelFilter::DEBUG);
+    let stages = Targets::new().with_default(LevelFilter::TRACE).with_target(
+        STAGE_SPANS,
+        if debug {
+            LevelFilter::TRACE
+        } else {
+            LevelFilter::OFF
+        },
+    );
+    let filter = filter.and(stages);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if json {
         fmt.json().flatten_event(true).boxed()

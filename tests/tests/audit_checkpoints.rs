@@ -339,6 +339,24 @@ fn rotated_files_are_shipped_and_pruned_and_the_rest_still_verifies() {
         out.contains("REPLACED") && out.contains("audit.jsonl.2"),
         "{out}"
     );
+    // Checkpoints sign what the chain commits to (no second hash of the bytes), yet bytes
+    // outside the records are caught too: a blank line after the last record of a rotated
+    // file changes no record hash, but the file's signed size.
+    assert!(
+        !std::fs::read_to_string(&src).unwrap().contains("sha256"),
+        "rotated files are signed by size, lines and last-line hash"
+    );
+    let padded = copy();
+    let mid = padded.path().join("audit.jsonl.2");
+    let mut bytes = std::fs::read(&mid).unwrap();
+    bytes.push(b'\n');
+    std::fs::write(&mid, bytes).unwrap();
+    let (code, out) = verify(&audit_files(padded.path()), &anchored);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("REPLACED") && out.contains("audit.jsonl.2"),
+        "{out}"
+    );
     // A rotated file deleted from the middle of what the latest checkpoint lists.
     let gone = copy();
     std::fs::remove_file(gone.path().join("audit.jsonl.2")).unwrap();

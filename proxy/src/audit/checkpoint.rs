@@ -4,11 +4,20 @@
 //! sidecar, or anyone with its volume) can still cut the tail off or rewrite the whole chain
 //! and recompute every link. So the writer periodically, at start and at shutdown, signs a
 //! [`Checkpoint`] — record count, head hash and the file set (each file's first and last seq,
-//! line count, last line's hash, and for rotated files their size and sha256) — with a
-//! per-sidecar Ed25519 key, and appends it to a second sink (a file on another volume, or
-//! stdout for the log pipeline; in a cluster, the operator). `audit verify --checkpoints`
-//! (see [`super::verify::verify_against`]) then proves the files are a faithful extension of
-//! every checkpoint.
+//! line count, last line's hash, and for rotated files their size) — with a per-sidecar
+//! Ed25519 key, and appends it to a second sink (a file on another volume, or stdout for the
+//! log pipeline; in a cluster, the operator). `audit verify --checkpoints` (see
+//! [`super::verify::verify_against`]) then proves the files are a faithful extension of every
+//! checkpoint.
+//!
+//! A checkpoint signs only what the chain already commits to, so the writer hashes each line
+//! once (its chain link) and keeps no second hash of the bytes. That loses nothing: a line's
+//! hash covers its `prev`, so a file's last-line hash commits to every line of the file (and
+//! of the files before it); a file is nothing but records, one per `\n`-terminated line (the
+//! verifier refuses any other byte between records, and a rotated file's signed size and line
+//! count leave no room after its last record). So a rotated file is pinned byte for byte by
+//! its first seq, line count, size and last-line hash. Checkpoints written before this carry
+//! a whole-file `sha256` for rotated files as well; it is still checked where present.
 //!
 //! One checkpoint is one JSON line: `{"tollgate_checkpoint": {…}, "public_key": B64,
 //! "sig": B64}`. The signature covers [`SIGNING_CONTEXT`] followed by the checkpoint object
@@ -47,7 +56,8 @@ pub struct FileEntry {
     /// Rotated (closed) files only: size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
-    /// Rotated (closed) files only: sha256 of the whole file.
+    /// Rotated files in checkpoints of earlier versions only: sha256 of the whole file (now
+    /// implied by `last_hash`, `lines` and `bytes`, see the module docs). Checked where present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }
@@ -55,7 +65,18 @@ pub struct FileEntry {
 impl FileEntry {
     /// A rotated file, which no longer changes.
     pub fn closed(&self) -> bool {
-        self.sha256.is_some()
+        self.bytes.is_some() || self.sha256.is_some()
+    }
+
+    /// `other` describes the same closed file: same records and size (and the same whole-file
+    /// hash where both carry one, as checkpoints of earlier versions do).
+    pub fn same_closed_file(&self, other: &FileEntry) -> bool {
+        (other.last_seq, other.lines, &other.last_hash, other.bytes)
+            == (self.last_seq, self.lines, &self.last_hash, self.bytes)
+            && match (&self.sha256, &other.sha256) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
     }
 }
 
@@ -432,9 +453,7 @@ pub fn extends(prev: &Checkpoint, next: &Checkpoint) -> Result<(), String> {
             ));
         };
         if e.closed() {
-            let same = (n.last_seq, n.lines, &n.last_hash, n.bytes, &n.sha256)
-                == (e.last_seq, e.lines, &e.last_hash, e.bytes, &e.sha256);
-            if !same {
+            if !e.same_closed_file(n) {
                 return Err(format!(
                     "the rotated file {} (seq {}..{}) changed after it was checkpointed",
                     e.name, e.first_seq, e.last_seq
@@ -548,6 +567,23 @@ mod tests {
         let mut changed = later.clone();
         changed.files[0].sha256 = Some("22".repeat(32));
         assert!(extends(&closed, &changed).unwrap_err().contains("changed"));
+        // Checkpoints of this version sign a rotated file by size, lines and last-line hash
+        // (no whole-file sha256); a change of any of them is caught, and a checkpoint of an
+        // earlier version (with the sha256) is extended by one of this version.
+        let mut current = later.clone();
+        current.files[0].sha256 = None;
+        assert!(current.files[0].closed());
+        assert_eq!(extends(&closed, &current), Ok(()));
+        assert_eq!(extends(&current, &current), Ok(()));
+        for edit in [
+            (|e: &mut FileEntry| e.bytes = Some(101)) as fn(&mut FileEntry),
+            |e| e.lines += 1,
+            |e| e.last_hash = "33".repeat(32),
+        ] {
+            let mut c = current.clone();
+            edit(&mut c.files[0]);
+            assert!(extends(&current, &c).unwrap_err().contains("changed"));
+        }
         let mut pruned = later.clone();
         pruned.files.remove(0);
         assert_eq!(extends(&closed, &pruned), Ok(()));

@@ -10,7 +10,7 @@
 //! checking the files against signed checkpoints published outside the writer
 //! ([`super::checkpoint`]).
 
-use super::checkpoint::{Checkpoint, Trusted};
+use super::checkpoint::{Checkpoint, FileEntry, Trusted};
 use super::writer::{line_hash, GENESIS};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -267,26 +267,36 @@ pub struct Anchored {
 #[error("{0}")]
 pub struct NotExtended(pub String);
 
-/// Facts about one given file, for matching it to checkpointed files.
+/// Facts about one given file, for matching it to checkpointed files: what a checkpoint's
+/// [`FileEntry`] says about a rotated file, as found.
 struct GivenFile {
     first_seq: Option<u64>,
-    bytes: u64,
-    sha256: String,
+    /// As a checkpoint would describe it if it were closed (`bytes` set).
+    found: FileEntry,
+    /// sha256 of the whole file, only when a checkpoint of an earlier version asks for it.
+    sha256: Option<String>,
 }
 
 /// Read on its own, not from the walk, which stops at the first break.
-fn given_file(path: &Path) -> std::io::Result<GivenFile> {
-    let data = std::fs::read(path)?;
-    let bytes = data.len() as u64;
-    let first_seq = data
-        .split(|b| *b == b'\n')
-        .next()
-        .and_then(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
-        .and_then(|v| v["seq"].as_u64());
+fn given_file(path: &Path, with_sha256: bool) -> std::io::Result<GivenFile> {
+    let stats = super::writer::scan(path)?;
+    let sha256 = if with_sha256 {
+        Some(hex::encode(Sha256::digest(std::fs::read(path)?)))
+    } else {
+        None
+    };
     Ok(GivenFile {
-        first_seq,
-        bytes,
-        sha256: hex::encode(Sha256::digest(&data)),
+        first_seq: stats.first_seq,
+        found: FileEntry {
+            name: String::new(),
+            first_seq: stats.first_seq.unwrap_or(0),
+            last_seq: stats.last_seq,
+            lines: stats.lines,
+            last_hash: stats.last_hash,
+            bytes: Some(stats.bytes),
+            sha256: sha256.clone(),
+        },
+        sha256,
     })
 }
 
@@ -318,9 +328,13 @@ pub fn verify_against(
     let w = walk(files, &wanted, &|p, seq| {
         vouched.contains(&seq) || starts_mid_chain(p)
     })?;
+    let with_sha256 = cps
+        .iter()
+        .flat_map(|c| &c.files)
+        .any(|e| e.sha256.is_some());
     let mut given = Vec::with_capacity(files.len());
     for f in files {
-        given.push(given_file(f)?);
+        given.push(given_file(f, with_sha256)?);
     }
     let latest = cps
         .iter()
@@ -331,19 +345,24 @@ pub fn verify_against(
     let fail = |m: String| Ok(Err(NotExtended(m)));
 
     // A rotated file is immutable: the one given that starts at its first seq must be byte
-    // for byte the one checkpointed. (Names are only informative: the live file is renamed
-    // when it rotates.)
+    // for byte the one checkpointed — the same line count, size and last-line hash, which
+    // with the chain pin every byte (see `super::checkpoint`). (Names are only informative:
+    // the live file is renamed when it rotates.)
     let mut replaced: Option<String> = None;
     'files: for (fi, g) in given.iter().enumerate() {
         for cp in cps {
             for e in cp.files.iter().filter(|e| e.closed()) {
-                if g.first_seq != Some(e.first_seq)
-                    || (e.sha256.as_deref() == Some(g.sha256.as_str()) && e.bytes == Some(g.bytes))
-                {
+                if g.first_seq != Some(e.first_seq) || e.same_closed_file(&g.found) {
                     continue;
                 }
+                let f = &g.found;
+                let whole = |h: &Option<String>| {
+                    h.as_deref()
+                        .map(|h| format!(", file sha256 {h}"))
+                        .unwrap_or_default()
+                };
                 replaced = Some(format!(
-                    "REPLACED: {} is not the file checkpointed as {} at {} (seq {}..{}, {} lines, {} bytes, sha256 {}); found {} bytes, sha256 {}{}: the file was replaced or its records rewritten",
+                    "REPLACED: {} is not the file checkpointed as {} at {} (seq {}..{}, {} lines, {} bytes, last record sha256 {}{}); found seq {}..{}, {} lines, {} bytes, last record sha256 {}{}: the file was replaced or its records rewritten",
                     files[fi].display(),
                     e.name,
                     cp.ts,
@@ -351,10 +370,14 @@ pub fn verify_against(
                     e.last_seq,
                     e.lines,
                     e.bytes.unwrap_or(0),
-                    e.sha256.as_deref().unwrap_or(""),
-                    g.bytes,
-                    g.sha256,
-                    g.first_seq.map(|s| format!(", starting at seq {s}")).unwrap_or_default(),
+                    e.last_hash,
+                    whole(&e.sha256),
+                    f.first_seq,
+                    f.last_seq,
+                    f.lines,
+                    f.bytes.unwrap_or(0),
+                    f.last_hash,
+                    whole(&g.sha256),
                 ));
                 break 'files;
             }

@@ -294,11 +294,10 @@ struct ChainState {
     max_bytes: Option<u64>,
     /// Written without an fsync since the last one.
     unsynced: bool,
-    /// The live file: seq of its first record and complete lines.
+    /// The live file: seq of its first record and complete lines. (No hash of its bytes is
+    /// kept: the chain head already commits to every line, see [`super::checkpoint`].)
     live_first_seq: u64,
     live_lines: u64,
-    /// sha256 of everything in the live file, so a rotated file's hash costs no re-read.
-    live_hasher: Sha256,
     /// Rotated files of this chain still on disk, oldest first.
     rotated: RotatedFiles,
     /// Number of the next rotated file: only rises, so pruning never reuses a name.
@@ -336,7 +335,6 @@ impl ChainState {
             unsynced: false,
             live_first_seq: live.first_seq.unwrap_or(live.last_seq + 1),
             live_lines: live.lines,
-            live_hasher: live.hasher,
             rotated: RotatedFiles::new(rotated, options.retention),
             next_rotation,
             next_checkpoint: Instant::now()
@@ -383,7 +381,6 @@ impl ChainState {
             .create(true)
             .append(true)
             .open(&self.path)?;
-        let hasher = std::mem::take(&mut self.live_hasher);
         if self.live_lines > 0 {
             let entry = FileEntry {
                 name: file_name(&to),
@@ -392,7 +389,7 @@ impl ChainState {
                 lines: self.live_lines,
                 last_hash: self.prev.clone(),
                 bytes: Some(self.size),
-                sha256: Some(hex::encode(hasher.finalize())),
+                sha256: None,
             };
             self.rotated.push(to, entry);
         }
@@ -535,7 +532,6 @@ pub(crate) struct FileStats {
     pub lines: u64,
     pub last_hash: String,
     pub bytes: u64,
-    pub hasher: Sha256,
 }
 
 impl FileStats {
@@ -547,14 +543,14 @@ impl FileStats {
             lines: self.lines,
             last_hash: self.last_hash.clone(),
             bytes: closed.then_some(self.bytes),
-            sha256: closed.then(|| hex::encode(self.hasher.clone().finalize())),
+            sha256: None,
         }
     }
 }
 
-/// Read a file once: its complete lines (first and last seq, count, last line's hash) and the
-/// sha256 of all its bytes. A torn final line (crash mid-write) counts for the hash only, so
-/// the chain continues from the last complete record. A missing file is an empty one.
+/// Read a file once: its complete lines (first and last seq, count, last line's hash) and its
+/// size. A torn final line (crash mid-write) counts for the size only, so the chain continues
+/// from the last complete record. A missing file is an empty one.
 pub(crate) fn scan(path: &Path) -> std::io::Result<FileStats> {
     let mut stats = FileStats {
         first_seq: None,
@@ -562,26 +558,32 @@ pub(crate) fn scan(path: &Path) -> std::io::Result<FileStats> {
         lines: 0,
         last_hash: GENESIS.into(),
         bytes: 0,
-        hasher: Sha256::new(),
     };
     let data = match std::fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(stats),
         Err(e) => return Err(e),
     };
-    stats.hasher.update(&data);
     stats.bytes = data.len() as u64;
-    let mut rest = &data[..];
-    while let Some(end) = rest.iter().position(|b| *b == b'\n') {
-        let line = &rest[..end];
-        rest = &rest[end + 1..];
-        let seq = serde_json::from_slice::<serde_json::Value>(line)
+    let seq_of = |line: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(line)
             .ok()
             .and_then(|v| v["seq"].as_u64())
-            .unwrap_or(0);
-        stats.first_seq.get_or_insert(seq);
-        stats.last_seq = seq;
+            .unwrap_or(0)
+    };
+    let mut last: Option<&[u8]> = None;
+    for line in data.split_inclusive(|b| *b == b'\n') {
+        let Some(line) = line.strip_suffix(b"\n") else {
+            break; // torn
+        };
+        if last.is_none() {
+            stats.first_seq = Some(seq_of(line));
+        }
         stats.lines += 1;
+        last = Some(line);
+    }
+    if let Some(line) = last {
+        stats.last_seq = seq_of(line);
         stats.last_hash = hex::encode(Sha256::digest(line));
     }
     Ok(stats)
@@ -735,13 +737,11 @@ fn commit(st: &mut ChainState, batch: &mut [AuditRecord], stdout: bool) -> Resul
                 st.prev = live.last_hash;
                 st.live_lines = live.lines;
                 st.size = live.bytes;
-                st.live_hasher = live.hasher;
             }
             Ok(live) => {
                 st.seq = start_seq;
                 st.prev = start_prev;
                 st.size = live.bytes;
-                st.live_hasher = live.hasher;
             }
             Err(_) => {
                 st.seq = start_seq;
@@ -750,7 +750,6 @@ fn commit(st: &mut ChainState, batch: &mut [AuditRecord], stdout: bool) -> Resul
         }
         return Err(AuditError::Io(e.to_string()));
     }
-    st.live_hasher.update(&buf);
     st.live_lines += batch.len() as u64;
     st.size += buf.len() as u64;
     st.seq = seq;

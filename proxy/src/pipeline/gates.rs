@@ -237,7 +237,7 @@ pub(super) async fn policy(
     let budget = stages::budget::facts(&caps, &usage, run_calls);
     let mut asks = Vec::new();
     let no_query = serde_json::Map::new();
-    let span = tracing::info_span!("policy", elements = call.elements.len());
+    let span = tracing::info_span!(target: crate::telemetry::STAGE_SPANS, "policy", elements = call.elements.len());
     let _entered = span.enter();
     for i in 0..call.elements.len() {
         let e = &call.elements[i];
@@ -335,7 +335,7 @@ async fn approval_gate(
     let (outcome, _opened) = state
         .approvals
         .gate(&snap, &state.snapshot, gate_call, on_open)
-        .instrument(tracing::info_span!("approval", tool = tool.name()))
+        .instrument(tracing::info_span!(target: crate::telemetry::STAGE_SPANS, "approval", tool = tool.name()))
         .await;
     let e = &mut call.elements[i];
     match outcome {

@@ -93,17 +93,20 @@ async fn handle_with(
         call.trace_id = trace_id;
     }
     span.record("trace_id", tracing::field::display(&call.trace_id));
+    // The stages, the forward and the finish are boxed: each is a large state machine, and
+    // inline they would make this future (which hyper moves when it stores it) as large as
+    // the largest of them.
     async move {
         let kill = call.kill.clone();
         let outcome = killable(&kill, async {
-            match run(&mut call, &parts, body, tunnel).await {
-                Ok(Admitted::Forward(target)) => forward(&mut call, &parts, target).await,
+            match Box::pin(run(&mut call, &parts, body, tunnel)).await {
+                Ok(Admitted::Forward(target)) => Box::pin(forward(&mut call, &parts, target)).await,
                 Ok(Admitted::Replay(stored)) => Outcome::Replayed(stored),
                 Err(r) => Outcome::Refused(r),
             }
         })
         .await;
-        finish::finish(call, outcome).await
+        Box::pin(finish::finish(call, outcome)).await
     }
     .instrument(span)
     .await
@@ -184,7 +187,7 @@ async fn run(
     // 5. Gates, in order: kill switch → rate limit → budget reservation → policy → approval.
     call.stage = "kill_switch";
     gates::kill_switches(call)?;
-    let limits = tracing::info_span!("limits");
+    let limits = tracing::info_span!(target: crate::telemetry::STAGE_SPANS, "limits");
     call.stage = "rate_limit";
     gates::rate_limits(call).instrument(limits.clone()).await?;
     call.stage = "budget";
@@ -291,7 +294,7 @@ async fn forward(call: &mut Call, parts: &http::request::Parts, target: Target) 
         .state
         .upstreams
         .send(req, connect, header.min(total))
-        .instrument(tracing::info_span!("upstream", host = %target.host))
+        .instrument(tracing::info_span!(target: crate::telemetry::STAGE_SPANS, "upstream", host = %target.host))
         .await;
     let upstream_us = started.elapsed().as_micros() as u64;
     call.state

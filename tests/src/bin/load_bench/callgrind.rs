@@ -47,6 +47,24 @@ pub fn instructions_per_request(spec: &Spec, env: &Env, requests: u64) -> Result
     control(pid, &["--dump=measured"])?;
     let ir = read_dump(dir.path(), Duration::from_secs(60))?;
     drop(t);
+    // `LOAD_BENCH_CALLGRIND_DIR=D`: keep each target's dumps in D for `callgrind_annotate`.
+    if let Some(keep) = std::env::var_os("LOAD_BENCH_CALLGRIND_DIR") {
+        let keep = Path::new(&keep);
+        let _ = std::fs::create_dir_all(keep);
+        let name: String = spec
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        for (i, e) in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .enumerate()
+        {
+            let _ = std::fs::copy(e.path(), keep.join(format!("{name}.{i}.out")));
+        }
+    }
     Ok(ir as f64 / requests as f64)
 }
 
